@@ -1,0 +1,72 @@
+"""Shared CLI pieces: option parsing helpers, device choice, progress bars and JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from vpr.errors import UsageError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'240x320' -> (240, 320) (height x width)."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--resize '{text}' is not HEIGHTxWIDTH, e.g. 240x320") from None
+    if not (16 <= height <= 4096 and 16 <= width <= 4096):
+        raise UsageError(f"--resize '{text}': each side must be between 16 and 4096 pixels")
+    return height, width
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'1,5,10' -> (1, 5, 10), all positive."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option} '{text}' must be comma-separated integers, e.g. 1,5,10,20") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} '{text}' must list positive integers, e.g. 1,5,10,20")
+    return tuple(sorted(set(values)))
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; a named GPU must exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr, driven by the library's (done, total) callback."""
+    if not enabled:
+        yield lambda done, total: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def print_json(data: object) -> None:
+    """Machine-readable output on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

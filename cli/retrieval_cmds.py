@@ -1,0 +1,167 @@
+"""`vpr build-index`, `vpr query` and `vpr eval`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import console, err_console, parse_int_list, parse_size, print_json, progress_bar, resolve_device
+from vpr.data.datasets import load_image_set
+from vpr.data.geo import utm_to_latlon
+from vpr.errors import UsageError
+from vpr.evaluation.evaluate import evaluate
+from vpr.evaluation.viz import save_matches_figure
+from vpr.models.model import ModelConfig
+from vpr.retrieval.pipeline import Match, build_index, describe, load_model, retrieve
+from vpr.retrieval.store import load_index
+
+DEFAULT_INDEX = Path("indexes/default")
+
+
+def build_index_cmd(
+    database: Path = typer.Argument(..., help="Folder of database images (`@utm_east@utm_north@...` names or unlabelled), or a CSV manifest path,lat,lon[,heading]."),
+    out: Path = typer.Option(DEFAULT_INDEX, "--out", "-o", help="Index directory to write (replaced atomically if it exists)."),
+    backbone: str = typer.Option("resnet18", "--model", "--backbone", help="Backbone when no checkpoint is given: resnet18, resnet50, resnet101, vgg16."),
+    head: str = typer.Option("cosplace", "--head", help="Head when no checkpoint is given: cosplace (GeM + FC) or netvlad."),
+    dim: int = typer.Option(512, "--dim", help="CosPlace descriptor size when no checkpoint is given."),
+    clusters: int = typer.Option(64, "--clusters", help="NetVLAD cluster count when no checkpoint is given."),
+    layer: int = typer.Option(4, "--layer", help="ResNet stage to cut after (4, or 3)."),
+    resize: str = typer.Option("240x320", "--resize", help="Input size HEIGHTxWIDTH when no checkpoint is given."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="torchvision ImageNet weights: a name (IMAGENET1K_V1, needs internet) or a local .pth file."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A vpr checkpoint (from `vpr train`); its config overrides the model options."),
+    pca_dim: Optional[int] = typer.Option(None, "--pca-dim", help="Compress descriptors to D dimensions with PCA fitted on the database."),
+    whiten: bool = typer.Option(False, "--whiten/--no-whiten", help="Whiten the PCA (as NetVLAD's WPCA)."),
+    kind: str = typer.Option("flat", "--index", help="FAISS index: flat (exact inner product), ivfpq or hnsw (approximate, for large databases)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache.h5 so an interrupted or repeated build resumes."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT.skipped.txt) instead of stopping at the first."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Build a self-contained index (model, PCA, FAISS index, database metadata) from database images."""
+    if checkpoint is not None:
+        model, model_pca = load_model(checkpoint, ModelConfig())
+    else:
+        config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer, input_size=parse_size(resize))
+        model, model_pca = load_model(None, config, pretrained)
+    images = load_image_set(database)
+    start = time.perf_counter()
+    cache_path = out.with_name(out.name + ".cache.h5") if cache else None
+    with progress_bar(f"indexing {len(images)} images", enabled=not json_out) as progress:
+        report = build_index(
+            images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
+            batch_size=batch_size, num_workers=workers, device=resolve_device(device), cache=cache_path,
+            skip_bad=skip_bad, progress=progress,
+        )
+    seconds = time.perf_counter() - start
+    skipped_file = out.with_name(out.name + ".skipped.txt")
+    if report.skipped:
+        skipped_file.write_text("".join(f"{p}\t{reason}\n" for p, reason in report.skipped))
+    summary = {
+        "index": str(report.out_dir), "images": len(images), "indexed": report.count, "skipped": len(report.skipped),
+        "reused_from_cache": report.reused, "dim": report.dim, "index_kind": kind, "seconds": round(seconds, 2),
+        "skipped_report": str(skipped_file) if report.skipped else None,
+    }
+    if json_out:
+        print_json(summary)
+        return
+    console.print(
+        f"indexed {report.count} of {len(images)} images ({len(report.skipped)} skipped, {report.reused} from cache) "
+        f"-> {report.out_dir} [{report.dim}-d, {kind}] in {seconds:.1f}s"
+    )
+    if report.skipped:
+        console.print(f"skipped files are listed in {skipped_file}")
+
+
+def _match_json(match: Match, zone: tuple[int, str] | None) -> dict:
+    data = {"rank": match.rank, "path": str(match.path), "distance": round(match.distance, 6),
+            "similarity": round(match.similarity, 6), "utm_east": None, "utm_north": None,
+            "lat": None, "lon": None, "heading": match.heading}
+    if match.utm is not None:
+        data["utm_east"], data["utm_north"] = match.utm
+        if zone is not None:
+            data["lat"], data["lon"] = utm_to_latlon(match.utm[0], match.utm[1], zone[0], zone[1])
+    return data
+
+
+def query_cmd(
+    images: list[Path] = typer.Argument(..., help="Query image(s)."),
+    index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i", help="Index directory from `vpr build-index`."),
+    k: int = typer.Option(5, "-k", "--top-k", help="Number of matches per query."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    json_out: bool = typer.Option(False, "--json", help="Print matches as JSON."),
+    viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG of each query beside its matches."),
+) -> None:
+    """Find where photos were taken: print the top-k database matches with distance and position."""
+    if k < 1:
+        raise UsageError(f"-k {k}: must be at least 1")
+    bundle = load_index(index)
+    dev = resolve_device(device)
+    results = retrieve(bundle, describe(bundle, list(images), device=dev), k, device=dev)
+    zone = bundle.database.zone
+    if viz is not None:
+        rows = [(q, [(m.path, f"#{m.rank} d={m.distance:.3f}", None) for m in matches]) for q, matches in zip(images, results)]
+        save_matches_figure(rows, viz)
+    if json_out:
+        print_json([{"query": str(q), "matches": [_match_json(m, zone) for m in ms]} for q, ms in zip(images, results)])
+        return
+    for query, matches in zip(images, results):
+        table = Table(title=f"{query}", title_justify="left")
+        for column in ("rank", "file", "distance", "utm east", "utm north", "lat, lon"):
+            table.add_column(column)
+        for m in matches:
+            data = _match_json(m, zone)
+            position = ("", "") if m.utm is None else (f"{m.utm[0]:.1f}", f"{m.utm[1]:.1f}")
+            latlon = "" if data["lat"] is None else f"{data['lat']:.6f}, {data['lon']:.6f}"
+            table.add_row(str(m.rank), m.path.name, f"{m.distance:.4f}", *position, latlon)
+        console.print(table)
+    if k > len(bundle.database):
+        err_console.print(f"note: -k {k} is larger than the database ({len(bundle.database)} images); showed all")
+    if viz is not None:
+        console.print(f"visualisation written to {viz}")
+
+
+def eval_cmd(
+    queries: Path = typer.Argument(..., help="Folder of query images (`@` names) or a CSV manifest; with --gt, any folder."),
+    index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i", help="Index directory from `vpr build-index`."),
+    recall: str = typer.Option("1,5,10,20", "--recall", help="Comma-separated N values for recall@N."),
+    threshold: float = typer.Option(25.0, "--threshold", help="A database image within this many metres of a query is a positive."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="Ground-truth CSV `query,positives` (space-separated database names or indices) instead of coordinates."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
+    json_out: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
+) -> None:
+    """Recall@N of an index on labelled queries (standard protocol: hit = a positive in the top N)."""
+    ns = parse_int_list(recall, "--recall")
+    if threshold <= 0:
+        raise UsageError(f"--threshold {threshold}: must be positive (metres)")
+    if gt is not None and not gt.is_file():
+        raise UsageError(f"--gt {gt}: file not found")
+    bundle = load_index(index)
+    query_set = load_image_set(queries)
+    with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out) as progress:
+        report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, device=resolve_device(device),
+                          num_workers=workers, progress=progress)
+    summary = {
+        "index": str(index), "queries": report.num_queries, "queries_with_positives": report.num_with_positives,
+        "database": len(bundle.database), "threshold_m": None if gt else threshold, "ground_truth": str(gt) if gt else None,
+        "recall": {f"R@{n}": round(v, 2) for n, v in report.recalls.items()},
+    }
+    if json_out:
+        print_json(summary)
+        return
+    print_recall_table(summary)
+
+
+def print_recall_table(summary: dict, title: str = "recall") -> None:
+    """The recall@N table shared by `eval` and `demo`."""
+    table = Table(title=f"{title}: {summary['queries']} queries ({summary['queries_with_positives']} with a positive), {summary['database']} database images")
+    for name in summary["recall"]:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{v:.1f}" for v in summary["recall"].values()))
+    console.print(table)

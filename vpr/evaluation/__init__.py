@@ -1,0 +1,1 @@
+"""Evaluation: recall@N with the standard VPR protocol, and match pictures."""

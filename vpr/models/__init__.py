@@ -1,0 +1,1 @@
+"""Models: torchvision backbones, the GeM / CosPlace / NetVLAD heads, and checkpoints."""

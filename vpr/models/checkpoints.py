@@ -1,0 +1,97 @@
+"""Save and load our checkpoints: weights-only state dict + model config (+ optional PCA).
+
+Files load with `torch.load(weights_only=True)`, so a checkpoint can never run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from vpr import __version__
+from vpr.errors import CheckpointError
+from vpr.fileio import atomic_file
+from vpr.models.model import ModelConfig, VPRModel, build_model
+from vpr.models.pca import PCA
+
+FORMAT = "vpr-checkpoint"
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, recorded in manifests to tie an index to its weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: VPRModel, path: Path, *, pca: PCA | None = None, extra: dict | None = None) -> Path:
+    """Write `model` (and the PCA that goes with it) atomically to `path`."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vpr_version": __version__,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if pca is not None:
+        payload["pca"] = pca.to_state()
+    if extra:
+        payload["extra"] = extra
+    with atomic_file(Path(path)) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_payload(path: Path) -> dict:
+    """Read a checkpoint file safely (weights only), with one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; check the path")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, refused globals
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a loadable weights-only checkpoint ({reason}); "
+            "vpr refuses files that need arbitrary pickles"
+        ) from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: checkpoint holds a {type(payload).__name__}, expected a dict of tensors")
+    return payload
+
+
+def load_checkpoint(path: Path) -> tuple[VPRModel, PCA | None]:
+    """Rebuild a model (and its PCA, if stored) from one of our checkpoints."""
+    payload = load_payload(path)
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a vpr checkpoint (keys: {sorted(payload)[:6]}); "
+            "published CosPlace/NetVLAD files are imported with --checkpoint in a later release"
+        )
+    return model_from_payload(payload, path)
+
+
+def model_from_payload(payload: dict, path: Path) -> tuple[VPRModel, PCA | None]:
+    """Build the model and PCA described by a vpr checkpoint payload."""
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+        model = build_model(config, seed=None)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: checkpoint config and weights do not match ({str(exc)[:160]})") from exc
+    pca = PCA.from_state(payload["pca"]) if payload.get("pca") is not None else None
+    return model.eval(), pca
+
+
+def model_fingerprint(model: VPRModel) -> str:
+    """SHA-256 of a model's config and weights: ties caches and indexes to the exact model."""
+    digest = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

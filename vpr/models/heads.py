@@ -1,0 +1,84 @@
+"""Aggregation heads, each as written in its paper.
+
+- GeM (Radenovic et al. 2018): f_c = (mean_{h,w} x_{c,h,w}^p)^(1/p), p learnable.
+- CosPlace (Berton et al. 2022): L2 -> GeM -> Linear -> L2.
+- NetVLAD (Arandjelovic et al. 2016): V(k) = sum_i a_k(x_i) (x_i - c_k), with the soft-assignment
+  a_k(x_i) = softmax_k(w_k . x_i + b_k), intra-normalised per cluster, flattened, L2-normalised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class L2Norm(nn.Module):
+    """L2-normalise along `dim` (the channel dimension by default)."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, p=2.0, dim=self.dim)
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling over the spatial dimensions with a learnable exponent p."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * p)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(x.clamp(min=self.eps).pow(self.p), (x.size(-2), x.size(-1)))
+        return pooled.pow(1.0 / self.p).flatten(1)
+
+
+class CosPlaceHead(nn.Module):
+    """CosPlace aggregation: L2 -> GeM -> Linear(C, D) -> L2."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.norm_in = L2Norm(dim=1)
+        self.gem = GeM()
+        self.fc = nn.Linear(in_channels, dim)
+        self.norm_out = L2Norm(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_out(self.fc(self.gem(self.norm_in(x))))
+
+
+class NetVLAD(nn.Module):
+    """NetVLAD layer: soft-assignment 1x1 conv, residuals to K centroids, intra-norm, L2.
+
+    Local features are L2-normalised first, as in the paper's reference code. The output has
+    K * C dimensions (e.g. 64 x 512 = 32768 for VGG16).
+    """
+
+    def __init__(self, in_channels: int, num_clusters: int = 64, alpha: float = 100.0) -> None:
+        super().__init__()
+        self.num_clusters = num_clusters
+        self.conv = nn.Conv2d(in_channels, num_clusters, kernel_size=1, bias=True)
+        self.centroids = nn.Parameter(torch.rand(num_clusters, in_channels))
+        self.set_centroids(self.centroids.data, alpha)
+
+    @torch.no_grad()
+    def set_centroids(self, centroids: torch.Tensor, alpha: float) -> None:
+        """Initialise from centroids: w_k = 2 alpha c_k, b_k = -alpha |c_k|^2 (the paper's init)."""
+        self.centroids.copy_(centroids)
+        self.conv.weight.copy_((2.0 * alpha * centroids)[:, :, None, None])
+        self.conv.bias.copy_(-alpha * centroids.norm(dim=1) ** 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x, p=2.0, dim=1)
+        n, c = x.shape[:2]
+        soft_assign = F.softmax(self.conv(x).view(n, self.num_clusters, -1), dim=1)  # N x K x HW
+        features = x.view(n, c, -1)  # N x C x HW
+        # V(k) = sum_i a_k(x_i) x_i - c_k sum_i a_k(x_i)
+        vlad = torch.bmm(soft_assign, features.transpose(1, 2))
+        vlad = vlad - self.centroids.unsqueeze(0) * soft_assign.sum(dim=2, keepdim=True)
+        vlad = F.normalize(vlad, p=2.0, dim=2)  # intra-normalisation
+        return F.normalize(vlad.flatten(1), p=2.0, dim=1)

@@ -1,0 +1,74 @@
+"""PCA (optionally whitened) that compresses descriptors, then re-normalises them.
+
+NetVLAD's WPCA: y = L2( diag(lambda)^-1/2 U^T (x - mu) ). Fitted with scikit-learn, applied with
+numpy so an index or a checkpoint can carry it as plain arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA as SklearnPCA
+
+from vpr.errors import UsageError
+
+
+@dataclass(frozen=True)
+class PCA:
+    """A fitted projection: mean (D,), components (d, D), scale (d,) (1/sqrt(var) when whitened)."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    scale: np.ndarray
+    whiten: bool
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.components.shape[1])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.components.shape[0])
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Project descriptors (N x D) to L2-normalised float32 (N x d)."""
+        if x.shape[1] != self.in_dim:
+            raise UsageError(f"PCA expects {self.in_dim}-d descriptors, got {x.shape[1]}-d")
+        y = ((x.astype(np.float32) - self.mean) @ self.components.T) * self.scale
+        norms = np.linalg.norm(y, axis=1, keepdims=True)
+        return (y / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def to_state(self) -> dict:
+        """Tensors only, so it can live in a weights-only checkpoint."""
+        return {
+            "mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components),
+            "scale": torch.from_numpy(self.scale), "whiten": torch.tensor(self.whiten),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PCA":
+        return cls(
+            mean=np.asarray(state["mean"], dtype=np.float32),
+            components=np.asarray(state["components"], dtype=np.float32),
+            scale=np.asarray(state["scale"], dtype=np.float32),
+            whiten=bool(state["whiten"]),
+        )
+
+
+def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int = 0) -> PCA:
+    """Fit a `dim`-component PCA on database descriptors (N x D)."""
+    n, d = descriptors.shape
+    if not 1 <= dim <= min(n, d):
+        raise UsageError(
+            f"--pca-dim {dim} is impossible with {n} descriptors of size {d}; use at most {min(n, d)}"
+        )
+    pca = SklearnPCA(n_components=dim, whiten=whiten, svd_solver="auto", random_state=seed)
+    pca.fit(descriptors.astype(np.float32))
+    variance = pca.explained_variance_.astype(np.float32)
+    scale = 1.0 / np.sqrt(np.maximum(variance, 1e-12)) if whiten else np.ones(dim, dtype=np.float32)
+    return PCA(
+        mean=pca.mean_.astype(np.float32), components=pca.components_.astype(np.float32),
+        scale=scale.astype(np.float32), whiten=whiten,
+    )

@@ -1,0 +1,1 @@
+"""Retrieval: descriptor extraction, FAISS / torch nearest-neighbour search, index directories."""

@@ -1,0 +1,116 @@
+"""Nearest-neighbour search on L2-normalised descriptors: FAISS indexes, or torch when FAISS is absent.
+
+Similarity is the inner product; the distance shown to users is the L2 distance between unit
+vectors, sqrt(2 - 2 * similarity).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vpr.errors import DependencyError, UsageError
+
+INDEX_KINDS = ("flat", "ivfpq", "hnsw")
+
+
+def require_faiss():
+    """Import FAISS or explain how to install it."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise DependencyError(
+            "FAISS is not installed: run `pip install -e '.[cpu]'` (or '.[gpu]' on CUDA machines, never both)"
+        ) from exc
+    return faiss
+
+
+def faiss_available() -> bool:
+    """Whether the `faiss` module can be imported."""
+    try:
+        require_faiss()
+    except DependencyError:
+        return False
+    return True
+
+
+def pq_subquantizers(dim: int) -> int:
+    """Largest divisor of `dim` giving sub-vectors of at least 4 dims, capped at 64 (memory/speed trade-off)."""
+    for m in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
+        if dim % m == 0 and dim // m >= 4:
+            return m
+    return 1
+
+
+def build_faiss_index(descriptors: np.ndarray, kind: str = "flat", seed: int = 0):
+    """Build a FAISS inner-product index of `kind` over float32 descriptors (N x d)."""
+    faiss = require_faiss()
+    if kind not in INDEX_KINDS:
+        raise UsageError(f"unknown index kind '{kind}'; choose one of {', '.join(INDEX_KINDS)}")
+    x = np.ascontiguousarray(descriptors, dtype=np.float32)
+    n, dim = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = 128
+    else:
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        if n < 256:
+            raise UsageError(f"--index ivfpq needs at least 256 database images (got {n}); use --index flat")
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(x)
+        index.nprobe = min(nlist, 16)
+    index.add(x)
+    return index
+
+
+def faiss_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, indices), each N x k, best first."""
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def write_faiss_index(index, path: Path) -> None:
+    require_faiss().write_index(index, str(path))
+
+
+def read_faiss_index(path: Path):
+    return require_faiss().read_index(str(path))
+
+
+def torch_search(
+    database: np.ndarray | torch.Tensor, queries: np.ndarray, k: int, *, device: str = "cpu",
+    chunk: int = 65536, half: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k with chunked matmuls: no full similarity matrix in memory.
+
+    Used on GPU machines without faiss-gpu (`half` computes in fp16 there) and as the CPU
+    fallback without FAISS.
+    """
+    dev = torch.device(device)
+    dtype = torch.float16 if half else torch.float32
+    db = torch.as_tensor(database)
+    q = torch.as_tensor(queries, dtype=torch.float32).to(dev, dtype)
+    k = min(k, db.shape[0])
+    best_sim = torch.full((q.shape[0], k), -math.inf, device=dev)
+    best_idx = torch.zeros((q.shape[0], k), dtype=torch.int64, device=dev)
+    for start in range(0, db.shape[0], chunk):
+        block = db[start:start + chunk].to(dev, dtype, non_blocking=True)
+        sim = (q @ block.T).float()
+        top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)
+        merged_sim = torch.cat([best_sim, top_sim], dim=1)
+        merged_idx = torch.cat([best_idx, top_idx + start], dim=1)
+        best_sim, order = merged_sim.topk(k, dim=1)
+        best_idx = merged_idx.gather(1, order)
+    return best_sim.cpu().numpy(), best_idx.cpu().numpy()
+
+
+def similarity_to_distance(similarity: np.ndarray) -> np.ndarray:
+    """L2 distance between unit vectors from their inner product."""
+    return np.sqrt(np.clip(2.0 - 2.0 * similarity, 0.0, None))

@@ -1,0 +1,112 @@
+"""The retrieval stages a user runs: build an index from a database, query it with images."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vpr.data.datasets import GeoImageSet
+from vpr.errors import UsageError
+from vpr.models.checkpoints import load_checkpoint
+from vpr.models.model import ModelConfig, VPRModel, build_model
+from vpr.models.pca import PCA, fit_pca
+from vpr.retrieval.extract import Progress, extract_descriptors
+from vpr.retrieval.index import similarity_to_distance
+from vpr.retrieval.store import IndexBundle, project, write_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildReport:
+    """What `build_index` did: counts, dimensions, skipped files and where the index went."""
+
+    out_dir: Path
+    count: int
+    dim: int
+    reused: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def load_model(checkpoint: Path | None, config: ModelConfig, pretrained: str | None = None) -> tuple[VPRModel, PCA | None]:
+    """The model to index with: a checkpoint when given, else `config` built from scratch (seeded)."""
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint)
+    return build_model(config, pretrained=pretrained, seed=0), None
+
+
+def build_index(
+    database: GeoImageSet,
+    out_dir: Path,
+    *,
+    model: VPRModel,
+    model_pca: PCA | None = None,
+    pca_dim: int | None = None,
+    pca_whiten: bool = False,
+    kind: str = "flat",
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str = "cpu",
+    cache: Path | None = None,
+    skip_bad: bool = False,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Extract database descriptors, fit the optional PCA, and write a self-contained index directory."""
+    extraction = extract_descriptors(
+        model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device,
+        cache=cache, skip_bad=skip_bad, progress=progress,
+    )
+    if len(extraction.kept) == 0:
+        raise UsageError(f"{database.source}: no readable images left to index")
+    kept = database.subset(extraction.kept)
+    descriptors = project(extraction.descriptors, model_pca, None)
+    pca = fit_pca(descriptors, pca_dim, whiten=pca_whiten) if pca_dim else None
+    descriptors = project(descriptors, None, pca)
+    write_index(
+        out_dir, model=model.cpu(), model_pca=model_pca, pca=pca, database=kept, descriptors=descriptors,
+        kind=kind, source=str(database.source),
+    )
+    return BuildReport(Path(out_dir), len(kept), descriptors.shape[1], extraction.reused, extraction.skipped)
+
+
+@dataclass
+class Match:
+    """One retrieved database image."""
+
+    rank: int
+    index: int
+    path: Path
+    similarity: float
+    distance: float
+    utm: tuple[float, float] | None
+    heading: float | None
+
+
+def describe(bundle: IndexBundle, paths: list[Path], *, batch_size: int = 32, num_workers: int = 0,
+             device: str = "cpu", progress: Progress | None = None) -> np.ndarray:
+    """Query descriptors in the index's space (model forward, then the index's projections)."""
+    extraction = extract_descriptors(
+        bundle.model, paths, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
+    )
+    return bundle.project(extraction.descriptors)
+
+
+def retrieve(bundle: IndexBundle, descriptors: np.ndarray, k: int, device: str = "cpu") -> list[list[Match]]:
+    """Top-k matches for each query descriptor."""
+    similarities, indices = bundle.search(descriptors, k, device=device)
+    distances = similarity_to_distance(similarities)
+    db = bundle.database
+    results = []
+    for sims, idxs, dists in zip(similarities, indices, distances):
+        results.append([
+            Match(
+                rank=r + 1, index=int(i), path=db.paths[i], similarity=float(s), distance=float(d),
+                utm=None if db.utm is None else (float(db.utm[i, 0]), float(db.utm[i, 1])),
+                heading=None if db.heading is None or np.isnan(db.heading[i]) else float(db.heading[i]),
+            )
+            for r, (s, i, d) in enumerate(zip(sims, idxs, dists)) if i >= 0
+        ])
+    return results

@@ -1,0 +1,202 @@
+"""The index directory: a self-contained, atomically written bundle that reloads bit-identically.
+
+Layout: `manifest.json`, `model.pt` (vpr checkpoint), `pca.h5` (optional), `index.faiss`
+(when FAISS is installed), `database.h5` (`paths`, `utm`, `heading`, `descriptors`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from vpr import __version__
+from vpr.data.datasets import GeoImageSet
+from vpr.errors import CheckpointError, DependencyError, IndexFormatError, UsageError
+from vpr.fileio import atomic_dir
+from vpr.models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
+from vpr.models.model import VPRModel
+from vpr.models.pca import PCA
+from vpr.retrieval.index import (
+    INDEX_KINDS, build_faiss_index, faiss_available, faiss_search, read_faiss_index, torch_search,
+    write_faiss_index,
+)
+
+log = logging.getLogger(__name__)
+FORMAT = "vpr-index"
+FORMAT_VERSION = 1
+REQUIRED_FILES = ("manifest.json", "model.pt", "database.h5")
+
+
+@dataclass
+class IndexBundle:
+    """A loaded index: the model and projections that make query descriptors, and the database."""
+
+    directory: Path
+    manifest: dict
+    model: VPRModel
+    model_pca: PCA | None
+    pca: PCA | None
+    database: GeoImageSet
+    descriptors: np.ndarray
+    faiss_index: object | None
+
+    @property
+    def dim(self) -> int:
+        return int(self.descriptors.shape[1])
+
+    def project(self, raw: np.ndarray) -> np.ndarray:
+        """Model descriptors -> index space (checkpoint PCA, then the index's own PCA)."""
+        return project(raw, self.model_pca, self.pca)
+
+    def search(self, queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (similarities, database indices) for descriptors already in index space."""
+        if len(self.descriptors) == 0:
+            raise IndexFormatError(f"{self.directory}: the index is empty; rebuild it from a folder with images")
+        k = min(k, len(self.descriptors))
+        if self.faiss_index is not None and device == "cpu":
+            return faiss_search(self.faiss_index, queries, k)
+        if self.manifest["index_kind"] != "flat" and device == "cpu":
+            raise DependencyError(
+                f"{self.directory}: a '{self.manifest['index_kind']}' index needs FAISS: pip install -e '.[cpu]'"
+            )
+        return torch_search(self.descriptors, queries, k, device=device, half=device != "cpu")
+
+
+def project(raw: np.ndarray, model_pca: PCA | None, pca: PCA | None) -> np.ndarray:
+    """Apply the optional checkpoint PCA then the optional index PCA."""
+    out = raw
+    for step in (model_pca, pca):
+        if step is not None:
+            out = step.transform(out)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def write_index(
+    out_dir: Path, *, model: VPRModel, model_pca: PCA | None, pca: PCA | None, database: GeoImageSet,
+    descriptors: np.ndarray, kind: str, source: str,
+) -> Path:
+    """Write a complete index directory atomically (temporary sibling, then rename)."""
+    if kind not in INDEX_KINDS:
+        raise UsageError(f"unknown index kind '{kind}'; choose one of {', '.join(INDEX_KINDS)}")
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_checkpoint(model, tmp / "model.pt", pca=model_pca)
+        if pca is not None:
+            with h5py.File(tmp / "pca.h5", "w") as f:
+                for key, value in (("mean", pca.mean), ("components", pca.components), ("scale", pca.scale)):
+                    f.create_dataset(key, data=value)
+                f.attrs["whiten"] = pca.whiten
+        if faiss_available():
+            write_faiss_index(build_faiss_index(descriptors, kind), tmp / "index.faiss")
+        elif kind != "flat":
+            raise DependencyError(f"--index {kind} needs FAISS: pip install -e '.[cpu]'")
+        with h5py.File(tmp / "database.h5", "w") as f:
+            f.create_dataset("paths", data=[str(p.resolve()) for p in database.paths], dtype=h5py.string_dtype())
+            if database.utm is not None:
+                f.create_dataset("utm", data=database.utm.astype(np.float64))
+                f.create_dataset("heading", data=database.heading.astype(np.float64))
+            f.create_dataset("descriptors", data=descriptors.astype(np.float32), chunks=True)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "vpr_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": model.config.to_dict(),
+            "model_sha256": file_sha256(tmp / "model.pt"),
+            "model_pca_dim": None if model_pca is None else model_pca.out_dim,
+            "pca_dim": None if pca is None else pca.out_dim,
+            "pca_whiten": None if pca is None else pca.whiten,
+            "index_kind": kind,
+            "dim": int(descriptors.shape[1]),
+            "count": int(descriptors.shape[0]),
+            "zone": None if database.zone is None else list(database.zone),
+            "source": source,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return Path(out_dir)
+
+
+def read_manifest(directory: Path) -> dict:
+    """Validate the directory's files and manifest; a one-line error says what is wrong and the fix."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise IndexFormatError(f"{directory}: no index here; build one with `vpr build-index DATABASE --out {directory}`")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise IndexFormatError(f"{directory}: incomplete index (missing {', '.join(missing)}); rebuild it with `vpr build-index`")
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{directory}/manifest.json: not valid JSON ({exc}); rebuild the index") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{directory}: manifest.json is not a vpr index manifest; rebuild the index")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{directory}: index format {manifest.get('format_version')} (vpr {manifest.get('vpr_version')}) "
+            f"is not supported by vpr {__version__} (format {FORMAT_VERSION}); rebuild the index"
+        )
+    for key, kind in (("dim", int), ("count", int), ("index_kind", str), ("model", dict), ("model_sha256", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise IndexFormatError(f"{directory}/manifest.json: field '{key}' missing or malformed; rebuild the index")
+    return manifest
+
+
+def _read_pca(path: Path) -> PCA:
+    with h5py.File(path, "r") as f:
+        return PCA(
+            mean=f["mean"][:].astype(np.float32), components=f["components"][:].astype(np.float32),
+            scale=f["scale"][:].astype(np.float32), whiten=bool(f.attrs["whiten"]),
+        )
+
+
+def _read_database(path: Path, manifest: dict) -> tuple[GeoImageSet, np.ndarray]:
+    count, dim = manifest["count"], manifest["dim"]
+    try:
+        with h5py.File(path, "r") as f:
+            paths = [Path(p) for p in f["paths"][:].astype(str)]
+            descriptors = f["descriptors"][:]
+            utm = f["utm"][:] if "utm" in f else None
+            heading = f["heading"][:] if "heading" in f else None
+    except (OSError, KeyError) as exc:
+        raise IndexFormatError(f"{path}: unreadable or missing datasets ({exc}); rebuild the index") from exc
+    if len(paths) != count or descriptors.shape != (count, dim) or descriptors.dtype != np.float32:
+        raise IndexFormatError(
+            f"{path}: holds {len(paths)} paths and descriptors {descriptors.shape} {descriptors.dtype}, "
+            f"manifest says {count} x {dim} float32; rebuild the index"
+        )
+    if utm is not None and (utm.shape != (count, 2) or heading is None or heading.shape != (count,)):
+        raise IndexFormatError(f"{path}: utm/heading shapes do not match {count} images; rebuild the index")
+    zone = tuple(manifest["zone"]) if manifest.get("zone") else None
+    return GeoImageSet(paths=paths, utm=utm, heading=heading, zone=zone, source=path), descriptors
+
+
+def load_index(directory: Path) -> IndexBundle:
+    """Load and validate an index directory written by `write_index`."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if file_sha256(directory / "model.pt") != manifest["model_sha256"]:
+        raise IndexFormatError(f"{directory}/model.pt: does not match the manifest's sha256; rebuild the index")
+    try:
+        model, model_pca = load_checkpoint(directory / "model.pt")
+    except CheckpointError as exc:
+        raise IndexFormatError(f"{directory}: {exc}") from exc
+    pca = _read_pca(directory / "pca.h5") if (directory / "pca.h5").is_file() else None
+    if (pca is None) != (manifest.get("pca_dim") is None):
+        raise IndexFormatError(f"{directory}: pca.h5 and the manifest disagree; rebuild the index")
+    database, descriptors = _read_database(directory / "database.h5", manifest)
+    out_dim = pca.out_dim if pca else model_pca.out_dim if model_pca else model.config.descriptor_dim
+    if out_dim != manifest["dim"]:
+        raise IndexFormatError(
+            f"{directory}: the model gives {out_dim}-d descriptors but the index holds {manifest['dim']}-d; rebuild it"
+        )
+    faiss_index = None
+    if (directory / "index.faiss").is_file() and faiss_available():
+        faiss_index = read_faiss_index(directory / "index.faiss")
+        if faiss_index.ntotal != manifest["count"] or faiss_index.d != manifest["dim"]:
+            raise IndexFormatError(f"{directory}/index.faiss: size does not match the manifest; rebuild the index")
+    return IndexBundle(directory, manifest, model, model_pca, pca, database, descriptors, faiss_index)
