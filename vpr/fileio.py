@@ -5,8 +5,10 @@ A kill at any moment leaves either the old complete file/directory or the new co
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,24 +32,38 @@ def atomic_file(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty temporary directory next to `path`; on success swap it in for `path`.
 
-    An existing `path` is moved aside and deleted only after the new directory is in place.
+    An existing `path` is exchanged atomically with the new directory (Linux), so readers see
+    either the complete old directory or the complete new one; the old one is then deleted.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if not path.exists():
+            os.replace(tmp, path)
+        elif not _exchange(tmp, path):
+            old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            tmp = old
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

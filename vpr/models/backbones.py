@@ -22,7 +22,9 @@ RESNET_CHANNELS = {"resnet18": (256, 512), "resnet50": (1024, 2048), "resnet101"
 
 
 def backbone_channels(name: str, layer: int = 4) -> int:
-    """Number of channels of the feature map a backbone produces."""
+    """Number of channels of the feature map a backbone produces (validates name and layer)."""
+    if layer not in (3, 4) or (name == "vgg16" and layer != 4):
+        raise UsageError(f"--layer {layer} is not available for {name}; use 4 (or 3 for ResNets)")
     if name == "vgg16":
         return 512
     if name in RESNET_CHANNELS:
@@ -60,10 +62,7 @@ def build_backbone(name: str, layer: int = 4, pretrained: str | Path | None = No
     `pretrained` is None (random init, works offline), a torchvision weights name such as
     "IMAGENET1K_V1", or the path of a torchvision ImageNet state dict.
     """
-    if name not in BACKBONES:
-        raise UsageError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
-    if layer not in (3, 4) or (name == "vgg16" and layer != 4):
-        raise UsageError(f"--layer {layer} is not available for {name}; use 4 (or 3 for ResNets)")
+    backbone_channels(name, layer)
     model = _torchvision_model(name, pretrained)
     if name == "vgg16":
         return nn.Sequential(*list(model.features.children())[:-1])

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny deterministic geo-tagged image sets and a tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vpr.data.geo import format_at_name
+from vpr.models.model import ModelConfig, build_model
+
+torch.set_num_threads(2)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ZONE = (10, "S")
+TINY_SIZE = (48, 64)  # height, width of the tiny model's input
+
+
+def place_image(rng: np.random.Generator, size: tuple[int, int] = (48, 64)) -> np.ndarray:
+    """A distinctive smooth random 'place': low-frequency colour blobs, uint8 H x W x 3."""
+    coarse = rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((size[1], size[0]), Image.BICUBIC))
+
+
+def perturb(image: np.ndarray, rng: np.random.Generator, noise: float = 8.0) -> np.ndarray:
+    """The same place seen again: a brightness change plus pixel noise."""
+    out = image.astype(np.float32) * rng.uniform(0.85, 1.15) + rng.normal(0, noise, image.shape)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def write_places(folder: Path, count: int, seed: int, *, spacing: float = 100.0) -> tuple[list[Path], list[Path]]:
+    """Write `count` database places 100 m apart and one perturbed query per place, as `@`-named JPEGs."""
+    rng = np.random.default_rng(seed)
+    db_dir, q_dir = folder / "database", folder / "queries"
+    db_dir.mkdir(parents=True)
+    q_dir.mkdir(parents=True)
+    db_paths, q_paths = [], []
+    for i in range(count):
+        east, north = 550000.0 + spacing * i, 4180000.0 + 37.0 * (i % 3)
+        image = place_image(rng)
+        db = db_dir / format_at_name(east, north, *ZONE, heading=(30.0 * i) % 360)
+        Image.fromarray(image).save(db, quality=95)
+        q = q_dir / format_at_name(east + 3.0, north - 2.0, *ZONE, heading=(30.0 * i + 5) % 360)
+        Image.fromarray(perturb(image, rng)).save(q, quality=95)
+        db_paths.append(db)
+        q_paths.append(q)
+    return db_paths, q_paths
+
+
+@pytest.fixture(scope="session")
+def places(tmp_path_factory) -> Path:
+    """A folder with `database/` (12 places) and `queries/` (one per place, within 25 m of it only)."""
+    root = tmp_path_factory.mktemp("places")
+    write_places(root, 12, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    return ModelConfig(backbone="resnet18", head="cosplace", descriptor_dim=64, input_size=TINY_SIZE)
+
+
+@pytest.fixture()
+def tiny_model(tiny_config):
+    return build_model(tiny_config, seed=0)

@@ -1,0 +1,133 @@
+"""The `vpr` commands end to end: outputs, JSON, exit codes and one-line errors."""
+
+import json
+import sys
+
+import pytest
+from PIL import Image
+
+from cli.app import main
+from conftest import SHARED_DATA
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """Run `vpr ARGS` in-process; return (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["vpr", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+TINY = ["--resize", "48x64", "--dim", "64", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def index_dir(places, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "idx"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sys, "argv", ["vpr", "build-index", str(places / "database"), "--out", str(out), "--json", *TINY])
+    with pytest.raises(SystemExit) as info:
+        main()
+    mp.undo()
+    assert info.value.code in (0, None)
+    return out
+
+
+def test_build_index_writes_a_complete_index(index_dir):
+    assert {p.name for p in index_dir.iterdir()} >= {"manifest.json", "model.pt", "database.h5", "index.faiss"}
+
+
+def test_query_json_returns_the_right_place_with_position(monkeypatch, capsys, index_dir, places):
+    query = sorted((places / "queries").iterdir())[4]
+    code, out, _ = run_cli(monkeypatch, capsys, "query", query, "--index", index_dir, "-k", "3", "--json", "--device", "cpu")
+    assert code == 0
+    match = json.loads(out)[0]["matches"][0]
+    assert abs(match["utm_east"] - (float(query.name.split("@")[1]) - 3.0)) < 1e-6
+    assert 37 < match["lat"] < 38 and -123 < match["lon"] < -122
+    assert match["rank"] == 1 and match["distance"] >= 0
+
+
+def test_query_table_and_visualisation(monkeypatch, capsys, index_dir, places, tmp_path):
+    query = sorted((places / "queries").iterdir())[0]
+    code, out, _ = run_cli(monkeypatch, capsys, "query", query, "--index", index_dir, "--viz", tmp_path / "v.png", "--device", "cpu")
+    assert code == 0 and "rank" in out and "visualisation written" in out
+    assert Image.open(tmp_path / "v.png").size[0] > 5 * 64
+
+
+def test_eval_json_reports_recall_and_query_count(monkeypatch, capsys, index_dir, places):
+    code, out, _ = run_cli(monkeypatch, capsys, "eval", places / "queries", "--index", index_dir, "--recall", "1,5", "--json", "--workers", "0", "--device", "cpu")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["recall"] == {"R@1": 100.0, "R@5": 100.0} and summary["queries"] == 12
+
+
+def test_k_larger_than_the_database_returns_all(monkeypatch, capsys, index_dir, places):
+    query = sorted((places / "queries").iterdir())[0]
+    code, out, err = run_cli(monkeypatch, capsys, "query", query, "--index", index_dir, "-k", "50", "--json", "--device", "cpu")
+    assert code == 0 and len(json.loads(out)[0]["matches"]) == 12
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["query", "x.jpg", "--index", "/nonexistent/idx"], 1, "no index here"),
+        (["query", "x.jpg", "-k", "0"], 2, "-k 0"),
+        (["build-index", "/nonexistent/db"], 2, "no such folder"),
+        (["build-index", ".", "--resize", "big"], 2, "HEIGHTxWIDTH"),
+        (["build-index", ".", "--model", "alexnet"], 2, "unknown backbone"),
+        (["eval", ".", "--recall", "a,b"], 2, "--recall"),
+        (["query", "--no-such-flag"], 2, "No such option"),
+    ],
+)
+def test_errors_are_one_line_with_the_right_exit_code(monkeypatch, capsys, args, code, message):
+    got, _, err = run_cli(monkeypatch, capsys, *args)
+    assert got == code
+    assert message in err
+    if code == 1:
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_query_of_a_corrupt_image_names_it(monkeypatch, capsys, index_dir, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xffnot really")
+    code, _, err = run_cli(monkeypatch, capsys, "query", bad, "--index", index_dir, "--device", "cpu")
+    assert code == 1 and "broken.jpg" in err and len(err.strip().splitlines()) == 1
+
+
+def test_build_index_stops_at_a_bad_image_or_skips_it_with_a_report(monkeypatch, capsys, places, tmp_path):
+    db = tmp_path / "db"
+    db.mkdir()
+    for p in sorted((places / "database").iterdir())[:3]:
+        (db / p.name).write_bytes(p.read_bytes())
+    (db / "@550000.00@4180000.00@10@S@@@@@@@@@@@.jpg").write_bytes(b"")
+    out = tmp_path / "idx"
+    code, _, err = run_cli(monkeypatch, capsys, "build-index", db, "--out", out, *TINY)
+    assert code == 1 and "empty file" in err and not out.exists()
+    code, out_text, _ = run_cli(monkeypatch, capsys, "build-index", db, "--out", out, "--skip-bad", "--json", *TINY)
+    summary = json.loads(out_text)
+    assert code == 0 and summary["indexed"] == 3 and summary["skipped"] == 1
+    assert "empty file" in (tmp_path / "idx.skipped.txt").read_text()
+
+
+def test_eval_without_labels_asks_for_ground_truth(monkeypatch, capsys, index_dir, tmp_path):
+    Image.new("RGB", (64, 48)).save(tmp_path / "plain.jpg")
+    code, _, err = run_cli(monkeypatch, capsys, "eval", tmp_path, "--index", index_dir, "--device", "cpu")
+    assert code == 1 and "--gt" in err
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "vprbench_corridor").is_dir(), reason="shared corridor dataset absent")
+def test_eval_on_the_corridor_set_with_ground_truth(monkeypatch, capsys, tmp_path):
+    corridor = SHARED_DATA / "vprbench_corridor"
+    out = tmp_path / "corridor"
+    code, _, _ = run_cli(monkeypatch, capsys, "build-index", corridor / "ref", "--out", out, "--json", "--resize", "120x160", "--workers", "0", "--device", "cpu")
+    assert code == 0
+    code, text, _ = run_cli(monkeypatch, capsys, "eval", corridor / "query", "--index", out, "--gt", corridor / "ground_truth.csv", "--json", "--recall", "1,5,20", "--workers", "0", "--device", "cpu")
+    summary = json.loads(text)
+    assert code == 0 and summary["queries"] == 111 and summary["queries_with_positives"] == 111
+    # Positives are 3-5 of 111 images: chance R@20 is about 15%; even random-init features do far better.
+    assert summary["recall"]["R@20"] > 50.0
+    assert summary["recall"]["R@1"] <= summary["recall"]["R@5"] <= summary["recall"]["R@20"]

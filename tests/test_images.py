@@ -1,0 +1,74 @@
+"""Every kind of image file a user may have: read upright as RGB, or a one-line error naming it."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vpr.data.images import image_to_tensor, load_rgb
+from vpr.errors import ImageError
+
+
+def _save(path, image, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize(
+    "mode,make",
+    [
+        ("L", lambda: Image.new("L", (30, 20), 128)),
+        ("RGBA", lambda: Image.new("RGBA", (30, 20), (255, 0, 0, 128))),
+        ("P", lambda: Image.new("RGB", (30, 20), (0, 255, 0)).convert("P", palette=Image.ADAPTIVE)),
+        ("I;16", lambda: Image.fromarray(np.full((20, 30), 65535, dtype=np.uint16))),
+        ("LA", lambda: Image.new("LA", (30, 20), (200, 255))),
+    ],
+)
+def test_any_png_mode_loads_as_8bit_rgb(tmp_path, mode, make):
+    img = load_rgb(_save(tmp_path / f"{mode.replace(';', '')}.png", make()))
+    assert img.mode == "RGB" and img.size == (30, 20)
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    img = load_rgb(_save(tmp_path / "a.png", Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16))))
+    assert np.asarray(img)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_exif_rotated_photo_is_turned_upright(tmp_path):
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = _save(tmp_path / "rot.jpg", image, exif=exif.tobytes())
+    assert load_rgb(path).size == (20, 40)
+
+
+def test_tiny_and_wide_images_resize_to_the_model_input(tmp_path):
+    for size in ((1, 1), (4000, 3)):
+        img = load_rgb(_save(tmp_path / f"{size[0]}.png", Image.new("RGB", size, (9, 9, 9))))
+        assert image_to_tensor(img, (48, 64)).shape == (3, 48, 64)
+
+
+def test_truncated_jpeg_is_an_image_error(tmp_path):
+    full = _save(tmp_path / "full.jpg", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(full.read_bytes()[:800])
+    with pytest.raises(ImageError, match=r"cut\.jpg: corrupt or truncated"):
+        load_rgb(cut)
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [("empty.jpg", b"", "empty file"), ("text.jpg", b"hello, I am not a JPEG", "not an image"), ("gone.jpg", None, "not found")],
+)
+def test_broken_files_give_one_line_errors_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ImageError, match=message) as info:
+        load_rgb(path)
+    assert name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("vpr.data.images.MAX_PIXELS", 100)
+    with pytest.raises(ImageError, match="too large"):
+        load_rgb(_save(tmp_path / "big.png", Image.new("RGB", (20, 20))))

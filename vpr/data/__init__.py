@@ -1,0 +1,1 @@
+"""Datasets: geo-tagged image sets, file-name parsing, image loading and the synthetic city."""

@@ -1,0 +1,72 @@
+"""Image loading and preprocessing shared by training, indexing and querying.
+
+Every image becomes RGB (grayscale, RGBA, 16-bit and palette files included), is turned upright
+by its EXIF orientation, resized to the model's input size and normalised.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vpr.errors import ImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+MAX_PIXELS = 178_956_970  # PIL's decompression-bomb limit (2x its warning threshold)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as an upright 8-bit RGB PIL image, or raise `ImageError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image not found; check the path")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes); re-copy or remove it")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height}")
+                img.load()
+                return _to_rgb(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: image too large ({exc}); downscale it below {MAX_PIXELS // 1_000_000} Mpixels") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{path}: not an image file PIL can read; remove it or use --skip-bad") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{path}: corrupt or truncated image ({str(exc)[:100]}); re-copy it or use --skip-bad") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: 16-bit scaled to 8, transparency composited on black."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if img.mode == "F" and array.max() <= 1.0 else 255.0 / 65535.0
+        array = np.clip(array * scale, 0, 255)
+        img = Image.fromarray(array.astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def image_to_tensor(img: Image.Image, input_size: tuple[int, int]) -> torch.Tensor:
+    """Resize a PIL RGB image to (H, W) and return a 3 x H x W uint8 tensor."""
+    height, width = input_size
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize_batch(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float normalised, done once per batch (on whichever device holds it)."""
+    mean_t = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return (batch.float() - mean_t) / std_t
+
