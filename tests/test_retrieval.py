@@ -88,14 +88,24 @@ def test_approximate_indexes_find_near_duplicates(kind):
 
 def test_extraction_resumes_from_its_cache(places, tmp_path, tiny_model):
     paths = load_image_set(places / "database").paths
-    cache = tmp_path / "cache.h5"
+    cache = tmp_path / "cache"
     first = extract_descriptors(tiny_model, paths[:5], cache=cache, num_workers=0)
     second = extract_descriptors(tiny_model, paths, cache=cache, num_workers=0)
     fresh = extract_descriptors(tiny_model, paths, num_workers=0)
     assert first.reused == 0 and second.reused == 5
     assert np.allclose(second.descriptors, fresh.descriptors, atol=1e-6)
-    with h5py.File(cache) as f:
-        assert int(f.attrs["count"]) == 12
+    assert [p.name for p in cache.iterdir()] == ["main.h5"]  # parts merged on close
+    with h5py.File(cache / "main.h5") as f:
+        assert f["descriptors"].shape == (12, 64)
+
+
+def test_cache_of_another_model_is_not_reused(places, tmp_path, tiny_model, tiny_config):
+    from vpr.models.model import build_model
+
+    paths = load_image_set(places / "database").paths[:3]
+    extract_descriptors(tiny_model, paths, cache=tmp_path / "cache", num_workers=0)
+    other = extract_descriptors(build_model(tiny_config, seed=1), paths, cache=tmp_path / "cache", num_workers=0)
+    assert other.reused == 0
 
 
 def test_bad_image_stops_extraction_unless_skipped(places, tmp_path, tiny_model):
