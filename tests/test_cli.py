@@ -131,3 +131,16 @@ def test_eval_on_the_corridor_set_with_ground_truth(monkeypatch, capsys, tmp_pat
     # Positives are 3-5 of 111 images: chance R@20 is about 15%; even random-init features do far better.
     assert summary["recall"]["R@20"] > 50.0
     assert summary["recall"]["R@1"] <= summary["recall"]["R@5"] <= summary["recall"]["R@20"]
+
+
+def test_synth_with_preview_and_demo_on_the_tiny_city(monkeypatch, capsys, tmp_path):
+    code, out, _ = run_cli(monkeypatch, capsys, "synth", tmp_path / "city", "--preset", "tiny", "--preview", tmp_path / "sheet.png", "--json")
+    assert code == 0 and json.loads(out)["counts"]["test"] == {"database": 40, "queries": 12}
+    assert Image.open(tmp_path / "sheet.png").size[0] > 200
+    code, out, _ = run_cli(monkeypatch, capsys, "demo", "--preset", "tiny", "--workdir", tmp_path, "--json", "--device", "cpu")
+    summary = json.loads(out)
+    assert code == 0 and summary["queries"] == 12 and summary["database"] == 40
+    assert set(summary["recall"]) == {"R@1", "R@5", "R@10", "R@20"}
+    assert summary["recall"]["R@20"] >= summary["recall"]["R@1"]
+    assert (tmp_path / "indexes" / "demo-tiny" / "manifest.json").is_file()
+    assert Image.open(summary["visualisation"]).size[1] > 4 * 72
