@@ -11,8 +11,7 @@ import typer
 from cli.common import console, print_json, progress_bar, resolve_device
 from cli.retrieval_cmds import print_recall_table
 from vpr.data.datasets import load_split
-from vpr.data.synth import PRESETS, generate_city, save_preview
-from vpr.errors import UsageError
+from vpr.data.synth import PRESETS, generate_city, get_preset, save_preview
 from vpr.evaluation.evaluate import evaluate
 from vpr.evaluation.viz import save_matches_figure
 from vpr.models.model import ModelConfig, build_model
@@ -47,8 +46,7 @@ def demo_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """The whole path on the built-in city: synthesise, build an index, evaluate, draw matches."""
-    if preset not in PRESETS:
-        raise UsageError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+    spec = get_preset(preset)
     start = time.perf_counter()
     dataset = workdir / "data" / f"demo-city-{preset}"
     index_dir = workdir / "indexes" / f"demo-{preset}"
@@ -58,7 +56,7 @@ def demo_cmd(
         with progress_bar("rendering demo city", enabled=not json_out) as progress:
             generate_city(dataset, preset=preset, seed=0, progress=progress)
     database, queries = load_split(dataset, "test")
-    model = build_model(ModelConfig(input_size=(240, 320)), seed=0)
+    model = build_model(ModelConfig(input_size=(spec.height, spec.width)), seed=0)  # native resolution
     with progress_bar(f"indexing {len(database)} images", enabled=not json_out) as progress:
         build_index(database, index_dir, model=model, device=dev, progress=progress)
     bundle = load_index(index_dir)
