@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -30,28 +31,33 @@ def build_index_cmd(
     dim: int = typer.Option(512, "--dim", help="CosPlace descriptor size when no checkpoint is given."),
     clusters: int = typer.Option(64, "--clusters", help="NetVLAD cluster count when no checkpoint is given."),
     layer: int = typer.Option(4, "--layer", help="ResNet stage to cut after (4, or 3)."),
-    resize: str = typer.Option("240x320", "--resize", help="Input size HEIGHTxWIDTH when no checkpoint is given."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="torchvision ImageNet weights: a name (IMAGENET1K_V1, needs internet) or a local .pth file."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A vpr checkpoint (from `vpr train`); its config overrides the model options."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="Input size HEIGHTxWIDTH: 240x320 for a new model by default; with --checkpoint it overrides the stored size (published checkpoints default to 480x640)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="torchvision ImageNet weights: a name (IMAGENET1K_V1: downloaded once into the torch hub cache, offline after that) or a local .pth file."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A vpr checkpoint (from `vpr train`) or a published CosPlace/EigenPlaces/NetVLAD/benchmark .pth (see `vpr models`); its architecture overrides the model options."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Checkpoint layout: auto (default: detected from the keys), vpr, cosplace (also EigenPlaces), netvlad (pytorch-NetVlad, Patch-NetVLAD) or benchmark."),
     pca_dim: Optional[int] = typer.Option(None, "--pca-dim", help="Compress descriptors to D dimensions with PCA fitted on the database."),
     whiten: bool = typer.Option(False, "--whiten/--no-whiten", help="Whiten the PCA (as NetVLAD's WPCA)."),
     kind: str = typer.Option("flat", "--index", help="FAISS index: flat (exact inner product), ivfpq or hnsw (approximate, for large databases)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache.h5 so an interrupted or repeated build resumes."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache/ so an interrupted or repeated build resumes."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT.skipped.txt) instead of stopping at the first."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build a self-contained index (model, PCA, FAISS index, database metadata) from database images."""
     if checkpoint is not None:
-        model, model_pca = load_model(checkpoint, ModelConfig())
+        model, model_pca = load_model(checkpoint, ModelConfig(), fmt=fmt)
+        if resize is not None:
+            model.config = replace(model.config, input_size=parse_size(resize))
+    elif fmt is not None:
+        raise UsageError("--format describes a --checkpoint file; give --checkpoint FILE or drop --format")
     else:
-        config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer, input_size=parse_size(resize))
+        config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer, input_size=parse_size(resize or "240x320"))
         model, model_pca = load_model(None, config, pretrained)
     images = load_image_set(database)
     start = time.perf_counter()
-    cache_path = out.with_name(out.name + ".cache.h5") if cache else None
+    cache_path = out.with_name(out.name + ".cache") if cache else None
     with progress_bar(f"indexing {len(images)} images", enabled=not json_out) as progress:
         report = build_index(
             images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
@@ -159,8 +165,10 @@ def eval_cmd(
 
 
 def print_recall_table(summary: dict, title: str = "recall") -> None:
-    """The recall@N table shared by `eval` and `demo`."""
-    table = Table(title=f"{title}: {summary['queries']} queries ({summary['queries_with_positives']} with a positive), {summary['database']} database images")
+    """The recall@N table shared by `eval` and `demo`, with the query and database counts."""
+    console.print(f"{title}: {summary['queries']} queries ({summary['queries_with_positives']} with a positive), "
+                  f"{summary['database']} database images")
+    table = Table()
     for name in summary["recall"]:
         table.add_column(name, justify="right")
     table.add_row(*(f"{v:.1f}" for v in summary["recall"].values()))

@@ -1,13 +1,16 @@
 """Backbone factory: torchvision CNN trunks cut where the VPR papers cut them.
 
-ResNets are cut after layer4 (or layer3), VGG16 after conv5_3's ReLU (before the last max-pool),
-as in NetVLAD. The layer layout matches torchvision, so ImageNet weights load unchanged.
+ResNets are cut after layer4 (or layer3). `vgg16` is cut at conv5_3, before its ReLU and the last
+max-pool, as in the NetVLAD paper ("cropped at conv5, before ReLU") and the published NetVLAD,
+CosPlace, EigenPlaces and benchmark models. The layer layout matches torchvision, so ImageNet
+weights load unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -17,8 +20,17 @@ from vpr.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet18", "resnet50", "resnet101", "vgg16")
-RESNET_CHANNELS = {"resnet18": (256, 512), "resnet50": (1024, 2048), "resnet101": (1024, 2048)}
+BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet152", "vgg16")
+RESNET_CHANNELS = {
+    "resnet18": (256, 512), "resnet50": (1024, 2048), "resnet101": (1024, 2048), "resnet152": (1024, 2048),
+}
+DESCRIPTIONS = {
+    "resnet18": "ResNet-18 trunk (torchvision), cut after layer4 or layer3",
+    "resnet50": "ResNet-50 trunk (torchvision), cut after layer4 or layer3",
+    "resnet101": "ResNet-101 trunk (torchvision), cut after layer4 or layer3",
+    "resnet152": "ResNet-152 trunk (torchvision), cut after layer4 or layer3",
+    "vgg16": "VGG-16 features up to conv5_3, before its ReLU (the NetVLAD paper's and published models' cut)",
+}
 
 
 def backbone_channels(name: str, layer: int = 4) -> int:
@@ -32,40 +44,75 @@ def backbone_channels(name: str, layer: int = 4) -> int:
     raise UsageError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
 
 
-def _torchvision_model(name: str, weights: str | Path | None) -> nn.Module:
-    """Build the full torchvision classifier, with ImageNet weights by name or from a file."""
-    builder = getattr(torchvision.models, name)
-    if weights is None:
-        return builder(weights=None)
+def _imagenet_state(name: str, weights: str | Path) -> tuple[dict, str]:
+    """A torchvision state dict from a local file or a weights name (torch hub cache), weights-only."""
     path = Path(weights)
     if path.suffix in (".pt", ".pth") or path.exists():
-        model = builder(weights=None)
-        if not path.exists():
+        if not path.is_file():
             raise CheckpointError(f"{path}: ImageNet weights file not found; give an existing .pth file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing and not all(k.startswith(("fc.", "classifier.")) for k in missing):
-            raise CheckpointError(f"{path}: not {name} ImageNet weights (missing {missing[:3]}...)")
-        return model
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip or refused-global errors
+            raise CheckpointError(f"{path}: not a loadable weights-only state dict ({type(exc).__name__})") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a torchvision state dict")
+        return state, str(path)
+    enum = torchvision.models.get_model_weights(name)
     try:
-        return builder(weights=str(weights))
-    except Exception as exc:  # torchvision raises URLError, ValueError, RuntimeError...
+        entry = enum.verify(str(weights))
+    except KeyError:
+        raise UsageError(
+            f"--pretrained {weights}: not a torchvision weights name for {name}; use one of "
+            f"{', '.join(enum.__members__)} or the path of a .pth file"
+        ) from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(entry.url).path).name
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            entry.url, map_location="cpu", progress=False, check_hash=True, weights_only=True,
+        )
+    except Exception as exc:  # URLError, HTTPError, hash mismatch, refused pickle...
+        if cached.is_file():
+            raise CheckpointError(
+                f"{cached}: cached {name} weights are not a loadable weights-only state dict "
+                f"({type(exc).__name__}); delete the file and retry"
+            ) from exc
         raise CheckpointError(
-            f"{name}: cannot load torchvision weights '{weights}' ({type(exc).__name__}); "
-            "you are probably offline: download the .pth elsewhere, then pass its path to --pretrained"
+            f"{name}: cannot download torchvision weights {entry} ({type(exc).__name__}); "
+            f"you are probably offline: fetch {entry.url} elsewhere and save it as {cached}, "
+            "or pass the file's path to --pretrained"
         ) from exc
+    return state, str(cached)
+
+
+def _torchvision_model(name: str, weights: str | Path | None) -> nn.Module:
+    """Build the full torchvision classifier, with ImageNet weights by name or from a file."""
+    if weights is None:
+        return getattr(torchvision.models, name)(weights=None)
+    state, source = _imagenet_state(name, weights)
+    model = getattr(torchvision.models, name)(weights=None)
+    try:
+        missing, _ = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes of another architecture
+        detail = str(exc).strip().splitlines()[-1].strip()[:120]
+        raise CheckpointError(f"{source}: not {name} ImageNet weights ({detail})") from exc
+    if missing and not all(k.startswith(("fc.", "classifier.")) for k in missing):
+        raise CheckpointError(
+            f"{source}: not {name} ImageNet weights (missing {', '.join(missing[:3])}, ...)"
+        )
+    return model
 
 
 def build_backbone(name: str, layer: int = 4, pretrained: str | Path | None = None) -> nn.Module:
     """Return the convolutional trunk of `name`, mapping images to a C x H' x W' feature map.
 
     `pretrained` is None (random init, works offline), a torchvision weights name such as
-    "IMAGENET1K_V1", or the path of a torchvision ImageNet state dict.
+    "IMAGENET1K_V1" (downloaded once into the torch hub cache), or the path of a torchvision
+    ImageNet state dict.
     """
     backbone_channels(name, layer)
     model = _torchvision_model(name, pretrained)
     if name == "vgg16":
-        return nn.Sequential(*list(model.features.children())[:-1])
+        return nn.Sequential(*list(model.features.children())[:-2])  # drop conv5_3's ReLU and the last max-pool
     children = list(model.children())[:-2]  # drop avgpool and fc
     if layer == 3:
         children = children[:-1]

@@ -1,6 +1,9 @@
-"""Save and load our checkpoints: weights-only state dict + model config (+ optional PCA).
+"""Save and load checkpoints: ours (weights-only state dict + model config + optional PCA), and
+the published CosPlace / EigenPlaces / NetVLAD / benchmark layouts through `vpr.models.published`.
 
-Files load with `torch.load(weights_only=True)`, so a checkpoint can never run arbitrary code.
+Files load with `torch.load(weights_only=True)`, so a checkpoint can never run arbitrary code; the
+only globals added to torch's allowlist are numpy's numeric arrays and scalars, which published
+training checkpoints use for their recall fields.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vpr import __version__
@@ -15,9 +19,24 @@ from vpr.errors import CheckpointError
 from vpr.fileio import atomic_file
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA
+from vpr.models.published import import_published, resolve_format
 
 FORMAT = "vpr-checkpoint"
 FORMAT_VERSION = 1
+
+
+def _numpy_globals() -> list:
+    """numpy's numeric ndarray/scalar reconstructors, under their numpy 1 and numpy 2 module names."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    numeric = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
+               "Float16", "Float32", "Float64")
+    allowed: list = [np.ndarray, np.dtype, *(getattr(np.dtypes, f"{name}DType") for name in numeric)]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    return allowed
 
 
 def file_sha256(path: Path) -> str:
@@ -53,7 +72,8 @@ def load_payload(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; check the path")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, refused globals
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -65,15 +85,16 @@ def load_payload(path: Path) -> dict:
     return payload
 
 
-def load_checkpoint(path: Path) -> tuple[VPRModel, PCA | None]:
-    """Rebuild a model (and its PCA, if stored) from one of our checkpoints."""
+def load_checkpoint(path: Path, fmt: str | None = None) -> tuple[VPRModel, PCA | None]:
+    """Rebuild a model (and its PCA, if stored) from our checkpoint or a published one.
+
+    `fmt` None (or "auto") detects the layout; otherwise it forces one of `vpr models`' formats.
+    """
+    layout = None if fmt is None else resolve_format(fmt)
     payload = load_payload(path)
-    if payload.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a vpr checkpoint (keys: {sorted(payload)[:6]}); "
-            "published CosPlace/NetVLAD files are imported with --checkpoint in a later release"
-        )
-    return model_from_payload(payload, path)
+    if payload.get("format") == FORMAT and layout in (None, "vpr"):
+        return model_from_payload(payload, path)
+    return import_published(payload, Path(path), layout)
 
 
 def model_from_payload(payload: dict, path: Path) -> tuple[VPRModel, PCA | None]:

@@ -31,10 +31,13 @@ class BuildReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def load_model(checkpoint: Path | None, config: ModelConfig, pretrained: str | None = None) -> tuple[VPRModel, PCA | None]:
-    """The model to index with: a checkpoint when given, else `config` built from scratch (seeded)."""
+def load_model(
+    checkpoint: Path | None, config: ModelConfig, pretrained: str | None = None, fmt: str | None = None,
+) -> tuple[VPRModel, PCA | None]:
+    """The model to index with: a checkpoint (ours or a published layout, `fmt` forcing one) when
+    given, else `config` built from scratch (seeded)."""
     if checkpoint is not None:
-        return load_checkpoint(checkpoint)
+        return load_checkpoint(checkpoint, fmt)
     return build_model(config, pretrained=pretrained, seed=0), None
 
 

@@ -1,0 +1,464 @@
+"""Published checkpoints (CosPlace, EigenPlaces, pytorch-NetVlad, Patch-NetVLAD, VG benchmark) load
+into vpr models whose descriptors equal those of the published architectures with the same weights.
+
+The reference networks below re-state each repository's model from its code and paper (layer by
+layer, with the repositories' own parameter names), independently of vpr's implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from typer.testing import CliRunner
+
+from cli.app import app
+from vpr.errors import CheckpointError, UsageError
+from vpr.models.backbones import build_backbone
+from vpr.models.checkpoints import load_checkpoint
+from vpr.models.published import import_published
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CHANNELS = {"vgg16": 512, "resnet18": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+
+
+# ---- reference re-statements of the published architectures ------------------------------------
+
+class RefL2Norm(nn.Module):
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(p=2, dim=self.dim, keepdim=True).clamp(min=1e-12)
+
+
+class RefGeM(nn.Module):
+    """f = (mean over H, W of clamp(x, eps)^p)^(1/p)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=1e-6).pow(self.p).mean(dim=(-2, -1), keepdim=True).pow(1.0 / self.p)
+
+
+class RefFlatten(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+
+def vgg16_features() -> list[nn.Module]:
+    """torchvision's VGG16 `features` (configuration D): 13 conv3x3 + ReLU, 5 max-pools."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            channels = v
+    return layers
+
+
+def ref_trunk(name: str, cut: str = "conv5") -> nn.Sequential:
+    """The repositories' trunks: VGG16 features[:-2] (no last ReLU, no pool); ResNet children[:-2] or [:-3]."""
+    if name == "vgg16":
+        return nn.Sequential(*vgg16_features()[:-2])
+    resnet = getattr(torchvision.models, name)(weights=None)
+    return nn.Sequential(*list(resnet.children())[: -2 if cut == "conv5" else -3])
+
+
+class RefCosPlaceNet(nn.Module):
+    """CosPlace / EigenPlaces GeoLocalizationNet: backbone -> L2 -> GeM -> Flatten -> Linear -> L2."""
+
+    def __init__(self, backbone: str, dim: int) -> None:
+        super().__init__()
+        self.backbone = ref_trunk(backbone)
+        self.aggregation = nn.Sequential(RefL2Norm(), RefGeM(), RefFlatten(), nn.Linear(CHANNELS[backbone], dim), RefL2Norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aggregation(self.backbone(x))
+
+
+class RefLoopNetVLAD(nn.Module):
+    """pytorch-NetVlad's layer: L2 the input, softmax(conv) assignment, residual sums cluster by cluster."""
+
+    def __init__(self, clusters: int, dim: int, bias: bool) -> None:
+        super().__init__()
+        self.clusters = clusters
+        self.conv = nn.Conv2d(dim, clusters, kernel_size=(1, 1), bias=bias)
+        self.centroids = nn.Parameter(torch.rand(clusters, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x, p=2, dim=1)
+        n, c = x.shape[:2]
+        assign = F.softmax(self.conv(x).view(n, self.clusters, -1), dim=1)
+        flat = x.view(n, c, -1)
+        vlad = torch.zeros(n, self.clusters, c)
+        for k in range(self.clusters):
+            residual = flat - self.centroids[k].view(1, c, 1)
+            vlad[:, k] = (residual * assign[:, k : k + 1, :]).sum(dim=-1)
+        vlad = F.normalize(vlad, p=2, dim=2).view(n, -1)
+        return F.normalize(vlad, p=2, dim=1)
+
+
+class RefNanneNet(nn.Module):
+    """pytorch-NetVlad's model (encoder, pool) with Patch-NetVLAD's optional WPCA (1x1 conv, flatten, L2)."""
+
+    def __init__(self, clusters: int, vladv2: bool, wpca_dim: int | None = None) -> None:
+        super().__init__()
+        self.encoder = ref_trunk("vgg16")
+        self.pool = RefLoopNetVLAD(clusters, 512, bias=vladv2)
+        if wpca_dim:
+            self.WPCA = nn.Sequential(nn.Conv2d(clusters * 512, wpca_dim, kernel_size=(1, 1)), RefFlatten(), RefL2Norm(dim=-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vlad = self.pool(self.encoder(x))
+        return self.WPCA(vlad[:, :, None, None]) if hasattr(self, "WPCA") else vlad
+
+
+class RefBenchmarkNet(nn.Module):
+    """The VG benchmark's GeoLocalizationNet: NetVLAD, or L2 -> GeM -> Flatten; optionally + Linear + L2."""
+
+    def __init__(self, backbone: str, cut: str, aggregation: str, fc_dim: int | None, clusters: int = 4) -> None:
+        super().__init__()
+        self.backbone = ref_trunk(backbone, cut)
+        channels = CHANNELS[backbone] // (2 if cut == "conv4" else 1)
+        if aggregation == "netvlad":
+            self.aggregation: nn.Module = RefLoopNetVLAD(clusters, channels, bias=False)
+            features = clusters * channels
+        else:
+            self.aggregation = nn.Sequential(RefL2Norm(), RefGeM(), RefFlatten())
+            features = channels
+        if fc_dim:
+            self.aggregation = nn.Sequential(self.aggregation, nn.Linear(features, fc_dim), RefL2Norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aggregation(self.backbone(x))
+
+
+def randomize(module: nn.Module, seed: int) -> nn.Module:
+    """Plausible random weights everywhere, BatchNorm statistics and GeM p included."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if not t.is_floating_point():
+                t.zero_()
+            elif name.endswith(("running_var", "weight")) and t.dim() == 1 or name.endswith(".p"):
+                t.copy_(torch.rand(t.shape, generator=gen) + (2.5 if name.endswith(".p") else 0.5))
+            elif name.endswith(("running_mean", "bias")):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * (2.0 / t[0].numel()) ** 0.5)
+        for layer in module.modules():
+            if isinstance(layer, RefLoopNetVLAD):  # a sharp soft-assignment, as NetVLAD's alpha gives
+                layer.conv.weight.mul_(30.0)
+                if layer.conv.bias is not None:
+                    layer.conv.bias.copy_(torch.randn(layer.conv.bias.shape, generator=gen))
+    return module.eval()
+
+
+def random_net(cls: type[nn.Module], *args, seed: int) -> nn.Module:
+    """`cls(*args)` with `randomize`d weights (built on the meta device first: no wasted init)."""
+    with torch.device("meta"):
+        net = cls(*args)
+    return randomize(net.to_empty(device="cpu"), seed)
+
+
+def images(seed: int = 0, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    return torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def describe(model, pca, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return torch.from_numpy(pca.transform(out.numpy())) if pca is not None else out
+
+
+def reference(ref: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return ref(x)
+
+
+def assert_published_defaults(model) -> None:
+    assert model.config.input_size == (480, 640)
+    assert model.config.mean == IMAGENET_MEAN and model.config.std == IMAGENET_STD
+
+
+# ---- CosPlace / EigenPlaces ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backbone,dim", [("resnet18", 64), ("vgg16", 128)])
+def test_cosplace_hub_files_give_the_published_descriptors(tmp_path, backbone, dim):
+    ref = random_net(RefCosPlaceNet, backbone, dim, seed=1)
+    path = tmp_path / f"{backbone}_{dim}_cosplace.pth"
+    torch.save(ref.state_dict(), path)  # hubconf: load_state_dict_from_url gives this raw state dict
+    model, pca = load_checkpoint(path)
+    assert pca is None and model.config.head == "cosplace" and model.config.descriptor_dim == dim
+    assert model.config.backbone == backbone
+    assert_published_defaults(model)
+    x = images()
+    assert torch.allclose(describe(model, None, x), reference(ref, x), atol=1e-5)
+
+
+COSPLACE_HUB = {  # gmberton/CosPlace hubconf.py AVAILABLE_TRAINED_MODELS
+    "vgg16": (64, 128, 256, 512), "resnet18": (32, 64, 128, 256, 512),
+    "resnet50": (32, 64, 128, 256, 512, 1024, 2048), "resnet101": (32, 64, 128, 256, 512, 1024, 2048),
+    "resnet152": (32, 64, 128, 256, 512, 1024, 2048),
+}
+EIGENPLACES_HUB = {  # gmberton/EigenPlaces hubconf.py AVAILABLE_TRAINED_MODELS
+    "vgg16": (512,), "resnet18": (256, 512), "resnet50": (128, 256, 512, 1024, 2048),
+    "resnet101": (128, 256, 512, 1024, 2048),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(COSPLACE_HUB))
+def test_every_published_cosplace_and_eigenplaces_size_is_recognised(backbone):
+    with torch.device("meta"):
+        trunk = ref_trunk(backbone).state_dict()
+    state = {f"backbone.{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in trunk.items()}
+    for dim in sorted(set(COSPLACE_HUB[backbone]) | set(EIGENPLACES_HUB.get(backbone, ()))):
+        published = dict(state, **{
+            "aggregation.1.p": torch.ones(1) * 3, "aggregation.3.weight": torch.empty(dim, CHANNELS[backbone]),
+            "aggregation.3.bias": torch.empty(dim),
+        })
+        model, pca = import_published(published, Path(f"{backbone}_{dim}.pth"))
+        assert (model.config.backbone.split("_")[0], model.config.layer, model.config.descriptor_dim) == (backbone, 4, dim)
+
+
+# ---- pytorch-NetVlad and Patch-NetVLAD -------------------------------------------------------------
+
+def nanne_checkpoint(ref: nn.Module, parallel: bool) -> dict:
+    """main.py's save_checkpoint dict; with nGPU > 1 encoder and pool are DataParallel-wrapped."""
+    state = ref.state_dict()
+    if parallel:
+        state = {k.replace("encoder.", "encoder.module.").replace("pool.", "pool.module."): v for k, v in state.items()}
+    optimizer = torch.optim.SGD(ref.parameters(), lr=0.001, momentum=0.9)
+    return {"epoch": 3, "state_dict": state, "recalls": {1: np.float64(0.8), 5: np.float64(0.9)},
+            "best_score": np.float64(0.9), "optimizer": optimizer.state_dict(), "parallel": parallel}
+
+
+@pytest.mark.parametrize("vladv2,parallel", [(False, False), (True, True)])
+def test_pytorch_netvlad_checkpoints_give_the_published_descriptors(tmp_path, vladv2, parallel):
+    ref = random_net(RefNanneNet, 4, vladv2, seed=2)
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(nanne_checkpoint(ref, parallel), path)
+    model, pca = load_checkpoint(path)
+    assert pca is None and model.config.backbone == "vgg16"
+    assert model.config.head == "netvlad" and model.config.descriptor_dim == 4 * 512
+    assert torch.equal(model.head.conv.bias, ref.pool.conv.bias if vladv2 else torch.zeros(4))
+    assert_published_defaults(model)
+    x = images(1)
+    assert torch.allclose(describe(model, None, x), reference(ref, x), atol=1e-5)
+
+
+def whitened_pca_layer(conv: nn.Conv2d, samples: torch.Tensor) -> None:
+    """Patch-NetVLAD's add_pca.py: weight = (U diag(1/sqrt(lambda)))^T, bias = -weight mu."""
+    mu = samples.mean(dim=0)
+    u, s, _ = torch.linalg.svd((samples - mu).T.double(), full_matrices=False)
+    d = conv.out_channels
+    lams = (s[:d] ** 2 / (len(samples) - 1)).float()
+    weight = (u[:, :d].float() / lams.sqrt()).T
+    with torch.no_grad():
+        conv.weight.copy_(weight[:, :, None, None])
+        conv.bias.copy_(-weight @ mu)
+
+
+def test_patch_netvlad_wpca_is_imported_as_a_whitening_pca(tmp_path):
+    ref = random_net(RefNanneNet, 4, False, 16, seed=3)
+    with torch.no_grad():
+        samples = ref.pool(ref.encoder(torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(4))))
+    whitened_pca_layer(ref.WPCA[0], samples)
+    path = tmp_path / "pittsburgh_WPCA16.pth.tar"
+    torch.save({"num_pcs": 16, "state_dict": ref.state_dict()}, path)
+    model, pca = load_checkpoint(path)
+    assert pca is not None and pca.whiten and (pca.in_dim, pca.out_dim) == (4 * 512, 16)
+    x = images(2)
+    assert torch.allclose(describe(model, pca, x), reference(ref, x), atol=1e-4)
+
+
+# ---- deep-visual-geo-localization-benchmark ---------------------------------------------------------
+
+def benchmark_checkpoint(ref: nn.Module) -> dict:
+    """train.py's checkpoint: the model is wrapped in DataParallel, recalls is a numpy array."""
+    return {"epoch_num": 4, "model_state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()},
+            "optimizer_state_dict": torch.optim.Adam(ref.parameters()).state_dict(),
+            "recalls": np.array([80.1, 90.2, 93.0, 95.5]), "best_r5": np.float64(90.2), "not_improved_num": 0}
+
+
+@pytest.mark.parametrize("backbone,cut,aggregation,fc_dim", [
+    ("resnet18", "conv4", "netvlad", None),
+    ("resnet18", "conv5", "netvlad", 32),
+    ("resnet50", "conv4", "gem", None),
+    ("resnet18", "conv5", "gem", 64),
+    ("vgg16", "conv5", "netvlad", None),
+])
+def test_benchmark_checkpoints_give_the_published_descriptors(tmp_path, backbone, cut, aggregation, fc_dim):
+    ref = random_net(RefBenchmarkNet, backbone, cut, aggregation, fc_dim, seed=5)
+    path = tmp_path / "best_model.pth"
+    torch.save(benchmark_checkpoint(ref), path)
+    model, pca = load_checkpoint(path)
+    assert model.config.layer == (3 if cut == "conv4" else 4)
+    assert model.config.head == ("netvlad" if aggregation == "netvlad" else "cosplace")
+    assert (pca is not None) == (aggregation == "netvlad" and fc_dim is not None)
+    assert_published_defaults(model)
+    x = images(3)
+    expected = F.normalize(reference(ref, x), dim=1)  # vpr descriptors are unit vectors (GeM alone is not)
+    assert torch.allclose(describe(model, pca, x), expected, atol=1e-5)
+
+
+# ---- format detection and errors --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cosplace_file(tmp_path_factory) -> tuple[Path, nn.Module]:
+    ref = random_net(RefCosPlaceNet, "resnet18", 32, seed=6)
+    path = tmp_path_factory.mktemp("published") / "ResNet18_32_cosplace.pth"
+    torch.save(ref.state_dict(), path)
+    return path, ref
+
+
+def test_format_can_be_forced_by_name_or_alias(cosplace_file):
+    path, ref = cosplace_file
+    x = images(4)
+    expected = reference(ref, x)
+    for fmt in ("cosplace", "EigenPlaces", "auto"):
+        model, _ = load_checkpoint(path, fmt)
+        assert torch.allclose(describe(model, None, x), expected, atol=1e-5)
+    with pytest.raises(UsageError, match="cosplace"):
+        load_checkpoint(path, "cosplace-v2")
+
+
+def test_a_wrongly_forced_format_names_the_missing_keys(cosplace_file):
+    with pytest.raises(CheckpointError, match="missing pool.centroids, pool.conv.weight"):
+        load_checkpoint(cosplace_file[0], "netvlad")
+    with pytest.raises(CheckpointError, match="not a vpr checkpoint"):
+        load_checkpoint(cosplace_file[0], "vpr")
+
+
+def test_an_unknown_layout_lists_what_was_expected_and_found(tmp_path):
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(random_net(torchvision.models.resnet18, seed=9).state_dict(), path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "unknown checkpoint layout" in message and "\n" not in message
+    assert all(name in message for name in ("cosplace", "netvlad", "benchmark", "aggregation.3.weight", "pool.centroids"))
+    assert "conv1.* (1 tensor)" in message and "layer1.*" in message
+
+
+def test_unsupported_published_variants_are_refused_clearly(tmp_path):
+    after_pool = random_net(RefBenchmarkNet, "resnet18", "conv4", "gem", None, seed=8)
+    after_pool.aggregation = nn.Sequential(RefGeM(), RefL2Norm(), RefFlatten())  # --l2 after_pool
+    torch.save(benchmark_checkpoint(after_pool), tmp_path / "after_pool.pth")
+    with pytest.raises(CheckpointError, match=r"unsupported benchmark aggregation.*found aggregation\.0\.p"):
+        load_checkpoint(tmp_path / "after_pool.pth")
+    with torch.device("meta"):
+        alexnet_trunk = torchvision.models.alexnet(weights=None).features[:-2].state_dict()  # pytorch-NetVlad --arch alexnet
+    alexnet = {f"encoder.{k}": torch.zeros(v.shape) for k, v in alexnet_trunk.items()}
+    pool = {"pool.centroids": torch.rand(4, 256), "pool.conv.weight": torch.rand(4, 256, 1, 1)}
+    torch.save({"state_dict": dict(alexnet, **pool)}, tmp_path / "alexnet_netvlad.pth.tar")
+    with pytest.raises(CheckpointError, match="match no supported trunk"):
+        load_checkpoint(tmp_path / "alexnet_netvlad.pth.tar")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("payload", [
+    {"state_dict": Evil()},
+    {"epoch": 1, "state_dict": {"encoder.0.weight": torch.ones(1)}, "recalls": np.array([object()], dtype=object)},
+])
+def test_published_files_needing_arbitrary_pickles_are_refused(tmp_path, capsys, payload):
+    torch.save(payload, tmp_path / "evil.pth.tar")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_checkpoint(tmp_path / "evil.pth.tar")
+    assert "pwned" not in capsys.readouterr().out
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+
+def test_build_index_and_query_with_a_published_checkpoint(places, tmp_path, cosplace_file):
+    runner = CliRunner()
+    out = tmp_path / "idx"
+    result = runner.invoke(app, [
+        "build-index", str(places / "database"), "--checkpoint", str(cosplace_file[0]), "--resize", "48x64",
+        "--out", str(out), "--workers", "0", "--no-cache", "--device", "cpu", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["dim"] == 32
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["input_size"] == [48, 64] and manifest["model"]["backbone"] == "resnet18"
+    query = sorted((places / "queries").iterdir())[0]
+    result = runner.invoke(app, ["query", str(query), "--index", str(out), "-k", "3", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)[0]["matches"]) == 3
+
+
+def test_format_without_a_checkpoint_is_a_usage_error(places, tmp_path):
+    args = ["build-index", str(places / "database"), "--format", "cosplace", "--out", str(tmp_path / "i")]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UsageError) and "--checkpoint" in str(result.exception)
+
+
+def test_vpr_models_lists_backbones_sizes_and_formats():
+    result = CliRunner().invoke(app, ["models", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert {f["name"] for f in info["formats"]} == {"vpr", "cosplace", "netvlad", "benchmark"}
+    assert {"resnet152", "vgg16"} <= {b["name"] for b in info["backbones"]}
+    cosplace = next(f for f in info["formats"] if f["name"] == "cosplace")
+    assert any(p["model"] == "EigenPlaces" for p in cosplace["published"]) and "eigenplaces" in cosplace["aliases"]
+    assert info["published_input_size"] == [480, 640]
+    table = CliRunner().invoke(app, ["models"])
+    assert table.exit_code == 0 and "benchmark" in table.output and "resnet152" in table.output
+
+
+# ---- torchvision ImageNet weights -------------------------------------------------------------------
+
+def hub_file(name: str, weights: str, torch_home: Path) -> Path:
+    url = torchvision.models.get_model_weights(name).verify(weights).url
+    return torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def test_named_imagenet_weights_load_from_the_torch_hub_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    weights = random_net(torchvision.models.resnet18, seed=7).state_dict()
+    cached = hub_file("resnet18", "IMAGENET1K_V1", tmp_path)
+    cached.parent.mkdir(parents=True)
+    torch.save(weights, cached)
+    trunk = build_backbone("resnet18", pretrained="IMAGENET1K_V1")
+    assert torch.equal(trunk[0].weight, weights["conv1.weight"])
+    assert torch.equal(trunk[7][1].bn2.running_var, weights["layer4.1.bn2.running_var"])
+
+
+def test_named_imagenet_weights_offline_and_uncached_say_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(CheckpointError, match="offline") as error:
+        build_backbone("vgg16", pretrained="IMAGENET1K_V1")
+    assert str(hub_file("vgg16", "IMAGENET1K_V1", tmp_path)) in str(error.value) and "--pretrained" in str(error.value)
+    with pytest.raises(UsageError, match="IMAGENET1K_V2"):
+        build_backbone("resnet50", pretrained="IMAGENET_V9")
+
+
+def test_local_imagenet_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    assert torch.equal(build_backbone("resnet18", pretrained=path)[0].weight, torch.load(path)["conv1.weight"])
+    with pytest.raises(CheckpointError, match="not resnet50 ImageNet weights"):
+        build_backbone("resnet50", pretrained=path)

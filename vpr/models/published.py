@@ -1,0 +1,375 @@
+"""Import published checkpoints: detect their layout from keys and shapes, map it onto a VPRModel.
+
+Layouts (state-dict keys after any DataParallel `module.` is dropped):
+- cosplace: gmberton/CosPlace and gmberton/EigenPlaces (torch.hub and model zoos): a raw state dict
+  `backbone.N...` (torchvision children) + `aggregation.{1.p, 3.weight, 3.bias}` for
+  L2 -> GeM -> Flatten -> Linear -> L2.
+- netvlad: Nanne/pytorch-NetVlad (`checkpoint['state_dict']`): VGG16 `encoder.N...` +
+  `pool.centroids`, `pool.conv.weight` (`pool.conv.bias` only with vladv2); Patch-NetVLAD's
+  files add `WPCA.0.{weight, bias}`, a 1x1 conv then L2, imported as a whitening PCA.
+- benchmark: gmberton/deep-visual-geo-localization-benchmark (`checkpoint['model_state_dict']`):
+  `backbone.N...` + NetVLAD (`aggregation.{centroids, conv.weight}`), NetVLAD + FC
+  (`aggregation.{0.centroids, 0.conv.weight, 1.weight, 1.bias}`), GeM (`aggregation.1.p`) or
+  GeM + FC (`aggregation.{0.1.p, 1.weight, 1.bias}`), GeM always with its default L2 before pooling.
+
+All published VGG16 trunks stop before conv5_3's ReLU, as our `vgg16` does. NetVLAD without a conv
+bias gets a zero bias, which is the same soft-assignment. A Linear (+ L2) after the global
+descriptor, y = L2(W x + b), is stored as our PCA: y = L2(((x - m) C^T) s) with s = row norms of W,
+C = W / s and m any point with C m = -b / s.
+Published files do not record their input size: they get DEFAULT_INPUT_SIZE and ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from vpr.errors import CheckpointError, UsageError
+from vpr.models.backbones import BACKBONES, DESCRIPTIONS, backbone_channels, build_backbone
+from vpr.models.model import ModelConfig, VPRModel
+from vpr.models.pca import PCA
+
+DEFAULT_INPUT_SIZE = (480, 640)  # (height, width): Pitts30k's resolution and the benchmark's default resize
+WRAPPER_KEYS = ("state_dict", "model_state_dict")
+# Backbones a published file can hold, tried in this order; every published VGG16 is cut before the ReLU.
+CANDIDATE_BACKBONES = (
+    ("vgg16", 4), ("resnet18", 4), ("resnet18", 3), ("resnet50", 4), ("resnet50", 3),
+    ("resnet101", 4), ("resnet101", 3), ("resnet152", 4), ("resnet152", 3),
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint layout vpr reads: where it comes from, the keys that identify it, its models."""
+
+    name: str
+    aliases: tuple[str, ...]
+    source: str
+    keys: str
+    published: tuple[tuple[str, str, str], ...]  # (model, backbones, descriptor sizes)
+
+
+COSPLACE_DIMS = "32, 64, 128, 256, 512, 1024, 2048"
+LAYOUTS = {
+    "vpr": Layout("vpr", (), "vpr train", "format: vpr-checkpoint + config + state_dict", ()),
+    "cosplace": Layout(
+        "cosplace", ("eigenplaces",), "gmberton/CosPlace, gmberton/EigenPlaces (torch.hub and model zoos)",
+        "backbone.* + aggregation.1.p, aggregation.3.weight, aggregation.3.bias",
+        (  # as listed in the two repositories' hubconf.py
+            ("CosPlace", "resnet18", "32, 64, 128, 256, 512"),
+            ("CosPlace", "resnet50, resnet101, resnet152", COSPLACE_DIMS),
+            ("CosPlace", "vgg16", "64, 128, 256, 512"),
+            ("EigenPlaces", "resnet18", "256, 512"),
+            ("EigenPlaces", "resnet50, resnet101", "128, 256, 512, 1024, 2048"),
+            ("EigenPlaces", "vgg16", "512"),
+        ),
+    ),
+    "netvlad": Layout(
+        "netvlad", ("pytorch-netvlad", "patchnetvlad"), "Nanne/pytorch-NetVlad, QVPR/Patch-NetVLAD",
+        "state_dict: encoder.* + pool.centroids, pool.conv.weight [+ pool.conv.bias] [+ WPCA.0.weight, WPCA.0.bias]",
+        (
+            ("NetVLAD (vladv1 or vladv2)", "vgg16", "K x 512 (32768 with 64 clusters)"),
+            ("Patch-NetVLAD global + WPCA", "vgg16", "128, 512, 4096"),
+        ),
+    ),
+    "benchmark": Layout(
+        "benchmark", ("vg-benchmark",), "gmberton/deep-visual-geo-localization-benchmark",
+        "model_state_dict: backbone.* + aggregation.{centroids, conv.weight | 0.centroids, 0.conv.weight, "
+        "1.weight, 1.bias | 1.p | 0.1.p, 1.weight, 1.bias}",
+        (
+            ("NetVLAD", "vgg16, resnet18/50/101 conv4 or conv5", "K x C"),
+            ("NetVLAD + FC", "same", "FC size"),
+            ("GeM (L2 before pooling)", "same", "C"),
+            ("GeM + FC", "same", "FC size (e.g. 2048, 65536)"),
+        ),
+    ),
+}
+
+
+def resolve_format(fmt: str) -> str | None:
+    """Canonical layout name for `--format` (aliases accepted); None for 'auto' (detect it)."""
+    wanted = fmt.strip().lower()
+    if wanted == "auto":
+        return None
+    for layout in LAYOUTS.values():
+        if wanted == layout.name or wanted in layout.aliases:
+            return layout.name
+    names = [n for layout in LAYOUTS.values() for n in (layout.name, *layout.aliases)]
+    raise UsageError(f"--format {fmt}: unknown checkpoint format; choose auto, {', '.join(names)}")
+
+
+def state_dict_of(payload: dict, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a published file: unwrap `state_dict`/`model_state_dict`, drop `module.` parts."""
+    state = payload
+    for key in WRAPPER_KEYS:
+        if isinstance(payload.get(key), dict):
+            state = payload[key]
+            break
+    tensors = {
+        ".".join(part for part in str(k).split(".") if part != "module"): v
+        for k, v in state.items() if isinstance(v, torch.Tensor)
+    }
+    if not tensors:
+        raise CheckpointError(
+            f"{path}: holds no weights (top-level keys: {', '.join(map(str, list(payload)[:8]))}); "
+            f"expected one of: {expected_layouts()}"
+        )
+    return tensors
+
+
+def expected_layouts() -> str:
+    """One line listing every layout vpr reads and its identifying keys."""
+    return "; ".join(f"{layout.name} ({layout.source}): {layout.keys}" for layout in LAYOUTS.values())
+
+
+def summarize_keys(keys: list[str], limit: int = 8) -> str:
+    """'conv1.* (1 tensor), layer1.* (30 tensors)': the top-level groups of a state dict, for errors."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        groups[key.split(".")[0]] = groups.get(key.split(".")[0], 0) + 1
+    shown = [f"{head}.* ({count} tensor{'s' if count > 1 else ''})" for head, count in list(groups.items())[:limit]]
+    return ", ".join(shown) + (", ..." if len(groups) > limit else "")
+
+
+def detect_format(state: dict[str, torch.Tensor], path: Path) -> str:
+    """The layout of a published state dict, from its top-level key groups."""
+    groups = {key.split(".")[0] for key in state}
+    if {"encoder", "pool"} <= groups:
+        return "netvlad"
+    if {"backbone", "aggregation"} <= groups:
+        aggregation = {k for k in state if k.startswith("aggregation.")}
+        cosplace = {"aggregation.1.p", "aggregation.3.weight", "aggregation.3.bias"}
+        return "cosplace" if aggregation == cosplace else "benchmark"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint layout; expected one of: {expected_layouts()}; "
+        f"found {summarize_keys(list(state))} (force a layout with --format)"
+    )
+
+
+@lru_cache(maxsize=None)
+def backbone_shapes(name: str, layer: int) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of our trunk `name` cut at `layer` (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        trunk = build_backbone(name, layer)
+    return {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
+
+
+def match_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path) -> tuple[str, int]:
+    """(backbone, layer) whose torchvision keys and shapes equal the `prefix`-ed tensors of `state`."""
+    found = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    for name, layer in CANDIDATE_BACKBONES:
+        shapes = backbone_shapes(name, layer)
+        required = {k for k in shapes if not k.endswith("num_batches_tracked")}  # absent in old files
+        if required <= found.keys() <= shapes.keys() and all(found[k] == shapes[k] for k in found):
+            return name, layer
+    first = ", ".join(f"{prefix}{k} {list(s)}" for k, s in list(found.items())[:3])
+    raise CheckpointError(
+        f"{path}: the {prefix}* weights ({len(found)} tensors: {first}, ...) match no supported trunk; "
+        "expected torchvision children of vgg16 (conv5_3) or resnet18/50/101/152 (layer3 or layer4)"
+    )
+
+
+def take(state: dict[str, torch.Tensor], keys: tuple[str, ...], path: Path, what: str) -> list[torch.Tensor]:
+    """The tensors at `keys`, or an error naming what is missing."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a {what} checkpoint: missing {', '.join(missing)}")
+    return [state[k] for k in keys]
+
+
+def linear_to_pca(weight: torch.Tensor, bias: torch.Tensor, whiten: bool, path: Path) -> PCA:
+    """Our PCA equal to y = L2(W x + b) (see the module docstring); m is the min-norm solution."""
+    components = weight.detach().to("cpu", torch.float64, copy=True)  # becomes C in place: one big copy
+    scale = components.norm(dim=1)
+    if bool((scale == 0).any()):
+        raise CheckpointError(f"{path}: the projection has all-zero rows; the file is damaged")
+    components /= scale[:, None]
+    target = -bias.detach().to("cpu", torch.float64) / scale
+    mean = components.T @ target  # exact when the rows are orthonormal, as in a (whitened) PCA
+    if (components @ mean - target).norm() > 1e-6 * max(1.0, float(target.norm())):
+        mean = torch.linalg.lstsq(components, target[:, None]).solution[:, 0]
+    if (components @ mean - target).norm() > 1e-4 * max(1.0, float(target.norm())):
+        raise CheckpointError(
+            f"{path}: a {weight.shape[0]}x{weight.shape[1]} projection with this bias cannot be applied as a PCA; "
+            "only projections to fewer dimensions are supported"
+        )
+    return PCA(mean=mean.float().numpy(), components=components.float().numpy(), scale=scale.float().numpy(), whiten=whiten)
+
+
+def assemble(config: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> VPRModel:
+    """A VPRModel of `config` holding exactly `weights` (built on meta, then the tensors are assigned)."""
+    with torch.device("meta"):
+        model = VPRModel(config)
+    full = {}
+    for key in model.state_dict():
+        if key in weights:
+            tensor = weights[key].detach()
+            full[key] = tensor.to(torch.float32).contiguous() if tensor.is_floating_point() else tensor
+        elif key.endswith("num_batches_tracked"):  # older files lack this BatchNorm counter
+            full[key] = torch.zeros((), dtype=torch.long)
+        else:
+            raise CheckpointError(f"{path}: no weights for {key} of {config.backbone} + {config.head}")
+    try:
+        model.load_state_dict(full, strict=True, assign=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path}: weights do not fit {config.backbone} + {config.head} ({detail})") from exc
+    return model.eval()
+
+
+def trunk_weights(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Published trunk tensors renamed to our `backbone.*` keys."""
+    return {"backbone." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def config_for(backbone: str, layer: int, head: str, **kwargs) -> ModelConfig:
+    """The config of an imported model: repository defaults for input size and ImageNet normalisation."""
+    return ModelConfig(backbone=backbone, layer=layer, head=head, input_size=DEFAULT_INPUT_SIZE, **kwargs)
+
+
+def cosplace_head(weights: dict, gem_p: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.Tensor,
+                  channels: int, path: Path) -> int:
+    """Fill our CosPlaceHead (norm_in, gem.p, fc, norm_out) and return the descriptor size."""
+    if fc_w.dim() != 2 or fc_w.shape[1] != channels or fc_b.shape != fc_w.shape[:1] or gem_p.numel() != 1:
+        raise CheckpointError(
+            f"{path}: GeM/FC shapes {list(gem_p.shape)}, {list(fc_w.shape)}, {list(fc_b.shape)} do not fit "
+            f"{channels} backbone channels (expected p [1], weight [D, {channels}], bias [D])"
+        )
+    weights.update({"head.gem.p": gem_p.reshape(1), "head.fc.weight": fc_w, "head.fc.bias": fc_b})
+    return int(fc_w.shape[0])
+
+
+def netvlad_head(weights: dict, centroids: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | None,
+                 channels: int, path: Path) -> int:
+    """Fill our NetVLAD (conv, centroids), with a zero conv bias when the layer had none; return K."""
+    clusters = int(centroids.shape[0])
+    if centroids.shape != (clusters, channels) or conv_w.shape != (clusters, channels, 1, 1):
+        raise CheckpointError(
+            f"{path}: NetVLAD shapes centroids {list(centroids.shape)}, conv {list(conv_w.shape)} do not fit "
+            f"{channels} backbone channels (expected [K, {channels}] and [K, {channels}, 1, 1])"
+        )
+    bias = torch.zeros(clusters) if conv_b is None else conv_b.reshape(clusters)
+    weights.update({"head.centroids": centroids, "head.conv.weight": conv_w, "head.conv.bias": bias})
+    return clusters
+
+
+def import_cosplace(state: dict[str, torch.Tensor], path: Path) -> tuple[VPRModel, PCA | None]:
+    """CosPlace / EigenPlaces: backbone.* + aggregation.{1.p, 3.weight, 3.bias}."""
+    keys = ("aggregation.1.p", "aggregation.3.weight", "aggregation.3.bias")
+    gem_p, fc_w, fc_b = take(state, keys, path, "CosPlace/EigenPlaces")
+    backbone, layer = match_backbone(state, "backbone.", path)
+    weights = trunk_weights(state, "backbone.")
+    dim = cosplace_head(weights, gem_p, fc_w, fc_b, backbone_channels(backbone, layer), path)
+    config = config_for(backbone, layer, "cosplace", descriptor_dim=dim)
+    return assemble(config, weights, path), None
+
+
+def import_netvlad(state: dict[str, torch.Tensor], path: Path) -> tuple[VPRModel, PCA | None]:
+    """pytorch-NetVlad / Patch-NetVLAD: encoder.* + pool.{centroids, conv.weight[, conv.bias]} [+ WPCA.0.*]."""
+    centroids, conv_w = take(state, ("pool.centroids", "pool.conv.weight"), path, "pytorch-NetVlad")
+    backbone, layer = match_backbone(state, "encoder.", path)
+    weights = trunk_weights(state, "encoder.")
+    channels = backbone_channels(backbone, layer)
+    clusters = netvlad_head(weights, centroids, conv_w, state.get("pool.conv.bias"), channels, path)
+    pca = None
+    if "WPCA.0.weight" in state:
+        wpca_w, wpca_b = take(state, ("WPCA.0.weight", "WPCA.0.bias"), path, "Patch-NetVLAD WPCA")
+        if wpca_w.dim() != 4 or wpca_w.shape[1] != clusters * channels:
+            raise CheckpointError(
+                f"{path}: WPCA.0.weight {list(wpca_w.shape)} does not fit {clusters} x {channels} NetVLAD "
+                f"(expected [D, {clusters * channels}, 1, 1])"
+            )
+        pca = linear_to_pca(wpca_w[:, :, 0, 0], wpca_b, whiten=True, path=path)
+    config = config_for(backbone, layer, "netvlad", num_clusters=clusters)
+    return assemble(config, weights, path), pca
+
+
+BENCHMARK_AGGREGATIONS = {
+    "netvlad": ("aggregation.centroids", "aggregation.conv.weight"),
+    "netvlad + fc": ("aggregation.0.centroids", "aggregation.0.conv.weight", "aggregation.1.weight", "aggregation.1.bias"),
+    "gem": ("aggregation.1.p",),
+    "gem + fc": ("aggregation.0.1.p", "aggregation.1.weight", "aggregation.1.bias"),
+}
+
+
+def import_benchmark(state: dict[str, torch.Tensor], path: Path) -> tuple[VPRModel, PCA | None]:
+    """deep-visual-geo-localization-benchmark: backbone.* + NetVLAD / NetVLAD+FC / GeM / GeM+FC."""
+    found = tuple(sorted(k for k in state if k.startswith("aggregation.")))
+    kind = next((name for name, keys in BENCHMARK_AGGREGATIONS.items() if tuple(sorted(keys)) == found), None)
+    if kind is None:
+        expected = " | ".join(f"{name}: {', '.join(keys)}" for name, keys in BENCHMARK_AGGREGATIONS.items())
+        raise CheckpointError(
+            f"{path}: unsupported benchmark aggregation; expected {expected} (GeM with its default "
+            f"--l2 before_pool); found {', '.join(found) or 'no aggregation.* keys'}"
+        )
+    backbone, layer = match_backbone(state, "backbone.", path)
+    weights = trunk_weights(state, "backbone.")
+    channels = backbone_channels(backbone, layer)
+    keys = BENCHMARK_AGGREGATIONS[kind]
+    pca = None
+    if kind.startswith("netvlad"):
+        clusters = netvlad_head(weights, state[keys[0]], state[keys[1]], None, channels, path)
+        if kind == "netvlad + fc":
+            fc_w, fc_b = state[keys[2]], state[keys[3]]
+            if fc_w.dim() != 2 or fc_w.shape[1] != clusters * channels:
+                raise CheckpointError(
+                    f"{path}: aggregation.1.weight {list(fc_w.shape)} does not fit the {clusters * channels}-d "
+                    f"NetVLAD (expected [D, {clusters * channels}])"
+                )
+            pca = linear_to_pca(fc_w, fc_b, whiten=False, path=path)
+        return assemble(config_for(backbone, layer, "netvlad", num_clusters=clusters), weights, path), pca
+    if kind == "gem":  # no FC: an identity layer keeps L2 -> GeM, then our final L2
+        fc_w, fc_b = torch.eye(channels), torch.zeros(channels)
+    else:
+        fc_w, fc_b = state[keys[1]], state[keys[2]]
+    dim = cosplace_head(weights, state[keys[0]], fc_w, fc_b, channels, path)
+    return assemble(config_for(backbone, layer, "cosplace", descriptor_dim=dim), weights, path), None
+
+
+IMPORTERS: dict[str, Callable[[dict, Path], tuple[VPRModel, PCA | None]]] = {
+    "cosplace": import_cosplace, "netvlad": import_netvlad, "benchmark": import_benchmark,
+}
+
+
+def import_published(payload: dict, path: Path, fmt: str | None = None) -> tuple[VPRModel, PCA | None]:
+    """Model (and PCA, where the file has a projection) from a published checkpoint payload."""
+    state = state_dict_of(payload, path)
+    layout = (resolve_format(fmt) if fmt is not None else None) or detect_format(state, path)
+    if layout == "vpr":
+        raise CheckpointError(f"{path}: not a vpr checkpoint (no 'format': 'vpr-checkpoint'); drop --format vpr")
+    return IMPORTERS[layout](state, path)
+
+
+def supported_models() -> dict:
+    """What `vpr models` prints: backbones, heads and the checkpoint formats vpr reads."""
+    return {
+        "backbones": [
+            {"name": name, "channels": {"layer4": _channels(name, 4), "layer3": _channels(name, 3)},
+             "description": DESCRIPTIONS[name]}
+            for name in BACKBONES
+        ],
+        "heads": [
+            {"name": "cosplace", "descriptor_dim": "any D (Linear C -> D)", "description": "L2 -> GeM -> Linear -> L2"},
+            {"name": "netvlad", "descriptor_dim": "K x C (64 x 512 = 32768 for VGG16)",
+             "description": "soft-assignment to K centroids, residual sums, intra-norm, L2"},
+        ],
+        "formats": [
+            {"name": layout.name, "aliases": list(layout.aliases), "source": layout.source, "keys": layout.keys,
+             "published": [{"model": m, "backbones": b, "descriptor_dims": d} for m, b, d in layout.published]}
+            for layout in LAYOUTS.values()
+        ],
+        "published_input_size": list(DEFAULT_INPUT_SIZE),
+        "published_normalisation": "ImageNet mean/std",
+    }
+
+
+def _channels(name: str, layer: int) -> int | None:
+    """Feature-map channels, or None where the cut does not exist (VGG16 at layer 3)."""
+    try:
+        return backbone_channels(name, layer)
+    except UsageError:
+        return None
