@@ -1,0 +1,1 @@
+"""Training: CosPlace (class groups + CosFace) and NetVLAD (clusters + weakly supervised triplets)."""

@@ -1,0 +1,131 @@
+"""Pieces shared by the CosPlace and NetVLAD trainers: run directory, exact resume, validation, logs.
+
+A run directory `runs/NAME/` holds `config.json`, `last.pt`, `best.pt` and `log.jsonl`. `last.pt` and
+`best.pt` are ordinary vpr checkpoints (usable with `vpr build-index --checkpoint`) plus a
+`training` entry with everything `--resume` needs: epoch, optimiser states, extra modules and RNG
+states. All writes are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vpr.data.datasets import GeoImageSet, positives_within
+from vpr.errors import CheckpointError, UsageError
+from vpr.evaluation.recall import recall_at_n
+from vpr.fileio import atomic_file
+from vpr.models.checkpoints import load_payload, model_from_payload, save_checkpoint
+from vpr.models.model import VPRModel
+from vpr.models.pca import PCA
+from vpr.retrieval.extract import Progress, extract_descriptors
+from vpr.retrieval.index import torch_search
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) so runs are reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG state a trainer consumes, as tensors/lists (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    python = [int(v) for v in state["python"]]
+    random.setstate((3, tuple(python[:-1]), None))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"])))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class RunDir:
+    """Paths of a training run directory."""
+
+    root: Path
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    def prepare(self, config: dict, resume: bool) -> None:
+        """Create the run directory; refuse to overwrite a run unless resuming it with the same config."""
+        if resume:
+            if not self.last.is_file():
+                raise UsageError(f"{self.root}: nothing to resume (no last.pt); drop --resume to start a new run")
+            saved = json.loads(self.config.read_text()) if self.config.is_file() else {}
+            changed = sorted(k for k in config if k in saved and saved[k] != config[k] and k not in ("epochs", "resume", "device", "workers"))
+            if changed:
+                raise UsageError(f"{self.root}: --resume with changed settings {changed}; use the original ones or a new --out")
+        elif self.last.exists():
+            raise UsageError(f"{self.root}: a run already exists here; pass --resume to continue it or choose another --out")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.config) as tmp:
+            tmp.write_text(json.dumps(config, indent=2, default=str))
+
+    def append_log(self, record: dict) -> None:
+        """One JSON line per epoch."""
+        with open(self.log, "a") as handle:
+            handle.write(json.dumps(record, default=float) + "\n")
+
+
+def save_training_checkpoint(path: Path, model: VPRModel, training: dict, pca: PCA | None = None) -> None:
+    """A vpr checkpoint plus the `training` state needed to resume exactly."""
+    save_checkpoint(model, path, pca=pca, extra={"training": training})
+
+
+def load_training_checkpoint(path: Path) -> tuple[VPRModel, PCA | None, dict]:
+    """(model, pca, training state) from `last.pt`."""
+    payload = load_payload(path)
+    training = (payload.get("extra") or {}).get("training")
+    if training is None:
+        raise CheckpointError(f"{path}: holds no training state; resume from a run's last.pt")
+    model, pca = model_from_payload(payload, path)
+    return model, pca, training
+
+
+def validate(
+    model: VPRModel, database: GeoImageSet, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5),
+    threshold: float = 25.0, batch_size: int = 32, num_workers: int = 0, device: str = "cpu",
+    amp: bool = False, progress: Progress | None = None,
+) -> dict[int, float]:
+    """Recall@N (percent) of `model` on a labelled split, exact search, standard 25 m protocol."""
+    was_training = model.training
+    db = extract_descriptors(model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp, progress=progress).descriptors
+    q = extract_descriptors(model, queries.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp).descriptors
+    model.train(was_training)
+    positives = positives_within(database.require_labels("validation"), queries.require_labels("validation"), threshold)
+    _, predictions = torch_search(db, q, max(ns), device=device)
+    return recall_at_n(predictions, positives, ns)
