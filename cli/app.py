@@ -9,11 +9,13 @@ import traceback
 
 import typer
 
-from cli import retrieval_cmds
+from cli import groups_cmd, retrieval_cmds, synth_cmds, train_cmds
+from cli.bench_cmd import bench_cmd
+from cli.models_cmd import models_cmd
 from vpr.errors import VPRError
 
 app = typer.Typer(
-    name="vpr", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="vpr", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Visual place recognition: find where a photo was taken by retrieving geo-tagged images.",
 )
 
@@ -28,11 +30,15 @@ def _global(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-
+app.command("synth")(synth_cmds.synth_cmd)
 app.command("build-index")(retrieval_cmds.build_index_cmd)
 app.command("query")(retrieval_cmds.query_cmd)
 app.command("eval")(retrieval_cmds.eval_cmd)
-
+app.command("models")(models_cmd)
+app.command("train")(train_cmds.train_cmd)
+app.command("groups")(groups_cmd.groups_cmd)
+app.command("demo")(synth_cmds.demo_cmd)
+app.command("bench")(bench_cmd)
 
 
 def main() -> None:

@@ -65,6 +65,8 @@ def build_faiss_index(descriptors: np.ndarray, kind: str = "flat", seed: int = 0
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
+        index.cp.max_points_per_centroid = 64  # k-means on samples: million-scale training in minutes, not hours
+        index.pq.cp.max_points_per_centroid = 64
         index.train(x)
         index.nprobe = min(nlist, 16)
     index.add(x)
@@ -84,31 +86,70 @@ def read_faiss_index(path: Path):
     return require_faiss().read_index(str(path))
 
 
+def search_database(descriptors: np.ndarray | torch.Tensor, device: str = "cpu", half: bool = False) -> torch.Tensor:
+    """The database as a tensor resident on `device` (fp16 when `half`), to reuse across `torch_search` calls."""
+    dtype = torch.float16 if half else torch.float32
+    return torch.as_tensor(descriptors).to(torch.device(device), dtype)
+
+
 def torch_search(
     database: np.ndarray | torch.Tensor, queries: np.ndarray, k: int, *, device: str = "cpu",
-    chunk: int = 65536, half: bool = False,
+    chunk: int = 65536, half: bool = False, query_chunk: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k with chunked matmuls: no full similarity matrix in memory.
 
-    Used on GPU machines without faiss-gpu (`half` computes in fp16 there) and as the CPU
-    fallback without FAISS.
+    At most `query_chunk` x `chunk` similarities (64 MB by default) exist at once, whatever the database size. Used on
+    GPU machines without faiss-gpu (`half` computes in fp16 there; pass `search_database` output to
+    keep the database on the GPU between calls) and as the CPU fallback without FAISS.
     """
     dev = torch.device(device)
     dtype = torch.float16 if half else torch.float32
     db = torch.as_tensor(database)
-    q = torch.as_tensor(queries, dtype=torch.float32).to(dev, dtype)
+    all_queries = torch.as_tensor(np.asarray(queries, dtype=np.float32))
     k = min(k, db.shape[0])
-    best_sim = torch.full((q.shape[0], k), -math.inf, device=dev)
-    best_idx = torch.zeros((q.shape[0], k), dtype=torch.int64, device=dev)
-    for start in range(0, db.shape[0], chunk):
-        block = db[start:start + chunk].to(dev, dtype, non_blocking=True)
-        sim = (q @ block.T).float()
-        top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)
-        merged_sim = torch.cat([best_sim, top_sim], dim=1)
-        merged_idx = torch.cat([best_idx, top_idx + start], dim=1)
-        best_sim, order = merged_sim.topk(k, dim=1)
-        best_idx = merged_idx.gather(1, order)
-    return best_sim.cpu().numpy(), best_idx.cpu().numpy()
+    sims, idxs = [torch.zeros((0, k))], [torch.zeros((0, k), dtype=torch.int64)]
+    for q_start in range(0, all_queries.shape[0], query_chunk):
+        q = all_queries[q_start:q_start + query_chunk].to(dev, dtype, non_blocking=True)
+        best_sim = torch.full((q.shape[0], k), -math.inf, device=dev)
+        best_idx = torch.zeros((q.shape[0], k), dtype=torch.int64, device=dev)
+        for start in range(0, db.shape[0], chunk):
+            block = db[start:start + chunk].to(dev, dtype, non_blocking=True)
+            sim = (q @ block.T).float()
+            top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)
+            merged_sim = torch.cat([best_sim, top_sim], dim=1)
+            merged_idx = torch.cat([best_idx, top_idx + start], dim=1)
+            best_sim, order = merged_sim.topk(k, dim=1)
+            best_idx = merged_idx.gather(1, order)
+        sims.append(best_sim.cpu())
+        idxs.append(best_idx.cpu())
+    return torch.cat(sims).numpy(), torch.cat(idxs).numpy()
+
+
+def faiss_gpu_count() -> int:
+    """GPUs that FAISS can use: 0 without faiss-gpu (or without FAISS)."""
+    if not faiss_available():
+        return 0
+    faiss = require_faiss()
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+def index_to_device(index, device: str = "cpu"):
+    """`index` cloned to the GPU when `device` is CUDA and faiss-gpu sees one; else `index` itself.
+
+    HNSW has no GPU version and stays on the CPU; flat and IVF-PQ use fp16 on the GPU.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda" or faiss_gpu_count() == 0:
+        return index
+    faiss = require_faiss()
+    if isinstance(index, faiss.IndexHNSW):
+        return index
+    resources = faiss.StandardGpuResources()
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = True
+    gpu_index = faiss.index_cpu_to_gpu(resources, dev.index or 0, index, options)
+    gpu_index.referenced_objects = [resources]  # the GPU memory must live as long as the index
+    return gpu_index
 
 
 def similarity_to_distance(similarity: np.ndarray) -> np.ndarray:

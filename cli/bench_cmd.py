@@ -1,0 +1,123 @@
+"""`vpr bench`: measure extraction, indexing and search speed; write one JSON and print a short table."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import console, err_console, parse_int_list, parse_size, print_json, resolve_device
+from vpr.evaluation.bench import bench_config, run_bench
+from vpr.fileio import atomic_file
+from vpr.models.model import ModelConfig
+
+
+def bench_cmd(
+    quick: bool = typer.Option(False, "--quick", help="Small settings (tiny city, 192 JPEGs, 10k and 100k descriptors): a few minutes on a laptop CPU."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto; on CUDA the GPU cases (bf16, torch.compile, GPU JPEG decoding, fp16 search) run too."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file to write (default bench_results/bench-<timestamp>.json)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A synthetic city from `vpr synth` to use instead of rendering one into a temporary folder."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Measure this vpr checkpoint instead of a random-init ResNet-18 CosPlace model."),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="Database sizes of the index and search cases, e.g. 10000,100000,1000000."),
+    images: Optional[int] = typer.Option(None, "--images", help="JPEG files through the extraction cases."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="Model input HEIGHTxWIDTH (default 240x320)."),
+    jpeg_size: str = typer.Option("480x640", "--jpeg-size", help="Size HEIGHTxWIDTH of the JPEGs extracted (the city's images upscaled, like camera photos), or 'native'."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default 32 on CPU, 128 on CUDA)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes decoding JPEGs (default 2 on CPU)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch and FAISS threads (default: all cores)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
+) -> None:
+    """Benchmark extraction (vs a plain fp32 reference loop), index building and search, side by side."""
+    dev = resolve_device(device)
+    config = bench_config(
+        quick, dev, data=data, checkpoint=checkpoint, extract_images=images, batch_size=batch_size, workers=workers,
+        threads=threads, index_sizes=parse_int_list(sizes, "--sizes") if sizes else None,
+        model=ModelConfig(input_size=parse_size(resize)) if resize else None,
+        jpeg_size=None if jpeg_size == "native" else parse_size(jpeg_size),
+    )
+    with err_console.status("benchmarking") as status:
+        results = run_bench(config, stage=lambda message: status.update(f"bench: {message}"))
+    path = out or Path("bench_results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if json_out:
+        print_json(results)
+        return
+    print_tables(results)
+    console.print(f"results written to {path} ({results['seconds']:.0f} s)")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.2f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _table(title: str, columns: list[str], rows: list[list], text_columns: int = 2) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i < text_columns else "right")
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    return table
+
+
+def print_tables(results: dict) -> None:
+    """The short human-readable view of a bench result."""
+    machine, ex = results["machine"], results["extraction"]
+    console.print(f"{machine['cpu']} ({machine['usable_cpus']} cpus, {machine['torch_threads']} torch threads, load "
+                  f"{machine['load_average']}), device {machine['device']}" + (f" {machine['gpu']['name']}" if machine["gpu"] else ""))
+    forward, pipeline = ex["forward_only_images_per_s"], ex["pipeline"]
+    amp = ex["amp_dtype"]
+    rows = [[f"forward {name.replace('_', ' ')}", rate, None, None, None, None] for name, rate in forward.items()]
+    for name, p in pipeline.items():
+        rows.append([f"pipeline {name.replace('_', ' ')}", p["images_per_s"], p["steady_images_per_s"],
+                     ex["pipeline_vs_forward"].get(name), ex["speedup_vs_reference"][name],
+                     ex["steady_speedup_vs_reference"].get(name)])
+    ref = ex["reference"]
+    rows.append(["plain reference fp32", ref["images_per_s"], ref["steady_images_per_s"], None, 1.0, 1.0])
+    console.print(_table(
+        f"extraction images/s: {ex['images']} JPEGs, batch {ex['batch_size']}, {ex['workers']} workers, amp={amp} "
+        "(forward: tensors in memory; steady: after the first batch)",
+        ["case", "img/s", "steady", "of forward", "x ref", "x ref steady"], rows, text_columns=1))
+    cpu = "; ".join(f"{name}: {p['main_cpu_ms_per_image']:.1f} main + {p['workers_cpu_ms_per_image']:.1f} decode workers"
+                    for name, p in pipeline.items())
+    console.print(f"CPU ms per image: {cpu}; reference: {ref['main_cpu_ms_per_image']:.1f}")
+    agreement = "; ".join(f"{k}: max|diff| {v['max_abs_diff']:.1e}, top-5 identical {100 * v['top5_identical']:.0f}% "
+                          f"(top-5 similarities within {v['top5_similarity_max_diff']:.1e})"
+                          for k, v in ex["agreement_with_reference"].items())
+    console.print(f"descriptors vs the reference loop: {agreement}")
+    console.print(_table("index build (pca: fit + transform)", ["size", "kind", "seconds", "index MB", "peak MB"], [
+        [r["size"], r["kind"], r.get("build_s", r.get("fit_s", 0) + r.get("transform_s", 0)), r.get("index_mb"), r.get("peak_mb")]
+        for r in results["index"]
+    ]))
+    console.print(_table(f"search, k={results['settings']['k']} (ms: one query at a time; q/s: one batch; R@1: top-1 is "
+                         "the exact top-1; top-10: the exact top-1 is in the top 10; MB: peak during the batch)", [
+        "size", "kind", "p50 ms", "p95 ms", "q/s", "R@1", "top-10", "MB",
+    ], [
+        [r["size"], r["kind"], r["p50_ms"], r["p95_ms"], r["queries_per_s"], r["recall1_vs_exact"], r["recall1_at10_vs_exact"],
+         r["batch_peak_mb"]]
+        for r in results["search"]
+    ]))
+    latency = results["query_latency"]
+    console.print(_table(f"single-image query at {latency['database_size']:,} descriptors (p50 ms)",
+                         ["kind", "", "load", "forward", "pca", "search", "total", "total p95"], [
+        [kind, "", v["load_p50_ms"], v["forward_p50_ms"], v["pca_p50_ms"], v["search_p50_ms"], v["total_p50_ms"], v["total_p95_ms"]]
+        for kind, v in latency["kinds"].items()
+    ]))
+    memory = results["build_index_memory"]
+    console.print(_table("build-index peak memory, fresh process (32x32 input)", ["images", "", "peak MB", "descriptors MB", "seconds"], [
+        [r["images"], r.get("error", ""), r.get("peak_mb"), r["descriptors_mb"], r.get("seconds")] for r in memory["rows"]
+    ]))
+    growth = memory["peak_bytes_per_extra_image"]
+    if growth is not None:
+        console.print(f"build-index peak grows {growth:,.0f} bytes per extra image "
+                      f"(one descriptor is {memory['descriptor_bytes_per_image']:,} bytes)")
+    console.print(f"peak RSS {results['memory']['peak_rss_mb']:,.0f} MB"
+                  + (f", GPU peak {results['memory']['gpu_peak_mb']:,.0f} MB" if results["memory"]["gpu_peak_mb"] else ""))
