@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -50,6 +51,20 @@ def write_places(folder: Path, count: int, seed: int, *, spacing: float = 100.0)
         db_paths.append(db)
         q_paths.append(q)
     return db_paths, q_paths
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run `vpr ARGS` in-process; return (exit code, stdout, stderr)."""
+    from cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["vpr", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="session")

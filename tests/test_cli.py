@@ -7,19 +7,7 @@ import pytest
 from PIL import Image
 
 from cli.app import main
-from conftest import SHARED_DATA
-
-
-def run_cli(monkeypatch, capsys, *args):
-    """Run `vpr ARGS` in-process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["vpr", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import SHARED_DATA, run_cli
 
 
 TINY = ["--resize", "48x64", "--dim", "64", "--workers", "0", "--device", "cpu"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli.app import main
+from conftest import run_cli
 from vpr.data.datasets import load_split
 from vpr.data.geo import format_at_name
 from vpr.models.checkpoints import load_checkpoint, load_payload
@@ -255,18 +254,6 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(first_epoch, city, c
     assert straight.history[1]["loss"] == resumed.history[0]["loss"]
 
 
-def run_vpr(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`vpr ARGS` in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["vpr", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_cli_trains_netvlad_and_the_checkpoint_builds_an_index(city, clusters_cache, tmp_path, monkeypatch, capsys):
     run = tmp_path / "runs" / "cli"
     options = [
@@ -275,15 +262,15 @@ def test_cli_trains_netvlad_and_the_checkpoint_builds_an_index(city, clusters_ca
         "--layer", 3, "--clusters", 4, "--resize", "48x64", "--init-images", 12, "--init-per-image", 4,
         "--clusters-cache", tmp_path / "clusters.h5", "--pca-dim", 8, "--workers", 0, "--device", "cpu", "--json",
     ]
-    code, out, err = run_vpr(monkeypatch, capsys, *options)
+    code, out, err = run_cli(monkeypatch, capsys, *options)
     assert code == 0, err
     summary = json.loads(out)
     assert summary["best"] == str(run / "best.pt") and summary["pca_dim"] == 8
     assert summary["epochs"][0]["steps"] == 2 and summary["epochs"][0]["tuples"] == 4  # 8 images // (2 + 2) per step
-    code, _, err = run_vpr(monkeypatch, capsys, *options)
+    code, _, err = run_cli(monkeypatch, capsys, *options)
     assert code == 2 and "--resume" in err  # an existing run is never overwritten
     index = tmp_path / "index"
-    code, out, err = run_vpr(monkeypatch, capsys, "build-index", city / "images" / "val" / "database", "--out", index,
+    code, out, err = run_cli(monkeypatch, capsys, "build-index", city / "images" / "val" / "database", "--out", index,
                              "--checkpoint", run / "best.pt", "--workers", 0, "--device", "cpu", "--json")
     assert code == 0, err
     assert json.loads(out)["dim"] == 8

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from vpr.errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+EXIF_ORIENTATION = 0x0112
 MAX_PIXELS = 178_956_970  # PIL's decompression-bomb limit (2x its warning threshold)
 
 
@@ -33,7 +34,8 @@ def load_rgb(path: Path) -> Image.Image:
                 if img.width * img.height > MAX_PIXELS:
                     raise Image.DecompressionBombError(f"{img.width}x{img.height}")
                 img.load()
-                return _to_rgb(ImageOps.exif_transpose(img))
+                upright = ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
+                return _to_rgb(upright)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{path}: image too large ({exc}); downscale it below {MAX_PIXELS // 1_000_000} Mpixels") from exc
     except UnidentifiedImageError as exc:
@@ -53,7 +55,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def image_to_tensor(img: Image.Image, input_size: tuple[int, int]) -> torch.Tensor:

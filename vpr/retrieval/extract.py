@@ -26,7 +26,7 @@ from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.data import DataLoader, Dataset
 
-from vpr.data.images import MAX_PIXELS, image_to_tensor, load_rgb, normalize_batch
+from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, image_to_tensor, load_rgb, normalize_batch
 from vpr.errors import ImageError
 from vpr.models.checkpoints import model_fingerprint
 from vpr.models.model import VPRModel
@@ -34,7 +34,6 @@ from vpr.retrieval.cache import DescriptorCache
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
-EXIF_ORIENTATION = 0x0112
 
 
 class ImageFiles(Dataset):
