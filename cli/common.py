@@ -51,14 +51,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def rich_progress() -> Progress:
+    """The transient stderr progress display every command uses."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=err_console, transient=True)
+
+
 @contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr, driven by the library's (done, total) callback."""
     if not enabled:
         yield lambda done, total: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with rich_progress() as bar:
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:

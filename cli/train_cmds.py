@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.common import console, err_console, parse_size, print_json, resolve_device
+from cli.common import console, parse_size, print_json, resolve_device, rich_progress
 from vpr.errors import UsageError
 from vpr.training.augment import AugmentParams
 from vpr.training.cosplace import CosPlaceConfig, train_cosplace
@@ -31,8 +30,7 @@ def training_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     if not enabled:
         yield lambda phase, done, total: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with rich_progress() as bar:
         task = bar.add_task("starting", total=None)
         current = {"phase": None}
 

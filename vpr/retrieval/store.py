@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from vpr.models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval.index import (
-    INDEX_KINDS, build_faiss_index, faiss_available, faiss_search, read_faiss_index, torch_search,
+    INDEX_KINDS, build_faiss_index, faiss_available, faiss_search, read_faiss_index, search_database, torch_search,
     write_faiss_index,
 )
 
@@ -45,6 +45,7 @@ class IndexBundle:
     database: GeoImageSet
     descriptors: np.ndarray
     faiss_index: object | None
+    resident: dict = field(default_factory=dict, repr=False)  # device -> database tensor for torch search
 
     @property
     def dim(self) -> int:
@@ -65,7 +66,10 @@ class IndexBundle:
             raise DependencyError(
                 f"{self.directory}: a '{self.manifest['index_kind']}' index needs FAISS: pip install -e '.[cpu]'"
             )
-        return torch_search(self.descriptors, queries, k, device=device, half=device != "cpu")
+        half = device != "cpu"
+        if device not in self.resident:  # copy the database to the device once, not per query
+            self.resident[device] = search_database(self.descriptors, device, half=half)
+        return torch_search(self.resident[device], queries, k, device=device, half=half)
 
 
 def project(raw: np.ndarray, model_pca: PCA | None, pca: PCA | None) -> np.ndarray:
