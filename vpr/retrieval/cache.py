@@ -2,8 +2,9 @@
 
 New descriptors go to small `part-*.h5` files, each written to a temporary name and renamed, so a
 kill at any moment loses at most the unflushed batches and never corrupts what was saved. On a
-clean close the parts are merged into `main.h5`. The cache is tied to the model's fingerprint; a
-cache of another model is discarded.
+clean close the parts are merged into `main.h5`, chunk by chunk. Only a key -> (file, row) map is
+held in memory, never the descriptors, so memory does not grow with the cache. The cache is tied
+to the model's fingerprint; a cache of another model is discarded.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -21,14 +23,26 @@ from vpr.fileio import atomic_file
 log = logging.getLogger(__name__)
 FLUSH_ROWS = 1024
 FLUSH_SECONDS = 2.0
+CHUNK_BYTES = 4 << 20  # descriptors read or copied at a time: bounded memory whatever the cache size
+MAIN = "main.h5"
 
 
-def _write(path: Path, fingerprint: str, keys: list[str], descriptors: np.ndarray) -> None:
-    with atomic_file(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["fingerprint"] = fingerprint
-            f.create_dataset("keys", data=keys, dtype=h5py.string_dtype())
-            f.create_dataset("descriptors", data=descriptors.astype(np.float32), chunks=(min(len(keys), 1024), descriptors.shape[1]))
+def _create(f: h5py.File, fingerprint: str, dim: int, rows: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+    f.attrs["fingerprint"] = fingerprint
+    keys = f.create_dataset("keys", shape=(rows,), dtype=h5py.string_dtype())
+    data = f.create_dataset("descriptors", shape=(rows, dim), dtype=np.float32, chunks=(max(1, min(rows, 1024)), dim))
+    return keys, data
+
+
+def _read(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Rows (sorted, repeats allowed) of a dataset: one slice read when they are dense, else a point selection."""
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if hi - lo == len(rows) and np.all(np.diff(rows) == 1):  # exactly rows lo..hi-1
+        return dataset[lo:hi]
+    if hi - lo <= 2 * len(rows):
+        return dataset[lo:hi][rows - lo]
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return dataset[unique][inverse]
 
 
 class DescriptorCache:
@@ -38,92 +52,102 @@ class DescriptorCache:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.dim = dim
-        self.main_rows: dict[str, int] = {}
-        self.loaded: dict[str, np.ndarray] = {}  # from part files and this run
+        self.rows: dict[str, tuple[str, int]] = {}  # key -> (file name, row): the newest copy of each key
         self.pending_keys: list[str] = []
         self.pending: list[np.ndarray] = []
+        self.parts = 0
+        self.chunk_rows = max(1, CHUNK_BYTES // (4 * dim))
         self.last_flush = time.monotonic()
         self._open()
+
+    def _files(self) -> list[Path]:
+        """main.h5 first, then the parts in the order they were written."""
+        main = self.path / MAIN
+        return ([main] if main.is_file() else []) + sorted(self.path.glob("part-*.h5"))
 
     def _open(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             self.path.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         try:
-            main = self.path / "main.h5"
-            if main.is_file():
-                keys, _ = self._read(main, with_data=False)
-                self.main_rows = {k: i for i, k in enumerate(keys)}
-            for part in sorted(self.path.glob("part-*.h5")):
-                keys, data = self._read(part, with_data=True)
-                self.loaded.update(zip(keys, data))
+            for file in self._files():
+                with h5py.File(file, "r") as f:
+                    self._check(f, file)
+                    self.rows.update((key, (file.name, row)) for row, key in enumerate(f["keys"].asstr()[:]))
         except (OSError, KeyError, ValueError) as exc:
             log.warning("descriptor cache %s unusable (%s); starting afresh", self.path, exc)
             shutil.rmtree(self.path, ignore_errors=True)
             self.path.mkdir(parents=True)
-            self.main_rows, self.loaded = {}, {}
+            self.rows = {}
+        numbers = [int(part.stem.split("-")[1]) for part in self.path.glob("part-*.h5") if part.stem[5:].isdigit()]
+        self.parts = max(numbers, default=-1) + 1  # never reuse the name of a part still on disk
 
-    def _read(self, file: Path, with_data: bool) -> tuple[list[str], np.ndarray | None]:
-        with h5py.File(file, "r") as f:
-            if f.attrs["fingerprint"] != self.fingerprint:
-                raise ValueError("built by another model")
-            if f["descriptors"].shape[1:] != (self.dim,) or f["descriptors"].shape[0] != f["keys"].shape[0]:
-                raise ValueError(f"{file.name} has inconsistent shapes")
-            keys = list(f["keys"][:].astype(str))
-            return keys, (f["descriptors"][:] if with_data else None)
+    def _check(self, f: h5py.File, file: Path) -> None:
+        if f.attrs["fingerprint"] != self.fingerprint:
+            raise ValueError("built by another model")
+        if f["descriptors"].shape[1:] != (self.dim,) or f["descriptors"].shape[0] != f["keys"].shape[0]:
+            raise ValueError(f"{file.name} has inconsistent shapes")
 
-    def get(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(positions in `keys` found in the cache, their descriptors)."""
-        positions, rows = [], []
-        out = np.zeros((len(keys), self.dim), dtype=np.float32)
-        for i, key in enumerate(keys):
-            if key in self.loaded:
-                out[i] = self.loaded[key]
-                positions.append(i)
-            elif key in self.main_rows:
-                positions.append(i)
-                rows.append((self.main_rows[key], i))
-        if rows:
-            rows.sort()
-            with h5py.File(self.path / "main.h5", "r") as f:
-                data = f["descriptors"][[r for r, _ in rows]]
-            out[[i for _, i in rows]] = data
-        found = np.array(sorted(positions), dtype=np.int64)
-        return found, out[found]
+    def fill(self, keys: list[str], out: np.ndarray) -> np.ndarray:
+        """Copy the cached descriptors of `keys` into the matching rows of `out`; return those row positions."""
+        by_file: dict[str, tuple[list[int], list[int]]] = {}
+        for position, key in enumerate(keys):
+            found = self.rows.get(key)
+            if found is not None:
+                rows, positions = by_file.setdefault(found[0], ([], []))
+                rows.append(found[1])
+                positions.append(position)
+        for name, (rows, positions) in by_file.items():
+            rows_a, positions_a = np.array(rows), np.array(positions)
+            order = np.argsort(rows_a, kind="stable")
+            rows_a, positions_a = rows_a[order], positions_a[order]
+            with h5py.File(self.path / name, "r") as f:
+                for start in range(0, len(rows_a), self.chunk_rows):
+                    chunk = slice(start, start + self.chunk_rows)
+                    out[positions_a[chunk]] = _read(f["descriptors"], rows_a[chunk])
+        return np.array(sorted(p for _, positions in by_file.values() for p in positions), dtype=np.int64)
 
     def append(self, keys: list[str], descriptors: np.ndarray) -> None:
         """Add descriptors; they reach disk every FLUSH_ROWS rows or FLUSH_SECONDS seconds."""
         self.pending_keys.extend(keys)
-        self.pending.append(np.asarray(descriptors, dtype=np.float32))
+        self.pending.append(np.array(descriptors, dtype=np.float32))
         if len(self.pending_keys) >= FLUSH_ROWS or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         """Write pending descriptors to a new part file (atomically)."""
         if self.pending_keys:
-            data = np.concatenate(self.pending)
-            part = self.path / f"part-{len(self.main_rows) + len(self.loaded):010d}.h5"
-            _write(part, self.fingerprint, self.pending_keys, data)
-            self.loaded.update(zip(self.pending_keys, data))
+            name = f"part-{self.parts:010d}.h5"
+            with atomic_file(self.path / name) as tmp, h5py.File(tmp, "w") as f:
+                keys, data = _create(f, self.fingerprint, self.dim, len(self.pending_keys))
+                keys[:] = self.pending_keys
+                data[:] = np.concatenate(self.pending)
+            self.rows.update((key, (name, row)) for row, key in enumerate(self.pending_keys))
+            self.parts += 1
             self.pending_keys, self.pending = [], []
         self.last_flush = time.monotonic()
 
     def close(self) -> None:
-        """Flush, then merge the parts into main.h5 so the cache stays a few files."""
+        """Flush, then merge the parts into main.h5 (streamed in chunks) so the cache stays a few files."""
         self.flush()
-        parts = sorted(self.path.glob("part-*.h5"))
-        if not parts:
+        files = self._files()
+        if not any(file.name != MAIN for file in files):
             return
-        main_keys = list(self.main_rows)
-        keys = main_keys + [k for k in self.loaded if k not in self.main_rows]
-        data = np.zeros((len(keys), self.dim), dtype=np.float32)
-        if main_keys:
-            with h5py.File(self.path / "main.h5", "r") as f:
-                data[: len(main_keys)] = f["descriptors"][:]
-        for i, key in enumerate(keys[len(main_keys):], start=len(main_keys)):
-            data[i] = self.loaded[key]
-        _write(self.path / "main.h5", self.fingerprint, keys, data)
-        for part in parts:
-            part.unlink()
-        self.main_rows = {k: i for i, k in enumerate(keys)}
-        self.loaded = {}
+        order = {file.name: i for i, file in enumerate(files)}
+        keys = sorted(self.rows, key=lambda key: (order[self.rows[key][0]], self.rows[key][1]))
+        with atomic_file(self.path / MAIN) as tmp, h5py.File(tmp, "w") as f:
+            out_keys, out_data = _create(f, self.fingerprint, self.dim, len(keys))
+            for start in range(0, len(keys), self.chunk_rows):
+                chunk = keys[start:start + self.chunk_rows]
+                out_keys[start:start + len(chunk)] = chunk
+                out_data[start:start + len(chunk)] = self._read_rows(chunk)
+        for file in files:
+            if file.name != MAIN:
+                file.unlink()
+        self.rows = {key: (MAIN, row) for row, key in enumerate(keys)}
+        self.parts = 0
+
+    def _read_rows(self, keys: list[str]) -> np.ndarray:
+        out = np.empty((len(keys), self.dim), dtype=np.float32)
+        self.fill(keys, out)
+        return out

@@ -274,8 +274,7 @@ def extract_descriptors(
         reused = 0
         if store is not None:
             keys = [file_key(p) if p.is_file() else f"{p}|missing" for p in paths]
-            pos, cached = store.get(keys)
-            out[pos] = cached
+            pos = store.fill(keys, out)
             todo = np.setdiff1d(todo, pos)
             reused = len(pos)
         done = reused
@@ -333,4 +332,7 @@ def extract_descriptors(
         if store is not None:
             store.close()
     kept = np.flatnonzero(ok)
-    return Extraction(descriptors=out if ok.all() else out[kept], kept=kept, skipped=skipped, reused=reused)
+    for start in range(0, len(kept), 4096):  # compact in place (kept[j] >= j): no second copy of the descriptors
+        chunk = kept[start:start + 4096]
+        out[start:start + len(chunk)] = out[chunk]
+    return Extraction(descriptors=out[:len(kept)], kept=kept, skipped=skipped, reused=reused)

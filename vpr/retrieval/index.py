@@ -78,6 +78,42 @@ def faiss_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
+def exact_search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k straight on the descriptor array (FAISS's blocked BLAS search, or torch
+    without FAISS): a flat index needs no second copy of the database."""
+    if not faiss_available():
+        return torch_search(database, queries, k)
+    faiss = require_faiss()
+    db = np.ascontiguousarray(database, dtype=np.float32)
+    return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), db, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def rerank(
+    database: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int, query_chunk: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product re-ranking of each query's candidate rows (-1 marks none): top-k (similarities, indices).
+
+    Turns an approximate shortlist (IVF-PQ's compressed distances) into exact scores and order; at
+    most 64 MB of gathered candidate vectors exist at once unless `query_chunk` says otherwise.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    query_chunk = query_chunk or max(1, (16 << 20) // max(1, candidates.shape[1] * database.shape[1]))
+    k = min(k, candidates.shape[1])
+    sims_out = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    idx_out = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in range(0, len(queries), query_chunk):
+        cand = candidates[start:start + query_chunk]
+        valid = cand >= 0
+        vectors = database[np.where(valid, cand, 0)]  # chunk x candidates x d
+        sims = np.einsum("qd,qcd->qc", queries[start:start + query_chunk], vectors)
+        sims[~valid] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        sims_out[start:start + len(cand)] = np.take_along_axis(sims, order, axis=1)
+        idx_out[start:start + len(cand)] = np.where(
+            np.isfinite(sims_out[start:start + len(cand)]), np.take_along_axis(cand, order, axis=1), -1)
+    return sims_out, idx_out
+
+
 def write_faiss_index(index, path: Path) -> None:
     require_faiss().write_index(index, str(path))
 
