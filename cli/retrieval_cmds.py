@@ -10,7 +10,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, err_console, parse_int_list, parse_size, print_json, progress_bar, resolve_device
+from cli.common import (
+    AMP_HELP, check_amp, console, err_console, parse_int_list, parse_size, print_json, progress_bar, resolve_device,
+)
 from vpr.data.datasets import load_image_set
 from vpr.data.geo import utm_to_latlon
 from vpr.errors import UsageError
@@ -41,6 +43,7 @@ def build_index_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache/ so an interrupted or repeated build resumes."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT.skipped.txt) instead of stopping at the first."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -56,12 +59,14 @@ def build_index_cmd(
         config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer, input_size=parse_size(resize or "240x320"))
         model, model_pca = load_model(None, config, pretrained)
     images = load_image_set(database)
+    dev = resolve_device(device)
+    check_amp(amp, dev)
     start = time.perf_counter()
     cache_path = out.with_name(out.name + ".cache") if cache else None
     with progress_bar(f"indexing {len(images)} images", enabled=not json_out) as progress:
         report = build_index(
             images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
-            batch_size=batch_size, num_workers=workers, device=resolve_device(device), cache=cache_path,
+            batch_size=batch_size, num_workers=workers, device=dev, amp=amp, cache=cache_path,
             skip_bad=skip_bad, progress=progress,
         )
     seconds = time.perf_counter() - start
@@ -100,6 +105,7 @@ def query_cmd(
     index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i", help="Index directory from `vpr build-index`."),
     k: int = typer.Option(5, "-k", "--top-k", help="Number of matches per query."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print matches as JSON."),
     viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG of each query beside its matches."),
 ) -> None:
@@ -108,7 +114,8 @@ def query_cmd(
         raise UsageError(f"-k {k}: must be at least 1")
     bundle = load_index(index)
     dev = resolve_device(device)
-    results = retrieve(bundle, describe(bundle, list(images), device=dev), k, device=dev)
+    check_amp(amp, dev)
+    results = retrieve(bundle, describe(bundle, list(images), device=dev, amp=amp), k, device=dev)
     zone = bundle.database.zone
     if viz is not None:
         rows = [(q, [(m.path, f"#{m.rank} d={m.distance:.3f}", None) for m in matches]) for q, matches in zip(images, results)]
@@ -140,6 +147,7 @@ def eval_cmd(
     gt: Optional[Path] = typer.Option(None, "--gt", help="Ground-truth CSV `query,positives` (space-separated database names or indices) instead of coordinates."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
 ) -> None:
     """Recall@N of an index on labelled queries (standard protocol: hit = a positive in the top N)."""
@@ -150,8 +158,10 @@ def eval_cmd(
         raise UsageError(f"--gt {gt}: file not found")
     bundle = load_index(index)
     query_set = load_image_set(queries)
+    dev = resolve_device(device)
+    check_amp(amp, dev)
     with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out) as progress:
-        report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, device=resolve_device(device),
+        report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, device=dev, amp=amp,
                           num_workers=workers, progress=progress)
     summary = {
         "index": str(index), "queries": report.num_queries, "queries_with_positives": report.num_with_positives,

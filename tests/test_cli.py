@@ -53,6 +53,23 @@ def test_eval_json_reports_recall_and_query_count(monkeypatch, capsys, index_dir
     assert summary["recall"] == {"R@1": 100.0, "R@5": 100.0} and summary["queries"] == 12
 
 
+def test_amp_gives_the_fp32_rankings_and_never_mixes_cached_descriptors(monkeypatch, capsys, index_dir, places, tmp_path):
+    queries = sorted((places / "queries").iterdir())
+    runs = {}
+    for flag in ("--no-amp", "--amp"):
+        code, out, _ = run_cli(monkeypatch, capsys, "query", *queries, "--index", index_dir, "-k", "5", "--json", "--device", "cpu", flag)
+        assert code == 0
+        runs[flag] = [[m["path"] for m in q["matches"]] for q in json.loads(out)]
+    assert [r[0] for r in runs["--amp"]] == [r[0] for r in runs["--no-amp"]]  # lower ranks of a random model are near-ties
+    out_dir = tmp_path / "amp"
+    code, out, _ = run_cli(monkeypatch, capsys, "build-index", places / "database", "--out", out_dir, "--json", "--amp", *TINY)
+    assert code == 0 and json.loads(out)["reused_from_cache"] == 0
+    code, out, _ = run_cli(monkeypatch, capsys, "eval", places / "queries", "--index", out_dir, "--recall", "1", "--json", "--workers", "0", "--device", "cpu", "--amp")
+    assert code == 0 and json.loads(out)["recall"] == {"R@1": 100.0}
+    code, out, _ = run_cli(monkeypatch, capsys, "build-index", places / "database", "--out", out_dir, "--json", *TINY)
+    assert code == 0 and json.loads(out)["reused_from_cache"] == 0  # fp32 build: the bf16 cache is not reused
+
+
 def test_k_larger_than_the_database_returns_all(monkeypatch, capsys, index_dir, places):
     query = sorted((places / "queries").iterdir())[0]
     code, out, err = run_cli(monkeypatch, capsys, "query", query, "--index", index_dir, "-k", "50", "--json", "--device", "cpu")

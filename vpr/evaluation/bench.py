@@ -45,8 +45,8 @@ from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
 from vpr.retrieval.extract import amp_dtype, extract_descriptors, forward_batch, inference_model
 from vpr.retrieval.index import (
-    INDEX_KINDS, build_faiss_index, faiss_available, faiss_gpu_count, faiss_search, index_to_device,
-    search_database, torch_search, write_faiss_index,
+    INDEX_KINDS, build_faiss_index, exact_search, faiss_available, faiss_gpu_count, faiss_search, index_search,
+    index_to_device, search_database, torch_search, write_faiss_index,
 )
 from vpr.retrieval.pipeline import build_index
 
@@ -425,10 +425,14 @@ def faiss_bytes(index) -> int:
 
 
 def _searchers(db: np.ndarray, config: BenchConfig, dev: torch.device, stage: Stage, size: int) -> Iterator[tuple[str, dict, Callable]]:
-    """Build each index kind over `db`, yielding (kind, build figures, search function)."""
+    """Build each index kind over `db`, yielding (kind, build figures, search function) as `vpr query`
+    searches: flat straight on the descriptors, IVF-PQ re-ranked exactly (and, for comparison, without)."""
     kinds = list(INDEX_KINDS) if faiss_available() else []
     for kind in kinds:
         if kind == "ivfpq" and len(db) < 256 * 39:
+            continue
+        if kind == "flat":
+            yield kind, {"build_s": 0.0, "index_mb": 0.0}, (lambda q, k: exact_search(db, q, k))
             continue
         stage(f"{size:,} descriptors: building {kind}")
         with measure_memory() as memory:
@@ -436,11 +440,16 @@ def _searchers(db: np.ndarray, config: BenchConfig, dev: torch.device, stage: St
             index = build_faiss_index(db, kind, seed=config.seed)
             seconds = time.perf_counter() - start
         build = {"build_s": round(seconds, 3), "index_mb": round(faiss_bytes(index) / MB, 1), "peak_mb": memory.peak_mb}
-        yield kind, build, (lambda q, k, index=index: faiss_search(index, q, k))
+        yield kind, build, (lambda q, k, index=index, kind=kind: index_search(index, kind, db, q, k))
+        if kind == "ivfpq":
+            yield "ivfpq-no-rerank", {}, (lambda q, k, index=index: faiss_search(index, q, k))
         if dev.type == "cuda" and faiss_gpu_count() > 0 and kind != "hnsw":
             gpu_index = index_to_device(index, config.device)
-            yield f"{kind}-gpu", {}, (lambda q, k, index=gpu_index: faiss_search(index, q, k))
+            yield f"{kind}-gpu", {}, (lambda q, k, index=gpu_index, kind=kind: index_search(index, kind, db, q, k))
         del index
+    if dev.type == "cuda" and faiss_gpu_count() > 0:
+        gpu_flat = index_to_device(build_faiss_index(db, "flat"), config.device)
+        yield "flat-gpu", {}, (lambda q, k: faiss_search(gpu_flat, q, k))
     half = dev.type == "cuda"
     with measure_memory(dev) as memory:
         start = time.perf_counter()

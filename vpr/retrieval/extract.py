@@ -267,7 +267,8 @@ def extract_descriptors(
     out = np.zeros((len(paths), dim), dtype=np.float32)
     ok = np.ones(len(paths), dtype=bool)
     skipped: list[tuple[Path, str]] = []
-    store = DescriptorCache(cache, model_fingerprint(model), dim) if cache is not None else None
+    fingerprint = model_fingerprint(model) + ("|amp" if amp else "")  # never mix fp32 and autocast descriptors
+    store = DescriptorCache(cache, fingerprint, dim) if cache is not None else None
     try:
         keys: list[str] = []
         todo = np.arange(len(paths))

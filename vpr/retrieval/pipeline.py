@@ -53,13 +53,15 @@ def build_index(
     batch_size: int = 32,
     num_workers: int = 2,
     device: str = "cpu",
+    amp: bool = False,
     cache: Path | None = None,
     skip_bad: bool = False,
     progress: Progress | None = None,
 ) -> BuildReport:
-    """Extract database descriptors, fit the optional PCA, and write a self-contained index directory."""
+    """Extract database descriptors (under bf16/fp16 autocast with `amp`), fit the optional PCA, and
+    write a self-contained index directory."""
     extraction = extract_descriptors(
-        model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device,
+        model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
         cache=cache, skip_bad=skip_bad, progress=progress,
     )
     if len(extraction.kept) == 0:
@@ -89,10 +91,10 @@ class Match:
 
 
 def describe(bundle: IndexBundle, paths: list[Path], *, batch_size: int = 32, num_workers: int = 0,
-             device: str = "cpu", progress: Progress | None = None) -> np.ndarray:
+             device: str = "cpu", amp: bool = False, progress: Progress | None = None) -> np.ndarray:
     """Query descriptors in the index's space (model forward, then the index's projections)."""
     extraction = extract_descriptors(
-        bundle.model, paths, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
+        bundle.model, paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp, progress=progress,
     )
     return bundle.project(extraction.descriptors)
 

@@ -25,8 +25,8 @@ from vpr.models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval.index import (
-    INDEX_KINDS, build_faiss_index, exact_search, faiss_available, faiss_gpu_count, faiss_search, index_to_device,
-    read_faiss_index, rerank, search_database, torch_search, write_faiss_index,
+    INDEX_KINDS, build_faiss_index, exact_search, faiss_available, faiss_gpu_count, index_search, index_to_device,
+    read_faiss_index, search_database, torch_search, write_faiss_index,
 )
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ class IndexBundle:
     def search(self, queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """Top-k (similarities, database indices) for descriptors already in index space.
 
-        flat: exact search on the descriptors. ivfpq: a shortlist of `shortlist(k)` candidates from
-        the compressed index, re-ranked with exact inner products. hnsw: the graph search (exact
-        distances). On CUDA: faiss-gpu when installed (not hnsw), else exact fp16 torch search.
+        flat: exact search on the descriptors. ivfpq: a shortlist from the compressed index, re-ranked
+        with exact inner products. hnsw: the graph search. On CUDA: faiss-gpu when installed (not
+        hnsw), else exact fp16 torch search with the database kept on the device.
         """
         n = len(self.descriptors)
         if n == 0:
@@ -85,16 +85,7 @@ class IndexBundle:
             raise DependencyError(f"{self.directory}: a '{kind}' index needs FAISS: pip install -e '.[cpu]'")
         else:
             index = self.faiss_index
-        if kind != "ivfpq":
-            return faiss_search(index, queries, k)
-        _, candidates = faiss_search(index, queries, shortlist(k, n))
-        return rerank(self.descriptors, queries, candidates, k)
-
-
-def shortlist(k: int, n: int) -> int:
-    """IVF-PQ candidates re-ranked exactly for a top-k query: 30 per match, at least 300 (PQ's
-    compressed distances misorder close neighbours; 300 restores the exact top-5 on the benchmark)."""
-    return min(n, max(300, 30 * k))
+        return index_search(index, kind, self.descriptors, queries, k)
 
 
 def project(raw: np.ndarray, model_pca: PCA | None, pca: PCA | None) -> np.ndarray:
