@@ -1,6 +1,7 @@
 """Models as in the papers: backbone -> head -> L2; checkpoints that rebuild them safely."""
 
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,3 +93,18 @@ def test_missing_and_foreign_checkpoints_give_clear_errors(tmp_path):
 def test_offline_pretrained_weights_give_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         build_backbone("resnet18", pretrained=tmp_path / "missing.pth")
+
+
+def test_pca_fits_the_data_and_a_large_sample_gives_the_same_projection():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(64, 64)))[0][:, :8]  # an 8-d subspace of 64-d space
+    data = (rng.normal(size=(5000, 8)) * np.arange(8, 0, -1)) @ basis.T + 0.01 * rng.normal(size=(5000, 64))
+    data = data.astype(np.float32)
+    full = fit_pca(data, 8)
+    sampled = fit_pca(data, 8, max_samples=2000)
+    projected = np.linalg.norm(full.components @ basis, axis=1)
+    assert projected.min() > 0.999  # every component lies in the data's subspace
+    agreement = np.abs(np.sum(full.transform(data[:200]) * sampled.transform(data[:200]), axis=1))
+    assert agreement.min() > 0.99
+    wide = fit_pca(data[:40], 16, whiten=True)  # fewer rows than dimensions: the SVD path
+    assert wide.components.shape == (16, 64) and np.all(np.isfinite(wide.scale))

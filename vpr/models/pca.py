@@ -14,6 +14,8 @@ from sklearn.decomposition import PCA as SklearnPCA
 
 from vpr.errors import UsageError
 
+MAX_SAMPLES = 200_000  # descriptors a PCA is fitted on; more add nothing measurable and cost memory
+
 
 @dataclass(frozen=True)
 class PCA:
@@ -57,15 +59,24 @@ class PCA:
         )
 
 
-def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int = 0) -> PCA:
-    """Fit a `dim`-component PCA on database descriptors (N x D)."""
+def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int = 0,
+            max_samples: int = MAX_SAMPLES) -> PCA:
+    """Fit a `dim`-component PCA on database descriptors (N x D), in memory bounded by `max_samples` x D.
+
+    Past `max_samples` rows it fits on a seeded random sample. With at least as many rows as
+    dimensions it eigendecomposes the D x D covariance, which needs no centred copy of the data.
+    """
     n, d = descriptors.shape
     if not 1 <= dim <= min(n, d):
         raise UsageError(
             f"--pca-dim {dim} is impossible with {n} descriptors of size {d}; use at most {min(n, d)}"
         )
-    pca = SklearnPCA(n_components=dim, whiten=whiten, svd_solver="auto", random_state=seed)
-    pca.fit(descriptors.astype(np.float32))
+    x = np.asarray(descriptors, dtype=np.float32)
+    if n > max_samples:
+        x = x[np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))]
+    solver = "covariance_eigh" if len(x) >= d else "full"
+    pca = SklearnPCA(n_components=dim, whiten=whiten, svd_solver=solver, random_state=seed)
+    pca.fit(x)
     variance = pca.explained_variance_.astype(np.float32)
     scale = 1.0 / np.sqrt(np.maximum(variance, 1e-12)) if whiten else np.ones(dim, dtype=np.float32)
     return PCA(
