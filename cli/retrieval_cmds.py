@@ -44,6 +44,7 @@ def build_index_cmd(
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG) and resize them there in batches; CUDA only. Other formats still decode in the workers."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache/ so an interrupted or repeated build resumes."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT.skipped.txt) instead of stopping at the first."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -58,15 +59,17 @@ def build_index_cmd(
     else:
         config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer, input_size=parse_size(resize or "240x320"))
         model, model_pca = load_model(None, config, pretrained)
-    images = load_image_set(database)
     dev = resolve_device(device)
     check_amp(amp, dev)
+    if gpu_decode and not dev.startswith("cuda"):
+        raise UsageError(f"--gpu-decode needs a CUDA device (got --device {device}); drop --gpu-decode on the CPU")
+    images = load_image_set(database)
     start = time.perf_counter()
     cache_path = out.with_name(out.name + ".cache") if cache else None
     with progress_bar(f"indexing {len(images)} images", enabled=not json_out) as progress:
         report = build_index(
             images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
-            batch_size=batch_size, num_workers=workers, device=dev, amp=amp, cache=cache_path,
+            batch_size=batch_size, num_workers=workers, device=dev, amp=amp, decode_on_device=gpu_decode, cache=cache_path,
             skip_bad=skip_bad, progress=progress,
         )
     seconds = time.perf_counter() - start

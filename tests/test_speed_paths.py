@@ -145,6 +145,13 @@ def test_chunked_search_equals_unchunked_search(vectors, chunk, query_chunk):
     assert np.array_equal(idx, whole_idx) and np.allclose(sim, whole_sim, atol=1e-6)
 
 
+def test_fp16_search_of_the_gpu_path_keeps_the_fp32_top_1(vectors):
+    db, queries = vectors
+    sim, idx = torch_search(db, queries, 5)
+    half_sim, half_idx = torch_search(search_database(db, "cpu", half=True), queries, 5, half=True)
+    assert np.array_equal(half_idx[:, 0], idx[:, 0]) and np.abs(half_sim - sim).max() < 2e-3
+
+
 def test_search_edge_cases_and_resident_database(vectors):
     db, queries = vectors
     sim, idx = torch_search(db[:4], queries, 10, chunk=3)

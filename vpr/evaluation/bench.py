@@ -73,7 +73,7 @@ class BenchConfig:
     num_queries: int = 1000
     latency_queries: int = 200
     k: int = 10
-    memory_images: tuple[int, int] = (4000, 16000)
+    memory_images: tuple[int, int] = (8000, 32000)  # past the allocator's warm-up, where growth is steady
     threads: int | None = None
     checkpoint: Path | None = None  # a vpr checkpoint to measure instead of a random-init `model`
     seed: int = 0
@@ -84,7 +84,7 @@ def bench_config(quick: bool = False, device: str = "cpu", **overrides) -> Bench
     settings: dict = {"device": device, "quick": quick}
     if quick:
         settings.update(preset="tiny", extract_images=192, forward_batches=4, index_sizes=(10_000, 100_000),
-                        num_queries=200, latency_queries=100, memory_images=(4000, 16000))
+                        num_queries=200, latency_queries=100)
     if torch.device(device).type == "cuda":
         settings.update(batch_size=128, workers=min(8, os.cpu_count() or 1),
                         extract_images=1024 if quick else 4096, forward_batches=10 if quick else 20)

@@ -34,13 +34,18 @@ class PCA:
     def out_dim(self) -> int:
         return int(self.components.shape[0])
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """Project descriptors (N x D) to L2-normalised float32 (N x d)."""
+    def transform(self, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """Project descriptors (N x D) to L2-normalised float32 (N x d), `chunk` rows at a time so the
+        temporaries stay bounded whatever N."""
         if x.shape[1] != self.in_dim:
             raise UsageError(f"PCA expects {self.in_dim}-d descriptors, got {x.shape[1]}-d")
-        y = ((x.astype(np.float32) - self.mean) @ self.components.T) * self.scale
-        norms = np.linalg.norm(y, axis=1, keepdims=True)
-        return (y / np.maximum(norms, 1e-12)).astype(np.float32)
+        out = np.empty((len(x), self.out_dim), dtype=np.float32)
+        for start in range(0, len(x), chunk):
+            y = (np.asarray(x[start:start + chunk], dtype=np.float32) - self.mean) @ self.components.T
+            y *= self.scale
+            y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+            out[start:start + chunk] = y
+        return out
 
     def to_state(self) -> dict:
         """Tensors only, so it can live in a weights-only checkpoint."""

@@ -54,15 +54,16 @@ def build_index(
     num_workers: int = 2,
     device: str = "cpu",
     amp: bool = False,
+    decode_on_device: bool = False,
     cache: Path | None = None,
     skip_bad: bool = False,
     progress: Progress | None = None,
 ) -> BuildReport:
-    """Extract database descriptors (under bf16/fp16 autocast with `amp`), fit the optional PCA, and
-    write a self-contained index directory."""
+    """Extract database descriptors (under bf16/fp16 autocast with `amp`, JPEGs decoded on `device`
+    with `decode_on_device`), fit the optional PCA, and write a self-contained index directory."""
     extraction = extract_descriptors(
         model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
-        cache=cache, skip_bad=skip_bad, progress=progress,
+        decode_on_device=decode_on_device, cache=cache, skip_bad=skip_bad, progress=progress,
     )
     if len(extraction.kept) == 0:
         raise UsageError(f"{database.source}: no readable images left to index")
