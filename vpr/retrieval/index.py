@@ -109,10 +109,10 @@ def rerank(
     """Exact inner-product re-ranking of each query's candidate rows (-1 marks none): top-k (similarities, indices).
 
     Turns an approximate shortlist (IVF-PQ's compressed distances) into exact scores and order; at
-    most 64 MB of gathered candidate vectors exist at once unless `query_chunk` says otherwise.
+    most 16 MB of gathered candidate vectors exist at once unless `query_chunk` says otherwise.
     """
     queries = np.asarray(queries, dtype=np.float32)
-    query_chunk = query_chunk or max(1, (16 << 20) // max(1, candidates.shape[1] * database.shape[1]))
+    query_chunk = query_chunk or max(1, (4 << 20) // max(1, candidates.shape[1] * database.shape[1]))
     k = min(k, candidates.shape[1])
     sims_out = np.full((len(queries), k), -np.inf, dtype=np.float32)
     idx_out = np.full((len(queries), k), -1, dtype=np.int64)
