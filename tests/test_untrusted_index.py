@@ -88,3 +88,19 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "old complete"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_an_approximate_index_without_its_faiss_file_is_refused(tmp_path, tiny_model):
+    from vpr.data.datasets import GeoImageSet
+    from vpr.retrieval.store import write_index
+
+    rng = np.random.default_rng(0)
+    descriptors = rng.normal(size=(300, 64)).astype(np.float32)
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    database = GeoImageSet(paths=[tmp_path / f"{i}.jpg" for i in range(300)], utm=None, heading=None)
+    write_index(tmp_path / "hnsw", model=tiny_model, model_pca=None, pca=None, database=database,
+                descriptors=descriptors, kind="hnsw", source="test")
+    assert load_index(tmp_path / "hnsw").search(descriptors[:3], 1)[1][:, 0].tolist() == [0, 1, 2]
+    (tmp_path / "hnsw" / "index.faiss").unlink()
+    with pytest.raises(IndexFormatError, match="index.faiss is missing; rebuild"):
+        load_index(tmp_path / "hnsw")
