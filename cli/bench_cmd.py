@@ -29,6 +29,7 @@ def bench_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default 32 on CPU, 128 on CUDA)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes decoding JPEGs (default 2 on CPU)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch and FAISS threads (default: all cores)."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Add torch.compile cases: forward only and the bf16 pipeline (default: on CUDA only; on the CPU they add about a minute of compilation)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
 ) -> None:
     """Benchmark extraction (vs a plain fp32 reference loop), index building and search, side by side."""
@@ -37,7 +38,7 @@ def bench_cmd(
         quick, dev, data=data, checkpoint=checkpoint, extract_images=images, batch_size=batch_size, workers=workers,
         threads=threads, index_sizes=parse_int_list(sizes, "--sizes") if sizes else None,
         model=ModelConfig(input_size=parse_size(resize)) if resize else None,
-        jpeg_size=None if jpeg_size == "native" else parse_size(jpeg_size),
+        jpeg_size=None if jpeg_size == "native" else parse_size(jpeg_size), compile=compile_model,
     )
     with err_console.status("benchmarking") as status:
         results = run_bench(config, stage=lambda message: status.update(f"bench: {message}"))

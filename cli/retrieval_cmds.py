@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from cli.common import (
-    AMP_HELP, check_amp, console, err_console, parse_int_list, parse_size, print_json, progress_bar, resolve_device,
+    AMP_HELP, COMPILE_HELP, check_amp, console, err_console, parse_int_list, parse_size, print_json, progress_bar, resolve_device,
 )
 from vpr.data.datasets import load_image_set
 from vpr.data.geo import utm_to_latlon
@@ -44,6 +44,7 @@ def build_index_cmd(
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
+    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG) and resize them there in batches; CUDA only. Other formats still decode in the workers."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache/ so an interrupted or repeated build resumes."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT.skipped.txt) instead of stopping at the first."),
@@ -69,7 +70,8 @@ def build_index_cmd(
     with progress_bar(f"indexing {len(images)} images", enabled=not json_out) as progress:
         report = build_index(
             images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
-            batch_size=batch_size, num_workers=workers, device=dev, amp=amp, decode_on_device=gpu_decode, cache=cache_path,
+            batch_size=batch_size, num_workers=workers, device=dev, amp=amp, decode_on_device=gpu_decode,
+            compile=compile_model, cache=cache_path,
             skip_bad=skip_bad, progress=progress,
         )
     seconds = time.perf_counter() - start
@@ -151,6 +153,7 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
+    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
 ) -> None:
     """Recall@N of an index on labelled queries (standard protocol: hit = a positive in the top N)."""
@@ -165,7 +168,7 @@ def eval_cmd(
     check_amp(amp, dev)
     with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out) as progress:
         report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, device=dev, amp=amp,
-                          num_workers=workers, progress=progress)
+                          compile=compile_model, num_workers=workers, progress=progress)
     summary = {
         "index": str(index), "queries": report.num_queries, "queries_with_positives": report.num_with_positives,
         "database": len(bundle.database), "threshold_m": None if gt else threshold, "ground_truth": str(gt) if gt else None,

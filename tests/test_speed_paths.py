@@ -2,6 +2,7 @@
 for autocast) and the same top-k, and the benchmark runs end to end on tiny sizes."""
 
 import copy
+import shutil
 import sys
 
 import numpy as np
@@ -118,6 +119,15 @@ def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone(model):
     model.eval()
     batch = torch.randint(0, 256, (4, 3, *SIZE), dtype=torch.uint8)
     np.testing.assert_allclose(embed_batch(fast, batch, "cpu"), embed_batch(model, batch, "cpu"), atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile needs a C++ compiler on the CPU")
+def test_compiled_extraction_gives_the_plain_descriptors_with_a_short_last_batch(model, photos):
+    plain = extract_descriptors(model, photos, batch_size=10, num_workers=0).descriptors
+    compiled = extract_descriptors(model, photos, batch_size=10, num_workers=0, compile=True).descriptors
+    assert compiled.shape == plain.shape == (24, 64)  # batches of 10, 10 and 4 (padded to 10)
+    assert np.abs(compiled - plain).max() < 1e-4
+    assert np.array_equal(topk(plain[:12], plain[12:]), topk(compiled[:12], compiled[12:]))
 
 
 @pytest.fixture(scope="module")

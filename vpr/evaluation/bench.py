@@ -74,6 +74,7 @@ class BenchConfig:
     latency_queries: int = 200
     k: int = 10
     memory_images: tuple[int, int] = (8000, 32000)  # past the allocator's warm-up, where growth is steady
+    compile: bool = False  # add torch.compile cases (always on CUDA)
     threads: int | None = None
     checkpoint: Path | None = None  # a vpr checkpoint to measure instead of a random-init `model`
     seed: int = 0
@@ -86,7 +87,7 @@ def bench_config(quick: bool = False, device: str = "cpu", **overrides) -> Bench
         settings.update(preset="tiny", extract_images=192, forward_batches=4, index_sizes=(10_000, 100_000),
                         num_queries=200, latency_queries=100)
     if torch.device(device).type == "cuda":
-        settings.update(batch_size=128, workers=min(8, os.cpu_count() or 1),
+        settings.update(compile=True, batch_size=128, workers=min(8, os.cpu_count() or 1),
                         extract_images=1024 if quick else 4096, forward_batches=10 if quick else 20)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     config = BenchConfig(**settings)
@@ -321,7 +322,7 @@ def _time_forward(run: Callable[[], object], batches: int, batch_size: int, devi
 
 def forward_runs(model: VPRModel, config: BenchConfig, dev: torch.device) -> dict[str, Callable[[], object]]:
     """One forward pass of a batch of synthetic tensors, per variant: plain fp32 (NCHW, BN unfolded),
-    our inference copy in fp32 and under autocast, and (on CUDA) that copy compiled."""
+    our inference copy in fp32 and under autocast, and (with `config.compile`) that copy compiled."""
     h, w = config.model.input_size
     uint8 = torch.randint(0, 256, (config.batch_size, 3, h, w), dtype=torch.uint8, device=dev)
     plain = copy.deepcopy(model).to(dev).eval()
@@ -336,8 +337,8 @@ def forward_runs(model: VPRModel, config: BenchConfig, dev: torch.device) -> dic
 
     runs = {"plain_fp32": plain_run, "fast_fp32": lambda: forward_batch(fast, uint8),
             "fast_amp": lambda: forward_batch(fast, uint8, low)}
-    if dev.type == "cuda":
-        compiled = torch.compile(fast)
+    if config.compile:
+        compiled = torch.compile(fast, dynamic=False)
         runs["compiled_amp"] = lambda: forward_batch(compiled, uint8, low)
     return runs
 
@@ -372,17 +373,21 @@ def extraction_case(model: VPRModel, paths: list[Path], config: BenchConfig, wor
     measure_forward("plain_fp32")
     pipeline: dict[str, dict] = {}
     variants = {"fp32": {}, "amp": {"amp": True}}
+    if config.compile:
+        variants["amp_compiled"] = {"amp": True, "compile": True}
     if dev.type == "cuda":
-        variants["amp_gpu_decode"] = {"amp": True, "decode_on_device": True}
+        variants["amp_gpu_decode"] = {"amp": True, "decode_on_device": True, "compile": True}
+
+    def forward_key(options: dict) -> str:
+        """The forward-only case a pipeline variant is compared with (same precision, same compilation)."""
+        return "compiled_amp" if options.get("compile") else "fast_amp" if options.get("amp") else "fast_fp32"
+
     descriptors = {}
     for name, options in variants.items():
-        key = "fast_amp" if options.get("amp") else "fast_fp32"
-        if key not in forward:  # measured right before its pipeline, so both see the same machine load
-            measure_forward(key)
-        stage(f"full pipeline from JPEG ({name})")
+        if forward_key(options) not in forward:  # measured right before its pipeline, so both see the same load
+            measure_forward(forward_key(options))
+        stage(f"full pipeline from JPEG ({name})" + (" (compiling first)" if options.get("compile") else ""))
         pipeline[name], descriptors[name] = timed_extraction(model, paths, config, workdir / f"cache-{name}", **options)
-    if "compiled_amp" in runs:
-        measure_forward("compiled_amp")
     stage("plain reference loop (PIL + torchvision transforms per image, fp32)")
     clock = BatchClock()
     with cpu_time() as ref_cpu:
@@ -405,7 +410,7 @@ def extraction_case(model: VPRModel, paths: list[Path], config: BenchConfig, wor
                       "steady_images_per_s": round(ref_steady, 2),
                       "main_cpu_ms_per_image": round(ref_cpu["main"] * 1000 / len(paths), 2)},
         "pipeline_vs_forward": {  # steady state, against the forward pass at the same precision
-            name: round(p["steady_images_per_s"] / forward["fast_amp" if variants[name].get("amp") else "fast_fp32"], 3)
+            name: round(p["steady_images_per_s"] / forward[forward_key(variants[name])], 3)
             if p["steady_images_per_s"] else None
             for name, p in pipeline.items()
         },

@@ -41,12 +41,12 @@ def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | Non
 def evaluate(
     bundle: IndexBundle, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5, 10, 20), gt: Path | None = None,
     threshold: float = 25.0, batch_size: int = 32, num_workers: int = 2, device: str = "cpu", amp: bool = False,
-    progress: Progress | None = None,
+    compile: bool = False, progress: Progress | None = None,
 ) -> EvalReport:
-    """Recall@N of `bundle` on `queries` (their descriptors under bf16/fp16 autocast with `amp`)."""
+    """Recall@N of `bundle` on `queries` (`amp` and `compile` as in `extract_descriptors`)."""
     positives = query_positives(bundle, queries, gt=gt, threshold=threshold)
     descriptors = describe(bundle, queries.paths, batch_size=batch_size, num_workers=num_workers, device=device,
-                           amp=amp, progress=progress)
+                           amp=amp, compile=compile, progress=progress)
     _, predictions = bundle.search(descriptors, max(ns), device=device)
     return EvalReport(
         recalls=recall_at_n(predictions, positives, ns), num_queries=len(queries),

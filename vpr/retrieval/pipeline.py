@@ -55,15 +55,16 @@ def build_index(
     device: str = "cpu",
     amp: bool = False,
     decode_on_device: bool = False,
+    compile: bool = False,
     cache: Path | None = None,
     skip_bad: bool = False,
     progress: Progress | None = None,
 ) -> BuildReport:
-    """Extract database descriptors (under bf16/fp16 autocast with `amp`, JPEGs decoded on `device`
-    with `decode_on_device`), fit the optional PCA, and write a self-contained index directory."""
+    """Extract database descriptors (`amp`, `decode_on_device` and `compile` as in
+    `extract_descriptors`), fit the optional PCA, and write a self-contained index directory."""
     extraction = extract_descriptors(
         model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
-        decode_on_device=decode_on_device, cache=cache, skip_bad=skip_bad, progress=progress,
+        decode_on_device=decode_on_device, compile=compile, cache=cache, skip_bad=skip_bad, progress=progress,
     )
     if len(extraction.kept) == 0:
         raise UsageError(f"{database.source}: no readable images left to index")
@@ -92,10 +93,12 @@ class Match:
 
 
 def describe(bundle: IndexBundle, paths: list[Path], *, batch_size: int = 32, num_workers: int = 0,
-             device: str = "cpu", amp: bool = False, progress: Progress | None = None) -> np.ndarray:
+             device: str = "cpu", amp: bool = False, compile: bool = False,
+             progress: Progress | None = None) -> np.ndarray:
     """Query descriptors in the index's space (model forward, then the index's projections)."""
     extraction = extract_descriptors(
-        bundle.model, paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp, progress=progress,
+        bundle.model, paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
+        compile=compile, progress=progress,
     )
     return bundle.project(extraction.descriptors)
 
