@@ -55,8 +55,9 @@ AMP_HELP = ("Run the model under bf16 autocast (fp16 on GPUs without bf16): abou
             "bf16 instructions; descriptors differ from fp32 in the third decimal, rankings almost never.")
 
 
-COMPILE_HELP = ("Run the model through torch.compile: about 15-20% faster on this project's 2-core CPU, more on GPUs, "
-                "after a one-off compilation of 15-60 s; worth it for thousands of images. Needs a C++ compiler on the CPU.")
+COMPILE_HELP = ("Run the model through torch.compile after a one-off compilation of 15-60 s: a 7-19% faster forward "
+                "pass measured on a 2-core CPU (more is expected on GPUs); worth it for many thousands of images. "
+                "Needs a C++ compiler on the CPU.")
 
 
 def check_amp(amp: bool, device: str) -> None:
