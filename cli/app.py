@@ -28,6 +28,8 @@ def _global(
     """Visual place recognition: find where a photo was taken by retrieving geo-tagged images."""
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:  # torch.compile on a CPU-only machine notes that it found no CUDA runtime
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 app.command("synth")(synth_cmds.synth_cmd)

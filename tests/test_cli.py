@@ -70,6 +70,15 @@ def test_amp_gives_the_fp32_rankings_and_never_mixes_cached_descriptors(monkeypa
     assert code == 0 and json.loads(out)["reused_from_cache"] == 0  # fp32 build: the bf16 cache is not reused
 
 
+def test_compile_without_a_cpu_compiler_is_a_one_line_dependency_error(monkeypatch, capsys, index_dir, places):
+    import shutil
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+    code, _, err = run_cli(monkeypatch, capsys, "eval", places / "queries", "--index", index_dir, "--workers", "0", "--device", "cpu", "--compile")
+    assert code == 1 and "needs a C++ compiler" in err and len(err.strip().splitlines()) == 1
+
+
 def test_k_larger_than_the_database_returns_all(monkeypatch, capsys, index_dir, places):
     query = sorted((places / "queries").iterdir())[0]
     code, out, err = run_cli(monkeypatch, capsys, "query", query, "--index", index_dir, "-k", "50", "--json", "--device", "cpu")

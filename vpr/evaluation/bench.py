@@ -43,7 +43,7 @@ from vpr.errors import UsageError
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
-from vpr.retrieval.extract import amp_dtype, extract_descriptors, forward_batch, inference_model
+from vpr.retrieval.extract import amp_dtype, compiled, extract_descriptors, forward_batch, inference_model
 from vpr.retrieval.index import (
     INDEX_KINDS, build_faiss_index, exact_search, faiss_available, faiss_gpu_count, faiss_search, index_search,
     index_to_device, search_database, torch_search, write_faiss_index,
@@ -338,8 +338,8 @@ def forward_runs(model: VPRModel, config: BenchConfig, dev: torch.device) -> dic
     runs = {"plain_fp32": plain_run, "fast_fp32": lambda: forward_batch(fast, uint8),
             "fast_amp": lambda: forward_batch(fast, uint8, low)}
     if config.compile:
-        compiled = torch.compile(fast, dynamic=False)
-        runs["compiled_amp"] = lambda: forward_batch(compiled, uint8, low)
+        compiled_model = compiled(fast, dev)
+        runs["compiled_amp"] = lambda: forward_batch(compiled_model, uint8, low)
     return runs
 
 

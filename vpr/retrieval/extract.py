@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,7 +29,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.data import DataLoader, Dataset
 
 from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, image_to_tensor, load_rgb, normalize_batch
-from vpr.errors import ImageError
+from vpr.errors import DependencyError, ImageError
 from vpr.models.checkpoints import model_fingerprint
 from vpr.models.model import VPRModel
 from vpr.retrieval.cache import DescriptorCache
@@ -189,6 +191,13 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def compiled(model: VPRModel, device: torch.device) -> VPRModel:
+    """`model` under `torch.compile` with one static shape; on the CPU inductor needs a C++ compiler."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+        raise DependencyError("--compile on the CPU needs a C++ compiler (e.g. apt install g++); or drop --compile")
+    return torch.compile(model, dynamic=False)
+
+
 def inference_model(model: VPRModel, device: torch.device) -> VPRModel:
     """A copy of `model` for extraction: on `device`, eval, conv+BN folded, channels_last.
 
@@ -264,7 +273,7 @@ def extract_descriptors(
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     fast = inference_model(model, dev)
-    runner = torch.compile(fast, dynamic=False) if compile else fast
+    runner = compiled(fast, dev) if compile else fast
     config = model.config
     autocast_dtype = amp_dtype(dev) if amp else None
 
