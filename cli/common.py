@@ -60,6 +60,10 @@ COMPILE_HELP = ("Run the model through torch.compile after a one-off compilation
                 "Needs a C++ compiler on the CPU.")
 
 
+NPROBE_HELP = "ivfpq indexes: coarse lists searched per query (default 16); more finds the exact neighbours more often, slower."
+EF_SEARCH_HELP = "hnsw indexes: candidate list size per query (default 128); more finds the exact neighbours more often, slower."
+
+
 def check_amp(amp: bool, device: str) -> None:
     """Warn when --amp would run bf16 on a CPU without native bf16 support (emulated: slower, not faster)."""
     if amp and device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():

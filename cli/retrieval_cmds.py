@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from cli.common import (
-    AMP_HELP, COMPILE_HELP, check_amp, console, err_console, parse_int_list, parse_size, print_json, progress_bar, resolve_device,
+    AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, NPROBE_HELP, check_amp, console, err_console, parse_int_list, parse_size, print_json, progress_bar, resolve_device,
 )
 from vpr.data.datasets import load_image_set
 from vpr.data.geo import utm_to_latlon
@@ -111,6 +111,8 @@ def query_cmd(
     k: int = typer.Option(5, "-k", "--top-k", help="Number of matches per query."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help=NPROBE_HELP),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help=EF_SEARCH_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print matches as JSON."),
     viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG of each query beside its matches."),
 ) -> None:
@@ -118,6 +120,7 @@ def query_cmd(
     if k < 1:
         raise UsageError(f"-k {k}: must be at least 1")
     bundle = load_index(index)
+    bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
     dev = resolve_device(device)
     check_amp(amp, dev)
     results = retrieve(bundle, describe(bundle, list(images), device=dev, amp=amp), k, device=dev)
@@ -154,6 +157,8 @@ def eval_cmd(
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
     compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help=NPROBE_HELP),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help=EF_SEARCH_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
 ) -> None:
     """Recall@N of an index on labelled queries (standard protocol: hit = a positive in the top N)."""
@@ -163,6 +168,7 @@ def eval_cmd(
     if gt is not None and not gt.is_file():
         raise UsageError(f"--gt {gt}: file not found")
     bundle = load_index(index)
+    bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
     query_set = load_image_set(queries)
     dev = resolve_device(device)
     check_amp(amp, dev)

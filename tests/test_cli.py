@@ -106,6 +106,12 @@ def test_errors_are_one_line_with_the_right_exit_code(monkeypatch, capsys, args,
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_search_settings_of_another_index_kind_are_refused(monkeypatch, capsys, index_dir, places):
+    query = sorted((places / "queries").iterdir())[0]
+    code, _, err = run_cli(monkeypatch, capsys, "query", query, "--index", index_dir, "--nprobe", "8", "--device", "cpu")
+    assert code == 2 and "--nprobe applies to ivfpq indexes" in err and "flat index" in err
+
+
 def test_query_of_a_corrupt_image_names_it(monkeypatch, capsys, index_dir, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xffnot really")

@@ -215,6 +215,12 @@ def test_every_index_kind_returns_the_exact_top_k_on_real_descriptors(model, pho
     if kind == "ivfpq":
         raw_top1 = np.mean(faiss_search(bundle.faiss_index, queries, 1)[1][:, 0] == exact_idx[:, 0])
         assert np.mean(idx[:, 0] == exact_idx[:, 0]) >= raw_top1 + 0.3, raw_top1
+    default = np.mean(idx[:, 0] == exact_idx[:, 0])
+    bundle.set_search_params(**({"nprobe": 1} if kind == "ivfpq" else {"ef_search": 1}))
+    assert np.mean(bundle.search(queries, 5)[1][:, 0] == exact_idx[:, 0]) < default  # fewer lists / candidates
+    if kind == "hnsw":
+        bundle.set_search_params(ef_search=1024)
+        assert np.mean(bundle.search(queries, 5)[1][:, 0] == exact_idx[:, 0]) >= default
 
 
 def test_faiss_indexes_stay_on_the_cpu_without_a_faiss_gpu(vectors):

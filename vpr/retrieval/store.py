@@ -57,6 +57,21 @@ class IndexBundle:
         """Model descriptors -> index space (checkpoint PCA, then the index's own PCA)."""
         return project(raw, self.model_pca, self.pca)
 
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """IVF lists probed (ivfpq, default 16) or HNSW's candidate list (hnsw, default 128): larger values
+        find the exact neighbours more often and cost more time per query."""
+        kind = self.manifest["index_kind"]
+        for option, value, wanted in (("--nprobe", nprobe, "ivfpq"), ("--ef-search", ef_search, "hnsw")):
+            if value is not None and kind != wanted:
+                raise UsageError(f"{option} applies to {wanted} indexes; {self.directory} is a {kind} index")
+            if value is not None and value < 1:
+                raise UsageError(f"{option} {value}: must be at least 1")
+        if self.faiss_index is not None and nprobe is not None:
+            self.faiss_index.nprobe = min(nprobe, self.faiss_index.nlist)
+        if self.faiss_index is not None and ef_search is not None:
+            self.faiss_index.hnsw.efSearch = ef_search
+        self.resident.clear()  # GPU clones are made again with the new settings
+
     def search(self, queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """Top-k (similarities, database indices) for descriptors already in index space.
 
