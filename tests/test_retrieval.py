@@ -1,6 +1,7 @@
 """The index: a query finds its own place; a saved index reloads to identical results."""
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -11,7 +12,7 @@ from vpr.errors import ImageError, IndexFormatError
 from vpr.evaluation.evaluate import evaluate
 from vpr.evaluation.recall import recall_at_n
 from vpr.retrieval.extract import extract_descriptors
-from vpr.retrieval.index import build_faiss_index, faiss_search, torch_search
+from vpr.retrieval.index import build_faiss_index, faiss_search, torch_search, write_faiss_index
 from vpr.retrieval.pipeline import build_index, describe, retrieve
 from vpr.retrieval.store import load_index
 
@@ -133,3 +134,12 @@ def test_an_incomplete_index_directory_is_refused(built, tmp_path):
         load_index(broken)
     with pytest.raises(IndexFormatError, match="no index here"):
         load_index(tmp_path / "nothing")
+
+
+def test_a_flat_index_from_before_carries_an_unused_faiss_file_and_still_loads(built, places, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(built, old)
+    bundle = load_index(built)
+    write_faiss_index(build_faiss_index(bundle.descriptors, "flat"), old / "index.faiss")  # what earlier versions wrote
+    queries = describe(bundle, load_image_set(places / "queries").paths)
+    assert np.array_equal(load_index(old).search(queries, 5)[1], bundle.search(queries, 5)[1])
