@@ -11,7 +11,8 @@ import typer
 from rich.table import Table
 
 from cli.common import (
-    AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, NPROBE_HELP, check_amp, console, err_console, parse_int_list, parse_size, print_json, progress_bar, resolve_device,
+    AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, NPROBE_HELP, check_amp, console, err_console, parse_int_list, parse_size,
+    print_json, progress_bar, resolve_device,
 )
 from vpr.data.datasets import load_image_set
 from vpr.data.geo import utm_to_latlon

@@ -376,7 +376,7 @@ def extraction_case(model: VPRModel, paths: list[Path], config: BenchConfig, wor
     if config.compile:
         variants["amp_compiled"] = {"amp": True, "compile": True}
     if dev.type == "cuda":
-        variants["amp_gpu_decode"] = {"amp": True, "decode_on_device": True, "compile": True}
+        variants["amp_gpu_decode"] = {"amp": True, "decode_on_device": True, "compile": config.compile}
 
     def forward_key(options: dict) -> str:
         """The forward-only case a pipeline variant is compared with (same precision, same compilation)."""
