@@ -7,16 +7,19 @@ NaN when unknown) and the UTM zone; an unlabelled folder has no coordinates.
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from vpr.data.geo import latlon_to_utm, parse_at_name
+from vpr.data.geo import UTM_LETTERS, check_zone_letter, latlon_to_utm, parse_at_name, parse_zone_number
 from vpr.data.images import IMAGE_EXTENSIONS
-from vpr.errors import LabelError, UsageError
+from vpr.errors import ImageError, LabelError, UsageError
 
 SPLITS = ("train", "val", "test")
 
@@ -59,12 +62,27 @@ class GeoImageSet:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """All image files under `folder`, recursively, in a stable (sorted) order."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """All image files under `folder`, recursively, in a stable (sorted) order.
+
+    Raises `ImageError` for a file name that is not valid UTF-8 (it could not be stored in an index).
+    """
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    for path in paths:
+        _check_utf8_name(path)
+    return paths
+
+
+def _check_utf8_name(path: Path, where: str = "") -> None:
+    """Refuse a path whose name holds bytes that are not UTF-8 (Linux file names are arbitrary bytes)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise ImageError(f"{where}{shown}: file name is not valid UTF-8; rename it (e.g. with convmv)") from None
 
 
 def load_image_set(source: Path) -> GeoImageSet:
-    """Load a folder of images (labelled if all names are `@` names) or a CSV manifest."""
+    """Load a folder of images (labelled if they have `@` names) or a CSV manifest."""
     source = Path(source)
     if source.is_dir():
         return load_folder(source)
@@ -76,23 +94,74 @@ def load_image_set(source: Path) -> GeoImageSet:
 
 
 def load_folder(folder: Path) -> GeoImageSet:
-    """Images under `folder`; coordinates come from `@` names when every image has one."""
+    """Images under `folder`; if any has an `@` name, all must, and they give the coordinates."""
     paths = list_images(folder)
     if not paths:
         raise UsageError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    if not paths[0].name.startswith("@"):
+    if not any(p.name.startswith("@") for p in paths):
         return GeoImageSet(paths=paths, source=folder)
-    names = [parse_at_name(p.name) for p in paths]  # raises LabelError naming the first bad file
+    names = [parse_at_name(p) for p in paths]  # raises LabelError naming the first bad file
     utm_xy = np.array([[n.east, n.north] for n in names], dtype=np.float64)
     heading = np.array([np.nan if n.heading is None else n.heading for n in names], dtype=np.float64)
     zones = {(n.zone_number, n.zone_letter) for n in names if n.zone_number is not None}
-    numbers = {z[0] for z in zones}
-    if len(numbers) > 1:
-        raise LabelError(
-            f"{folder}: images span UTM zones {sorted(numbers)}; split them by zone, one index per zone"
-        )
-    zone = sorted(zones, key=lambda z: str(z[1]))[0] if zones else None
+    zone = _one_zone(zones, f"{folder}: images", "them")
     return GeoImageSet(paths=paths, utm=utm_xy, heading=heading, zone=zone, source=folder)
+
+
+def _one_zone(zones: set[tuple[int, str]], what: str, split: str) -> tuple[int, str] | None:
+    """The set's zone, or a `LabelError` when `what` spans several zone numbers or both hemispheres."""
+    numbers = sorted({number for number, _ in zones})
+    if len(numbers) > 1:
+        raise LabelError(f"{what} span UTM zones {numbers}; split {split} by zone, one index per zone")
+    letters = sorted({letter for _, letter in zones})
+    if letters and letters[0] < "N" <= letters[-1]:
+        raise LabelError(
+            f"{what} span both hemispheres (zone letters {letters[0]} and {letters[-1]}); "
+            f"split {split} at the equator, one index per hemisphere"
+        )
+    return min(zones) if zones else None
+
+
+def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The stripped header and the non-blank (line number, cells) rows of a UTF-8 CSV file."""
+    try:
+        data = Path(csv_path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{csv_path}: cannot read it ({exc.strerror}); check the path") from None
+    try:
+        text = data.decode("utf-8-sig")
+        if "\0" in text:  # UTF-16 text of ASCII characters decodes as UTF-8 with NULs in between
+            raise UnicodeError
+    except UnicodeError:
+        raise LabelError(f"{csv_path}: not UTF-8 text (UTF-16 or another encoding?); save it as UTF-8 (CSV UTF-8)") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        for cells in reader:
+            if not any(c.strip() for c in cells):
+                continue
+            if header is None:
+                header = [c.strip() for c in cells]
+            else:
+                rows.append((reader.line_num, cells))
+    except csv.Error as exc:
+        raise LabelError(f"{csv_path}:{reader.line_num}: not valid CSV ({exc}); fix the quoting") from None
+    return header or [], rows
+
+
+def _extra_cells(cells: list[str], header: list[str], where: str, hint: str) -> None:
+    """Refuse a row with more non-empty cells than the header has columns (a comma inside a value)."""
+    if any(c.strip() for c in cells[len(header):]):
+        raise LabelError(f"{where}: {len(cells)} fields but the header has {len(header)} columns; {hint}")
+
+
+def _row_dict(columns: list[str], cells: list[str]) -> dict[str, str]:
+    """Cells by column name (the first of repeated columns wins; missing cells are absent)."""
+    row: dict[str, str] = {}
+    for key, value in zip(columns, cells):
+        row.setdefault(key, value)
+    return row
 
 
 def _cell_float(row: dict, key: str, where: str) -> float:
@@ -100,19 +169,47 @@ def _cell_float(row: dict, key: str, where: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise LabelError(f"{where}: column '{key}' is '{text}', not a number; fix or remove the row") from None
+        raise LabelError(f"{where}: column '{key}' is {text!r}, not a number; fix or remove the row") from None
     if not math.isfinite(value):
         raise LabelError(f"{where}: column '{key}' is {text}; fix or remove the row")
     return value
 
 
+def _cell_zone(row: dict, where: str) -> tuple[int, str] | None:
+    """The zone of a UTM manifest row: `10` with a zone_letter/letter column, or `10S`; None if empty."""
+    cell = (row.get("zone") or "").strip()
+    if not cell:
+        return None
+    number_text = cell.rstrip(string.ascii_letters)
+    letter = cell[len(number_text):].upper() or (row.get("zone_letter") or row.get("letter") or "").strip().upper()
+    number = parse_zone_number(number_text.strip() or cell, where)
+    if not letter:
+        raise LabelError(
+            f"{where}: UTM zone {number} has no letter; write it as e.g. {number}S or add a zone_letter column "
+            f"(one of {UTM_LETTERS})"
+        )
+    return number, check_zone_letter(letter, where)
+
+
+def _manifest_image(csv_path: Path, rel: str, where: str) -> Path:
+    """The image a manifest row names (relative to the CSV), checked to exist and have a UTF-8 name."""
+    path = Path(rel) if Path(rel).is_absolute() else csv_path.parent / rel
+    _check_utf8_name(path, f"{where}: ")
+    if not path.is_file():
+        problem = "is a directory, not an image file" if path.is_dir() else "not found"
+        raise ImageError(
+            f"{where}: image {rel!r} {problem} (looked at {os.path.abspath(path)!r}); fix the path or remove the row"
+        )
+    return path
+
+
 def load_manifest(csv_path: Path) -> GeoImageSet:
-    """Read `path,lat,lon[,heading]` or `path,utm_east,utm_north[,heading]`; paths relative to the CSV."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        reader.fieldnames = columns
-        rows = list(reader)
+    """Read `path,lat,lon[,heading]` or `path,utm_east,utm_north[,zone][,heading]`; paths relative to the CSV.
+
+    The UTM form takes the zone as `10S`, or `10` plus a `zone_letter` (or `letter`) column.
+    """
+    csv_path = Path(csv_path)
+    columns, cell_rows = _read_csv(csv_path)
     if "path" not in columns:
         raise LabelError(f"{csv_path}: no 'path' column (found {columns}); header must be path,lat,lon[,heading]")
     has_latlon = {"lat", "lon"} <= set(columns)
@@ -121,44 +218,40 @@ def load_manifest(csv_path: Path) -> GeoImageSet:
         raise LabelError(
             f"{csv_path}: needs columns lat,lon or utm_east,utm_north (found {columns})"
         )
-    if not rows:
+    if not cell_rows:
         raise UsageError(f"{csv_path}: the manifest has no rows")
     paths, coords, headings, zones = [], [], [], set()
-    for line, row in enumerate(rows, start=2):
+    for line, cells in cell_rows:
         where = f"{csv_path}:{line}"
+        _extra_cells(cells, columns, where, "quote values that contain commas, and write decimals with '.'")
+        row = _row_dict(columns, cells)
         rel = (row.get("path") or "").strip()
         if not rel:
             raise LabelError(f"{where}: empty 'path'; fill it in or remove the row")
-        paths.append((csv_path.parent / rel) if not Path(rel).is_absolute() else Path(rel))
+        paths.append(_manifest_image(csv_path, rel, where))
         if has_utm:
             coords.append((_cell_float(row, "utm_east", where), _cell_float(row, "utm_north", where)))
-            if "zone" in columns and (row.get("zone") or "").strip():
-                zones.add((row["zone"] or "").strip())
+            zone = _cell_zone(row, where)
         else:
+            lat, lon = _cell_float(row, "lat", where), _cell_float(row, "lon", where)
             try:
-                east, north, number, letter = latlon_to_utm(_cell_float(row, "lat", where), _cell_float(row, "lon", where))
+                east, north, number, letter = latlon_to_utm(lat, lon)
             except LabelError as exc:
                 raise LabelError(f"{where}: {exc}") from None
             coords.append((east, north))
-            zones.add((number, letter))
+            zone = (number, letter)
+        if zone is not None:
+            zones.add(zone)
         heading = float("nan")
-        if "heading" in columns and (row.get("heading") or "").strip():
+        if (row.get("heading") or "").strip():
             heading = _cell_float(row, "heading", where)
             if not 0.0 <= heading <= 360.0:
                 raise LabelError(f"{where}: heading {heading} is outside 0..360 degrees; fix the row")
             heading %= 360.0
         headings.append(heading)
-    zone = None
-    if has_latlon:
-        numbers = sorted({z[0] for z in zones})
-        if len(numbers) > 1:
-            raise LabelError(
-                f"{csv_path}: rows span UTM zones {numbers}; split the manifest by zone, one index per zone"
-            )
-        zone = sorted(zones, key=lambda z: z[1])[0]
     return GeoImageSet(
         paths=paths, utm=np.array(coords, dtype=np.float64), heading=np.array(headings, dtype=np.float64),
-        zone=zone, source=csv_path,
+        zone=_one_zone(zones, f"{csv_path}: rows", "the manifest"), source=csv_path,
     )
 
 
@@ -180,37 +273,72 @@ def positives_within(database_utm: np.ndarray, query_utm: np.ndarray, radius: fl
 
 
 def load_ground_truth(csv_path: Path, queries: GeoImageSet, database: GeoImageSet) -> list[np.ndarray]:
-    """Read a `query,positives` CSV (names or indices, space-separated) into database indices per query."""
-    db_index = _name_index(database)
-    q_index = _name_index(queries)
+    """Read a `query,positives` CSV into database indices per query.
+
+    Images are named by file name, by path (relative to the set's folder, or any trailing part of it)
+    or by 0-based index; positives are separated by spaces; each query has at most one row.
+    """
+    csv_path = Path(csv_path)
+    header, rows = _read_csv(csv_path)
+    if not {"query", "positives"} <= set(header):
+        raise LabelError(f"{csv_path}: header must be 'query,positives' (found {header})")
+    q_names, db_names = _name_index(queries), _name_index(database)
     positives: list[np.ndarray | None] = [None] * len(queries)
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"query", "positives"} <= {c.strip() for c in reader.fieldnames}:
-            raise LabelError(f"{csv_path}: header must be 'query,positives' (found {reader.fieldnames})")
-        for line, row in enumerate(reader, start=2):
-            q = _resolve(row["query"].strip(), q_index, len(queries), f"{csv_path}:{line}", "query")
-            tokens = (row["positives"] or "").split()
-            positives[q] = np.array(
-                sorted({_resolve(t, db_index, len(database), f"{csv_path}:{line}", "database") for t in tokens}),
-                dtype=np.int64,
+    first_line: dict[int, int] = {}
+    for line, cells in rows:
+        where = f"{csv_path}:{line}"
+        _extra_cells(cells, header, where, "separate positives with spaces, not commas (q.jpg,d1.jpg d2.jpg)")
+        row = _row_dict(header, cells)
+        token = row.get("query", "").strip()
+        if not token:
+            raise LabelError(f"{where}: empty 'query'; fill it in or remove the row")
+        q = _resolve(token, queries, q_names, where, "query")
+        if q in first_line:
+            raise LabelError(
+                f"{where}: query {token!r} already has a row on line {first_line[q]}; "
+                "merge the two rows (one row per query)"
             )
+        first_line[q] = line
+        found = {_resolve(t, database, db_names, where, "database") for t in row.get("positives", "").split()}
+        positives[q] = np.array(sorted(found), dtype=np.int64)
     return [np.zeros(0, dtype=np.int64) if p is None else p for p in positives]
 
 
-def _name_index(images: GeoImageSet) -> dict[str, int]:
-    """Map each image's file name and its path relative to the set's source to its index."""
-    index: dict[str, int] = {}
+def _name_index(images: GeoImageSet) -> dict[str, list[int]]:
+    """Map each file name to the indices of the images with that name."""
+    index: dict[str, list[int]] = {}
     for i, path in enumerate(images.paths):
-        index.setdefault(path.name, i)
-        if images.source is not None and images.source.is_dir():
-            index.setdefault(path.relative_to(images.source).as_posix(), i)
+        index.setdefault(path.name, []).append(i)
     return index
 
 
-def _resolve(token: str, index: dict[str, int], count: int, where: str, role: str) -> int:
-    if token in index:
-        return index[token]
-    if token.isdigit() and int(token) < count:
+def _resolve(token: str, images: GeoImageSet, names: dict[str, list[int]], where: str, role: str) -> int:
+    """The index of the image `token` names: a file name, a trailing part of its path, or an index."""
+    relative = token.removeprefix("./")
+    candidates = names.get(relative.rsplit("/", 1)[-1], [])
+    if "/" in relative:
+        candidates = [i for i in candidates if ("/" + images.paths[i].as_posix()).endswith("/" + relative)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        shown = ", ".join(_relative_name(images, i) for i in candidates[:3])
+        raise LabelError(
+            f"{where}: {role} image {token!r} is ambiguous: it matches {len(candidates)} images ({shown}); "
+            f"use the path relative to the {role} folder"
+        )
+    if token.isascii() and token.isdigit() and int(token) < len(images):
         return int(token)
-    raise LabelError(f"{where}: {role} image '{token}' is not in the {role} set; check the ground-truth file")
+    raise LabelError(
+        f"{where}: {role} image {token!r} is not in the {role} set (give a file name, a relative path or "
+        f"an index 0..{len(images) - 1}); check the ground-truth file"
+    )
+
+
+def _relative_name(images: GeoImageSet, i: int) -> str:
+    """Image `i`'s path relative to the set's folder (or to a manifest's folder) where it lies inside it."""
+    path = images.paths[i]
+    if images.source is not None:
+        base = images.source if images.source.is_dir() else images.source.parent
+        if path.is_relative_to(base):
+            return path.relative_to(base).as_posix()
+    return path.as_posix()

@@ -19,6 +19,7 @@ AT_FIELDS = (
     "utm_east", "utm_north", "zone", "letter", "lat", "lon", "pano_id", "tile",
     "heading", "pitch", "roll", "height", "timestamp", "note",
 )
+UTM_LETTERS = "CDEFGHJKLMNPQRSTUVWX"  # latitude bands; I and O are skipped
 
 
 @dataclass(frozen=True)
@@ -45,29 +46,29 @@ def _float_or_none(text: str) -> float | None:
 
 
 def parse_at_name(name: str | Path) -> GeoName:
-    """Parse an `@` file name; raise `LabelError` when it carries no finite east/north."""
+    """Parse an `@` file name; raise `LabelError` (naming `name`) when it carries no finite east/north.
+
+    A zone number needs a valid zone letter (one of `UTM_LETTERS`); a name may also have neither.
+    """
     stem = Path(name).name
     parts = stem.split("@")
     if len(parts) < 4 or parts[0] != "":
         raise LabelError(
-            f"{stem}: file name has no coordinates; expected '@utm_east@utm_north@...@.jpg' "
+            f"{name}: file name has no coordinates; expected '@utm_east@utm_north@...@.jpg' "
             "or pass a CSV manifest with path,lat,lon"
         )
-    fields = parts[1:]
+    fields = parts[1:-1]  # the last part holds the extension
     east, north = _float_or_none(fields[0]), _float_or_none(fields[1])
     if east is None or north is None:
         raise LabelError(
-            f"{stem}: utm_east/utm_north are not numbers; rename it to the '@utm_east@utm_north@...' "
+            f"{name}: utm_east/utm_north are not numbers; rename it to the '@utm_east@utm_north@...' "
             "format or pass a CSV manifest"
         )
 
     def field(i: int) -> str:
         return fields[i] if i < len(fields) else ""
 
-    zone = _float_or_none(field(2))
-    zone_number = int(zone) if zone is not None and zone.is_integer() and 1 <= zone <= 60 else None
-    letter = field(3).strip().upper()
-    zone_letter = letter if len(letter) == 1 and letter.isalpha() else None
+    zone_number, zone_letter = _zone_fields(field(2).strip(), field(3).strip().upper(), str(name))
     heading = _float_or_none(field(8))
     if heading is not None:
         heading %= 360.0
@@ -75,6 +76,34 @@ def parse_at_name(name: str | Path) -> GeoName:
         east=east, north=north, zone_number=zone_number, zone_letter=zone_letter,
         lat=_float_or_none(field(4)), lon=_float_or_none(field(5)), heading=heading,
     )
+
+
+def _zone_fields(number_text: str, letter: str, where: str) -> tuple[int | None, str | None]:
+    """The zone of an `@` name: (None, None) when the zone field is empty, else a valid (number, letter)."""
+    if number_text == "":
+        return None, None
+    number = parse_zone_number(number_text, where)
+    if letter == "":
+        raise LabelError(
+            f"{where}: UTM zone {number} has no zone letter; put it in the field after the zone "
+            f"(e.g. @{number}@S@), one of {UTM_LETTERS}"
+        )
+    return number, check_zone_letter(letter, where)
+
+
+def parse_zone_number(text: str, where: str) -> int:
+    """A UTM zone number 1..60 from `text`, or a `LabelError` at `where`."""
+    value = _float_or_none(text)
+    if value is None or not value.is_integer() or not 1 <= value <= 60:
+        raise LabelError(f"{where}: UTM zone {text!r} is not a zone number 1..60; fix it")
+    return int(value)
+
+
+def check_zone_letter(letter: str, where: str) -> str:
+    """`letter` if it is a UTM latitude band (C..X without I and O), else a `LabelError` at `where`."""
+    if len(letter) != 1 or letter not in UTM_LETTERS:
+        raise LabelError(f"{where}: UTM zone letter {letter!r} is not valid; use one of {UTM_LETTERS} (C..X without I and O)")
+    return letter
 
 
 def format_at_name(

@@ -6,6 +6,9 @@ by its EXIF orientation, resized to the model's input size and normalised.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -23,10 +26,7 @@ MAX_PIXELS = 178_956_970  # PIL's decompression-bomb limit (2x its warning thres
 def load_rgb(path: Path) -> Image.Image:
     """Open an image as an upright 8-bit RGB PIL image, or raise `ImageError` naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: image not found; check the path")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{path}: empty file (0 bytes); re-copy or remove it")
+    _check_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -44,13 +44,46 @@ def load_rgb(path: Path) -> Image.Image:
         raise ImageError(f"{path}: corrupt or truncated image ({str(exc)[:100]}); re-copy it or use --skip-bad") from exc
 
 
+def _check_file(path: Path) -> None:
+    """Raise `ImageError` unless `path` is a non-empty regular file (following symlinks)."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError(f"{path}: symlink loop (the link leads back to itself); fix or remove the link") from None
+        if os.path.islink(path):
+            raise ImageError(f"{path}: broken symlink to {os.readlink(path)}; fix or remove the link") from None
+        raise ImageError(f"{path}: image not found; check the path") from None
+    except ValueError:  # a NUL character in the path
+        raise ImageError(f"{str(path)!r}: image not found (the path holds a NUL character); check the path") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{path}: is a directory, not an image file; give image files")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{path}: not a regular file (a pipe, socket or device); give image files")
+    if info.st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes); re-copy or remove it")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: 16-bit scaled to 8, transparency composited on black."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if img.mode == "F" and array.max() <= 1.0 else 255.0 / 65535.0
-        array = np.clip(array * scale, 0, 255)
-        img = Image.fromarray(array.astype(np.uint8), mode="L")
+    """Convert any PIL mode to 8-bit RGB; transparency is composited on black.
+
+    Integer and float grey images are scaled to 0..255 by this rule: 16-bit modes (`I;16*`) map
+    65535 to 255; 32-bit `I`/`F` images whose maximum is at most 255 are taken as 8-bit values, an
+    `F` image whose maximum is at most 1.0 is scaled by 255, and larger ranges map max(maximum, 65535)
+    to 255. Negative values and NaN become 0.
+    """
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        array = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        peak = float(array.max(initial=0.0))
+        if img.mode.startswith("I;16"):
+            scale = 255.0 / 65535.0
+        elif img.mode == "F" and peak <= 1.0:
+            scale = 255.0
+        elif peak <= 255.0:
+            scale = 1.0
+        else:
+            scale = 255.0 / max(peak, 65535.0)
+        img = Image.fromarray(np.rint(np.clip(array * scale, 0, 255)).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
