@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from vpr.data.datasets import GeoImageSet, load_folder
 from vpr.data.geo import format_at_name
-from vpr.errors import LabelError, UsageError
+from vpr.errors import LabelError, OutputError, UsageError
 from vpr.models.checkpoints import load_checkpoint, load_payload
 from vpr.models.model import build_model
 from vpr.training import cosplace_groups
@@ -150,9 +150,10 @@ def test_group_cache_is_reused_and_rebuilt_when_data_or_params_change(tmp_path, 
     moved = geo_set(images.utm + 5.0, images.heading)
     build_groups(moved, GroupParams(M=20.0, min_images_per_class=1), cache=cache)
     assert calls == [1, 1]
-    cache.write_bytes(b"not hdf5")
-    assert build_groups(images, params, cache=cache).num_classes == first.num_classes
-    assert calls == [1, 1, 1]
+    cache.write_bytes(b"a file of the user's")  # not a vpr group cache: refused, never overwritten
+    with pytest.raises(OutputError, match="not a class-group cache written by vpr"):
+        build_groups(images, params, cache=cache)
+    assert cache.read_bytes() == b"a file of the user's" and calls == [1, 1]
 
 
 # ---------------------------------------------------------------- CosFace and augmentation

@@ -34,3 +34,7 @@ class CheckpointError(VPRError):
 
 class DependencyError(VPRError):
     """An optional dependency (FAISS) that is not installed."""
+
+
+class OutputError(VPRError):
+    """An output path vpr must not write to: a user's own files, an input folder, or no write permission."""

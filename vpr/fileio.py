@@ -1,29 +1,159 @@
-"""Atomic writes: artefacts are written to a temporary sibling and renamed into place.
+"""Output-path safety: vpr deletes or replaces only what it can prove it wrote.
 
-A kill at any moment leaves either the old complete file/directory or the new complete one.
+- Every directory vpr creates (index, descriptor cache, training run, temporaries) holds a marker
+  file `.vpr-owned` naming what it is; clean-up of leftovers deletes a sibling only when its name
+  starts with the exact `NAME.tmp-`/`NAME.old-` prefix (no pattern expansion) and it holds the marker.
+- Outputs are written to a temporary sibling and renamed into place, so a kill at any moment leaves
+  either the old complete file/directory or the new complete one.
+- One writer per output at a time: an OS file lock (`flock`) on a hidden sibling `.NAME.lock`; a
+  second process waits for the first.
+- New files and directories get the usual permissions of the user's umask, not mkstemp's 0600/0700.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
+import json
+import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from vpr.errors import OutputError
+
+log = logging.getLogger(__name__)
+MARKER = ".vpr-owned"
+PNG_SOFTWARE = "vpr"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: Path, directory: bool) -> None:
+    """Give a path made by mkstemp/mkdtemp the permissions a plain open()/mkdir() would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def write_marker(directory: Path, kind: str) -> None:
+    """Mark `directory` as written by vpr (`kind`: index, cache, run, tmp)."""
+    from vpr import __version__
+
+    (Path(directory) / MARKER).write_text(json.dumps({"written_by": "vpr", "kind": kind, "vpr_version": __version__}) + "\n")
+
+
+def marker_kind(directory: Path) -> str | None:
+    """The kind recorded in `directory`'s vpr marker, or None when it has no valid marker."""
+    path = Path(directory) / MARKER
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("kind") if isinstance(data, dict) and data.get("written_by") == "vpr" else None
+
+
+def _os_error(path: Path, exc: OSError, what: str) -> OutputError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return OutputError(f"{path}: cannot {what} ({reason.lower()}); choose a writable location")
+
+
+@contextmanager
+def output_lock(path: Path, *, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive OS lock on `path` (through `.NAME.lock` beside it).
+
+    While another process holds it: wait for it (`wait`), or refuse with an `OutputError`.
+    """
+    path = Path(path)
+    lock_path = path.parent / f".{path.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise _os_error(path.parent, exc, "create the output folder or its lock") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise OutputError(f"{path}: another vpr process is writing here; wait for it to finish or choose another path") from None
+            log.warning("%s: another vpr process is writing here; waiting for it to finish", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the lock file stays (deleting it would race)
+
+
+def check_separate(out: Path, inputs: Iterable[Path], option: str = "--out") -> None:
+    """Refuse an output that is, contains or lies inside an input folder, or that is/contains an input file."""
+    target = Path(os.path.realpath(out))
+    for item in inputs:
+        source = Path(os.path.realpath(item))
+        inside = source in target.parents or source == target
+        contains = target in source.parents
+        if inside or contains:
+            relation = "is" if source == target else "lies inside" if inside else "contains"
+            raise OutputError(
+                f"{out}: {option} {relation} the input {item}; writing there could delete your files; choose a path outside it"
+            )
+    cwd = Path(os.getcwd())
+    if target == cwd or target in cwd.parents:
+        raise OutputError(f"{out}: {option} is the current folder or one of its parents; give a new folder name, e.g. {option} indexes/NAME")
+
+
+def save_png(image: Image.Image, path: Path, option: str) -> None:
+    """Write a PNG atomically, tagged as vpr's; an existing file is replaced only when vpr wrote it."""
+    check_replaceable_file(path, is_vpr_png, "PNG", option)
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def is_vpr_png(path: Path) -> bool:
+    """Whether `path` is a PNG that vpr wrote (its Software text chunk)."""
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def check_replaceable_file(path: Path, owned: Callable[[Path], bool], what: str, option: str) -> None:
+    """Refuse to overwrite an existing file (or anything not a file) that `owned` does not recognise as vpr's."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputError(f"{path}: {option} names an existing {'link' if path.is_symlink() else 'folder'}; give a new file path")
+    if path.exists() and not owned(path):
+        raise OutputError(f"{path}: exists and is not a {what} written by vpr; choose another {option} path or remove it yourself")
 
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success fsync and rename it onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as exc:
+        raise _os_error(path, exc, "write") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        _normal_mode(tmp, directory=False)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -45,27 +175,93 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory next to `path`; on success swap it in for `path`.
+def remove_tree(path: Path) -> None:
+    """Delete a directory vpr made (read-only entries included); never follows links out of it."""
 
-    An existing `path` is exchanged atomically with the new directory (Linux), so readers see
-    either the complete old directory or the complete new one; the old one is then deleted.
+    def make_writable(function, name, exc_info) -> None:
+        if isinstance(exc_info[1], PermissionError):
+            os.chmod(os.path.dirname(name), stat.S_IRWXU)
+            function(name)
+        else:
+            raise exc_info[1]
+
+    if Path(path).is_dir() and not Path(path).is_symlink():
+        shutil.rmtree(path, onerror=make_writable)
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """Temporaries and backups of `path` left by a killed vpr run: exact prefix and a vpr marker."""
+    prefixes = (f"{path.name}.tmp-", f"{path.name}.old-")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    candidates = [path.parent / name for name in names if name.startswith(prefixes)]
+    return [c for c in candidates if c.is_dir() and not c.is_symlink() and marker_kind(c) == "tmp"]
+
+
+@contextmanager
+def atomic_dir(path: Path, *, kind: str, foreign: Callable[[Path], list[str]], option: str = "--out") -> Iterator[Path]:
+    """Yield an empty marked temporary directory next to `path`; on success swap it in for `path`.
+
+    `path` may be missing, an empty directory, or a directory in which `foreign` finds nothing that
+    vpr did not write; anything else is refused before any work. The caller holds `output_lock(path)`. An existing
+    `path` is exchanged atomically with the new directory (Linux), so readers see either the
+    complete old directory or the complete new one; the old one is then deleted.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed earlier run
-    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    check_replaceable_dir(path, foreign, option)
+    for stale in _leftovers(path):
+        remove_tree(stale)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    except OSError as exc:
+        raise _os_error(path.parent, exc, "create a folder") from exc
+    try:
+        write_marker(tmp, "tmp")
+        _normal_mode(tmp, directory=True)
         yield tmp
+        check_replaceable_dir(path, foreign, option)  # nothing of the user's appeared meanwhile
+        write_marker(tmp, kind)
         if not path.exists():
             os.replace(tmp, path)
         elif not _exchange(tmp, path):
             old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+            write_marker(path, "tmp")
             os.replace(path, old)
             os.replace(tmp, path)
             tmp = old
+        else:
+            write_marker(tmp, "tmp")  # the old directory, now at the temporary name
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
+            raise _os_error(path, exc, "write the output") from exc
+        raise
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
+
+
+def check_replaceable_dir(path: Path, foreign: Callable[[Path], list[str]], option: str) -> None:
+    """Refuse an output directory path that is a file, a link, or holds entries vpr did not write.
+
+    `foreign(path)` lists the entries of an existing non-empty directory that make it not vpr's own.
+    """
+    if path.is_symlink():
+        raise OutputError(f"{path}: {option} is a symbolic link; give the real folder or a new name")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputError(f"{path}: {option} names an existing file; give a folder name that is free or a vpr output")
+    try:
+        empty = not os.listdir(path)
+    except OSError as exc:
+        raise _os_error(path, exc, "read the folder") from exc
+    others = [] if empty else sorted(foreign(path))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise OutputError(
+            f"{path}: {option} is a folder holding files vpr did not write ({shown}); choose an empty or new folder, "
+            "or move your files away yourself"
+        )

@@ -574,7 +574,8 @@ def _measure_build(config: ModelConfig, seed: int, paths: list[Path], workdir: P
         images = GeoImageSet(paths=paths, utm=np.zeros((len(paths), 2)), heading=np.zeros(len(paths)), source=workdir)
         with measure_memory() as memory:
             start = time.perf_counter()
-            build_index(images, workdir / "index", model=model, cache=workdir / "index.cache", **options)
+            out = workdir.with_name(workdir.name + "-index")  # beside the image folder: an output never lies inside its input
+            build_index(images, out, model=model, cache=out.with_name(out.name + ".cache"), **options)
             seconds = time.perf_counter() - start
         results.put({"seconds": round(seconds, 2), "peak_mb": memory.peak_mb})
     except Exception as exc:  # reported by the parent, which cannot see the child's traceback

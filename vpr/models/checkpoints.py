@@ -94,7 +94,19 @@ def load_checkpoint(path: Path, fmt: str | None = None) -> tuple[VPRModel, PCA |
     payload = load_payload(path)
     if payload.get("format") == FORMAT and layout in (None, "vpr"):
         return model_from_payload(payload, path)
-    return import_published(payload, Path(path), layout)
+    model, pca = import_published(payload, Path(path), layout)
+    refuse_non_finite(model, pca, path)
+    return model, pca
+
+
+def refuse_non_finite(model: VPRModel, pca: PCA | None, path: Path) -> None:
+    """Raise `CheckpointError` when a weight or PCA value is NaN or infinite (a diverged or damaged file)."""
+    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    if pca is not None:
+        tensors += [(f"pca.{name}", torch.as_tensor(v)) for name, v in (("mean", pca.mean), ("components", pca.components), ("scale", pca.scale))]
+    for name, tensor in tensors:
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: weight '{name}' holds NaN or infinite values (a diverged or damaged model); use another checkpoint")
 
 
 def model_from_payload(payload: dict, path: Path) -> tuple[VPRModel, PCA | None]:
@@ -106,6 +118,7 @@ def model_from_payload(payload: dict, path: Path) -> tuple[VPRModel, PCA | None]
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: checkpoint config and weights do not match ({str(exc)[:160]})") from exc
     pca = PCA.from_state(payload["pca"]) if payload.get("pca") is not None else None
+    refuse_non_finite(model, pca, path)
     return model.eval(), pca
 
 

@@ -5,25 +5,34 @@ kill at any moment loses at most the unflushed batches and never corrupts what w
 clean close the parts are merged into `main.h5`, chunk by chunk. Only a key -> (file, row) map is
 held in memory, never the descriptors, so memory does not grow with the cache. The cache is tied
 to the model's fingerprint; a cache of another model is discarded.
+
+Safety: the directory carries vpr's marker and a path that is not a vpr cache is refused, never
+deleted; the caller holds `output_lock` on it, part names carry a random token so two writers can
+never collide, and every row read back is checked against its stored key.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import os
+import re
+import secrets
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from vpr.fileio import atomic_file
+from vpr.errors import OutputError
+from vpr.fileio import MARKER, atomic_file, marker_kind, write_marker
 
 log = logging.getLogger(__name__)
 FLUSH_ROWS = 1024
 FLUSH_SECONDS = 2.0
 CHUNK_BYTES = 4 << 20  # descriptors read or copied at a time: bounded memory whatever the cache size
 MAIN = "main.h5"
+PART = re.compile(r"part-(\d{10})(-[0-9a-f]{8})?\.h5")
+LEGACY_NAMES = re.compile(r"main\.h5|part-\d{10}(-[0-9a-f]{8})?\.h5|\.(main|part-[-0-9a-f]+)\.h5\.tmp-.*")
 
 
 def _create(f: h5py.File, fingerprint: str, dim: int, rows: int) -> tuple[h5py.Dataset, h5py.Dataset]:
@@ -62,12 +71,27 @@ class DescriptorCache:
     def _files(self) -> list[Path]:
         """main.h5 first, then the parts in the order they were written."""
         main = self.path / MAIN
-        return ([main] if main.is_file() else []) + sorted(self.path.glob("part-*.h5"))
+        parts = sorted(self.path / name for name in os.listdir(self.path) if PART.fullmatch(name))
+        return ([main] if main.is_file() else []) + parts
+
+    def _claim(self) -> None:
+        """Use `path` only when it is new, empty, or a descriptor cache vpr wrote; refuse anything else."""
+        refuse = f"{self.path}: exists and is not a vpr descriptor cache; move it away or build with --no-cache"
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
+            raise OutputError(refuse)
+        if self.path.is_dir() and marker_kind(self.path) != "cache":
+            names = [name for name in os.listdir(self.path) if name != MARKER]
+            if not all(LEGACY_NAMES.fullmatch(name) for name in names):  # caches of earlier vpr versions have no marker
+                raise OutputError(refuse)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if marker_kind(self.path) != "cache":
+                write_marker(self.path, "cache")
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot create the descriptor cache ({exc.strerror}); choose a writable --out or use --no-cache") from exc
 
     def _open(self) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            self.path.unlink()
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._claim()
         try:
             for file in self._files():
                 with h5py.File(file, "r") as f:
@@ -75,11 +99,11 @@ class DescriptorCache:
                     self.rows.update((key, (file.name, row)) for row, key in enumerate(f["keys"].asstr()[:]))
         except (OSError, KeyError, ValueError) as exc:
             log.warning("descriptor cache %s unusable (%s); starting afresh", self.path, exc)
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path.mkdir(parents=True)
+            for file in self._files():
+                file.unlink()
             self.rows = {}
-        numbers = [int(part.stem.split("-")[1]) for part in self.path.glob("part-*.h5") if part.stem[5:].isdigit()]
-        self.parts = max(numbers, default=-1) + 1  # never reuse the name of a part still on disk
+        numbers = [int(PART.fullmatch(part.name).group(1)) for part in self._files() if part.name != MAIN]
+        self.parts = max(numbers, default=-1) + 1  # never reuse the number of a part still on disk
 
     def _check(self, f: h5py.File, file: Path) -> None:
         if f.attrs["fingerprint"] != self.fingerprint:
@@ -96,6 +120,7 @@ class DescriptorCache:
                 rows, positions = by_file.setdefault(found[0], ([], []))
                 rows.append(found[1])
                 positions.append(position)
+        found: list[int] = []
         for name, (rows, positions) in by_file.items():
             rows_a, positions_a = np.array(rows), np.array(positions)
             order = np.argsort(rows_a, kind="stable")
@@ -103,8 +128,14 @@ class DescriptorCache:
             with h5py.File(self.path / name, "r") as f:
                 for start in range(0, len(rows_a), self.chunk_rows):
                     chunk = slice(start, start + self.chunk_rows)
-                    out[positions_a[chunk]] = _read(f["descriptors"], rows_a[chunk])
-        return np.array(sorted(p for _, positions in by_file.values() for p in positions), dtype=np.int64)
+                    stored = np.asarray(_read(f["keys"].asstr(), rows_a[chunk]), dtype=object)
+                    match = stored == np.array([keys[p] for p in positions_a[chunk]], dtype=object)  # a row is used only for the image whose key it was saved with
+                    if not match.all():
+                        log.warning("descriptor cache %s: %d rows of %s do not hold their key; recomputing them",
+                                    self.path, int((~match).sum()), name)
+                    out[positions_a[chunk][match]] = _read(f["descriptors"], rows_a[chunk])[match]
+                    found.extend(positions_a[chunk][match].tolist())
+        return np.array(sorted(found), dtype=np.int64)
 
     def append(self, keys: list[str], descriptors: np.ndarray) -> None:
         """Add descriptors; they reach disk every FLUSH_ROWS rows or FLUSH_SECONDS seconds."""
@@ -116,7 +147,7 @@ class DescriptorCache:
     def flush(self) -> None:
         """Write pending descriptors to a new part file (atomically)."""
         if self.pending_keys:
-            name = f"part-{self.parts:010d}.h5"
+            name = f"part-{self.parts:010d}-{secrets.token_hex(4)}.h5"  # unique even beside another writer
             with atomic_file(self.path / name) as tmp, h5py.File(tmp, "w") as f:
                 keys, data = _create(f, self.fingerprint, self.dim, len(self.pending_keys))
                 keys[:] = self.pending_keys
@@ -134,12 +165,16 @@ class DescriptorCache:
             return
         order = {file.name: i for i, file in enumerate(files)}
         keys = sorted(self.rows, key=lambda key: (order[self.rows[key][0]], self.rows[key][1]))
-        with atomic_file(self.path / MAIN) as tmp, h5py.File(tmp, "w") as f:
-            out_keys, out_data = _create(f, self.fingerprint, self.dim, len(keys))
-            for start in range(0, len(keys), self.chunk_rows):
-                chunk = keys[start:start + self.chunk_rows]
-                out_keys[start:start + len(chunk)] = chunk
-                out_data[start:start + len(chunk)] = self._read_rows(chunk)
+        try:
+            with atomic_file(self.path / MAIN) as tmp, h5py.File(tmp, "w") as f:
+                out_keys, out_data = _create(f, self.fingerprint, self.dim, len(keys))
+                for start in range(0, len(keys), self.chunk_rows):
+                    chunk = keys[start:start + self.chunk_rows]
+                    out_keys[start:start + len(chunk)] = chunk
+                    out_data[start:start + len(chunk)] = self._read_rows(chunk)
+        except _Unmatched:
+            log.warning("descriptor cache %s: rows do not match their keys; kept the parts unmerged", self.path)
+            return
         for file in files:
             if file.name != MAIN:
                 file.unlink()
@@ -148,5 +183,10 @@ class DescriptorCache:
 
     def _read_rows(self, keys: list[str]) -> np.ndarray:
         out = np.empty((len(keys), self.dim), dtype=np.float32)
-        self.fill(keys, out)
+        if len(self.fill(keys, out)) != len(keys):
+            raise _Unmatched
         return out
+
+
+class _Unmatched(Exception):
+    """A cached row no longer holds the key it is listed under (the merge is abandoned)."""

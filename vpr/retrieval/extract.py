@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, image_to_tensor, load_rgb, normalize_batch
 from vpr.errors import DependencyError, ImageError
+from vpr.fileio import output_lock
 from vpr.models.checkpoints import model_fingerprint
 from vpr.models.model import VPRModel
 from vpr.retrieval.cache import DescriptorCache
@@ -287,71 +288,72 @@ def extract_descriptors(
     out = np.zeros((len(paths), dim), dtype=np.float32)
     ok = np.ones(len(paths), dtype=bool)
     skipped: list[tuple[Path, str]] = []
-    fingerprint = model_fingerprint(model) + ("|amp" if amp else "")  # never mix fp32 and autocast descriptors
-    store = DescriptorCache(cache, fingerprint, dim) if cache is not None else None
-    try:
-        keys: list[str] = []
-        todo = np.arange(len(paths))
-        reused = 0
-        if store is not None:
-            keys = [file_key(p) if p.is_file() else f"{p}|missing" for p in paths]
-            pos = store.fill(keys, out)
-            todo = np.setdiff1d(todo, pos)
-            reused = len(pos)
-        done = reused
-        if progress:
-            progress(done, len(paths))
-        todo_paths = [paths[i] for i in todo]
-        dataset = JpegFiles(todo_paths, config.input_size) if decode_on_device else ImageFiles(todo_paths, config.input_size)
-        loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers if len(todo) > batch_size else 0,
-            pin_memory=dev.type == "cuda", persistent_workers=False, collate_fn=_collate_lists if decode_on_device else None,
-        )
-
-        def finish(copy_: _HostCopy | None) -> None:
-            nonlocal done
-            if copy_ is None:
-                return
-            desc = copy_.numpy()
-            out[copy_.rows] = desc
+    with output_lock(cache) if cache is not None else nullcontext():  # one writer per cache at a time
+        fingerprint = model_fingerprint(model) + ("|amp" if amp else "") if cache is not None else ""  # fp32/amp never mix
+        store = DescriptorCache(cache, fingerprint, dim) if cache is not None else None
+        try:
+            keys: list[str] = []
+            todo = np.arange(len(paths))
+            reused = 0
             if store is not None:
-                store.append([keys[r] for r in copy_.rows], desc)
-            done += len(copy_.rows)
+                keys = [file_key(p) if p.is_file() else f"{p}|missing" for p in paths]
+                pos = store.fill(keys, out)
+                todo = np.setdiff1d(todo, pos)
+                reused = len(pos)
+            done = reused
             if progress:
                 progress(done, len(paths))
+            todo_paths = [paths[i] for i in todo]
+            dataset = JpegFiles(todo_paths, config.input_size) if decode_on_device else ImageFiles(todo_paths, config.input_size)
+            loader = DataLoader(
+                dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers if len(todo) > batch_size else 0,
+                pin_memory=dev.type == "cuda", persistent_workers=False, collate_fn=_collate_lists if decode_on_device else None,
+            )
 
-        pending: _HostCopy | None = None
-        for batch in loader:
-            if decode_on_device:
-                items, is_jpeg, local, errors = batch
-                rows = todo[local.numpy()]
-                images, decode_errors = decode_batch(items, is_jpeg, [paths[r] for r in rows], config.input_size, dev)
-                errors = [e or d for e, d in zip(errors, decode_errors)]
-            else:
-                images, local, errors = batch
-                rows = todo[local.numpy()]
-                images = images.to(dev, non_blocking=True)
-            bad = [j for j, e in enumerate(errors) if e]
-            for j in bad:
-                if not skip_bad:
-                    raise ImageError(errors[j])
-                skipped.append((paths[rows[j]], errors[j]))
-                ok[rows[j]] = False
-            done += len(bad)
-            launched = None
-            if len(bad) < len(rows):
-                good = np.setdiff1d(np.arange(len(rows)), bad)
-                images = images if not bad else images[torch.from_numpy(good).to(dev)]
-                launched = _HostCopy(rows[good], forward(images))
-            finish(pending)
-            pending = launched
-            if dev.type != "cuda":  # nothing to overlap on the CPU: store now, so a kill loses at most this batch
+            def finish(copy_: _HostCopy | None) -> None:
+                nonlocal done
+                if copy_ is None:
+                    return
+                desc = copy_.numpy()
+                out[copy_.rows] = desc
+                if store is not None:
+                    store.append([keys[r] for r in copy_.rows], desc)
+                done += len(copy_.rows)
+                if progress:
+                    progress(done, len(paths))
+
+            pending: _HostCopy | None = None
+            for batch in loader:
+                if decode_on_device:
+                    items, is_jpeg, local, errors = batch
+                    rows = todo[local.numpy()]
+                    images, decode_errors = decode_batch(items, is_jpeg, [paths[r] for r in rows], config.input_size, dev)
+                    errors = [e or d for e, d in zip(errors, decode_errors)]
+                else:
+                    images, local, errors = batch
+                    rows = todo[local.numpy()]
+                    images = images.to(dev, non_blocking=True)
+                bad = [j for j, e in enumerate(errors) if e]
+                for j in bad:
+                    if not skip_bad:
+                        raise ImageError(errors[j])
+                    skipped.append((paths[rows[j]], errors[j]))
+                    ok[rows[j]] = False
+                done += len(bad)
+                launched = None
+                if len(bad) < len(rows):
+                    good = np.setdiff1d(np.arange(len(rows)), bad)
+                    images = images if not bad else images[torch.from_numpy(good).to(dev)]
+                    launched = _HostCopy(rows[good], forward(images))
                 finish(pending)
-                pending = None
-        finish(pending)
-    finally:
-        if store is not None:
-            store.close()
+                pending = launched
+                if dev.type != "cuda":  # nothing to overlap on the CPU: store now, so a kill loses at most this batch
+                    finish(pending)
+                    pending = None
+            finish(pending)
+        finally:
+            if store is not None:
+                store.close()
     kept = np.flatnonzero(ok)
     for start in range(0, len(kept), 4096):  # compact in place (kept[j] >= j): no second copy of the descriptors
         chunk = kept[start:start + 4096]

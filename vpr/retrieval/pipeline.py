@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,12 +11,13 @@ import numpy as np
 
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import UsageError
+from vpr.fileio import check_replaceable_dir, check_separate, output_lock
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
 from vpr.retrieval.extract import Progress, extract_descriptors
 from vpr.retrieval.index import similarity_to_distance
-from vpr.retrieval.store import IndexBundle, project, write_index
+from vpr.retrieval.store import IndexBundle, check_index_kind, foreign_files, project, write_index
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +63,48 @@ def build_index(
     progress: Progress | None = None,
 ) -> BuildReport:
     """Extract database descriptors (`amp`, `decode_on_device` and `compile` as in
-    `extract_descriptors`), fit the optional PCA, and write a self-contained index directory."""
-    extraction = extract_descriptors(
-        model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
-        decode_on_device=decode_on_device, compile=compile, cache=cache, skip_bad=skip_bad, progress=progress,
-    )
-    if len(extraction.kept) == 0:
-        raise UsageError(f"{database.source}: no readable images left to index")
-    kept = database.subset(extraction.kept)
-    descriptors = project(extraction.descriptors, model_pca, None)
-    pca = fit_pca(descriptors, pca_dim, whiten=pca_whiten) if pca_dim else None
-    descriptors = project(descriptors, None, pca)
-    write_index(
-        out_dir, model=model.cpu(), model_pca=model_pca, pca=pca, database=kept, descriptors=descriptors,
-        kind=kind, source=str(database.source),
-    )
-    return BuildReport(Path(out_dir), len(kept), descriptors.shape[1], extraction.reused, extraction.skipped)
+    `extract_descriptors`), fit the optional PCA, and write a self-contained index directory.
+
+    Every check on the output runs before any work: `out_dir` (and `cache`) must lie outside the
+    database's folders and be new, empty or a vpr index; one process writes `out_dir` at a time.
+    """
+    out_dir = Path(out_dir)
+    check_index_kind(kind)
+    if pca_dim is not None and pca_dim < 1:
+        raise UsageError(f"--pca-dim {pca_dim}: must be at least 1 (omit it to keep full descriptors)")
+    inputs = input_folders(database)
+    check_separate(out_dir, inputs)
+    if cache is not None:
+        check_separate(cache, inputs, "--out's descriptor cache")
+    check_replaceable_dir(out_dir, foreign_files, "--out")
+    with output_lock(out_dir):
+        extraction = extract_descriptors(
+            model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
+            decode_on_device=decode_on_device, compile=compile, cache=cache, skip_bad=skip_bad, progress=progress,
+        )
+        if len(extraction.kept) == 0:
+            raise UsageError(f"{database.source}: no readable images left to index")
+        kept = database.subset(extraction.kept)
+        descriptors = project(extraction.descriptors, model_pca, None)
+        pca = fit_pca(descriptors, pca_dim, whiten=pca_whiten) if pca_dim else None
+        descriptors = project(descriptors, None, pca)
+        write_index(
+            out_dir, model=model.cpu(), model_pca=model_pca, pca=pca, database=kept, descriptors=descriptors,
+            kind=kind, source=str(database.source), skipped=extraction.skipped,
+        )
+    return BuildReport(out_dir, len(kept), descriptors.shape[1], extraction.reused, extraction.skipped)
+
+
+def cache_dir_for(out_dir: Path) -> Path:
+    """Where `build-index --out OUT` keeps its descriptor cache: the sibling `OUT.cache`."""
+    out_dir = Path(os.path.abspath(out_dir))
+    return out_dir.with_name(out_dir.name + ".cache") if out_dir.name else out_dir / ".cache"
+
+
+def input_folders(images: GeoImageSet) -> list[Path]:
+    """What an output must stay clear of: the set's folder or manifest and every folder holding its images."""
+    parents = sorted({path.parent for path in images.paths})
+    return ([images.source] if images.source is not None else []) + parents
 
 
 @dataclass

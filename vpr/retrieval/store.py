@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from vpr import __version__
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import CheckpointError, DependencyError, IndexFormatError, UsageError
-from vpr.fileio import atomic_dir
+from vpr.fileio import MARKER, atomic_dir, marker_kind
 from vpr.models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
@@ -33,6 +34,27 @@ log = logging.getLogger(__name__)
 FORMAT = "vpr-index"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("manifest.json", "model.pt", "database.h5")
+MAX_SEARCH_PARAM = 1 << 20  # nprobe / efSearch: FAISS takes C ints; larger values search everything anyway
+INDEX_FILES = frozenset((*REQUIRED_FILES, "pca.h5", "index.faiss", "skipped.txt", MARKER))
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """Entries of `directory` that a complete vpr index does not hold (all of them when it is no vpr index)."""
+    directory = Path(directory)
+    names = set(os.listdir(directory))
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return sorted(names)
+    written = isinstance(manifest, dict) and manifest.get("format") == FORMAT and marker_kind(directory) in (None, "index")
+    if not written or not set(REQUIRED_FILES) <= names:
+        return sorted(names)
+    return sorted(names - INDEX_FILES)
+
+
+def is_vpr_index(directory: Path) -> bool:
+    """Whether `directory` is a complete index vpr wrote: a vpr manifest, the required files, nothing else."""
+    return Path(directory).is_dir() and not foreign_files(directory)
 
 
 @dataclass
@@ -64,8 +86,8 @@ class IndexBundle:
         for option, value, wanted in (("--nprobe", nprobe, "ivfpq"), ("--ef-search", ef_search, "hnsw")):
             if value is not None and kind != wanted:
                 raise UsageError(f"{option} applies to {wanted} indexes; {self.directory} is a {kind} index")
-            if value is not None and value < 1:
-                raise UsageError(f"{option} {value}: must be at least 1")
+            if value is not None and not 1 <= value <= MAX_SEARCH_PARAM:
+                raise UsageError(f"{option} {value}: must be between 1 and {MAX_SEARCH_PARAM}")
         if self.faiss_index is not None and nprobe is not None:
             self.faiss_index.nprobe = min(nprobe, self.faiss_index.nlist)
         if self.faiss_index is not None and ef_search is not None:
@@ -112,22 +134,44 @@ def project(raw: np.ndarray, model_pca: PCA | None, pca: PCA | None) -> np.ndarr
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def check_index_kind(kind: str) -> None:
+    """Refuse an unknown index kind (before any work is done)."""
+    if kind not in INDEX_KINDS:
+        raise UsageError(f"--index {kind}: unknown index kind; choose one of {', '.join(INDEX_KINDS)}")
+    if kind != "flat" and not faiss_available():
+        raise DependencyError(f"--index {kind} needs FAISS: pip install -e '.[cpu]'")
+
+
+def refuse_non_finite(descriptors: np.ndarray, where: Path) -> None:
+    """Raise when a descriptor holds NaN or infinity: such an index would silently return nothing."""
+    bad = ~np.isfinite(descriptors).all(axis=1)
+    if bad.any():
+        raise IndexFormatError(
+            f"{where}: {int(bad.sum())} descriptors hold NaN or infinite values (first at row {int(np.argmax(bad))}); "
+            "the model is broken: use another checkpoint and rebuild"
+        )
+
+
 def write_index(
     out_dir: Path, *, model: VPRModel, model_pca: PCA | None, pca: PCA | None, database: GeoImageSet,
-    descriptors: np.ndarray, kind: str, source: str,
+    descriptors: np.ndarray, kind: str, source: str, skipped: list[tuple[Path, str]] = (),
 ) -> Path:
-    """Write a complete index directory atomically (temporary sibling, then rename)."""
-    if kind not in INDEX_KINDS:
-        raise UsageError(f"unknown index kind '{kind}'; choose one of {', '.join(INDEX_KINDS)}")
-    with atomic_dir(Path(out_dir)) as tmp:
+    """Write a complete index directory atomically (marked temporary sibling, then rename).
+
+    The caller holds `output_lock(out_dir)`; an existing `out_dir` must be empty or a vpr index.
+    Unreadable database images that were skipped are listed in `skipped.txt`.
+    """
+    check_index_kind(kind)
+    refuse_non_finite(descriptors, Path(out_dir))
+    with atomic_dir(Path(out_dir), kind="index", foreign=foreign_files) as tmp:
+        if skipped:
+            (tmp / "skipped.txt").write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped))
         save_checkpoint(model, tmp / "model.pt", pca=model_pca)
         if pca is not None:
             with h5py.File(tmp / "pca.h5", "w") as f:
                 for key, value in (("mean", pca.mean), ("components", pca.components), ("scale", pca.scale)):
                     f.create_dataset(key, data=value)
                 f.attrs["whiten"] = pca.whiten
-        if kind != "flat" and not faiss_available():
-            raise DependencyError(f"--index {kind} needs FAISS: pip install -e '.[cpu]'")
         with h5py.File(tmp / "database.h5", "w") as f:
             f.create_dataset("paths", data=[str(p.resolve()) for p in database.paths], dtype=h5py.string_dtype())
             if database.utm is not None:
@@ -178,6 +222,11 @@ def read_manifest(directory: Path) -> dict:
     for key, kind in (("dim", int), ("count", int), ("index_kind", str), ("model", dict), ("model_sha256", str)):
         if not isinstance(manifest.get(key), kind):
             raise IndexFormatError(f"{directory}/manifest.json: field '{key}' missing or malformed; rebuild the index")
+    if manifest["index_kind"] not in INDEX_KINDS:
+        raise IndexFormatError(
+            f"{directory}/manifest.json: unknown index kind '{manifest['index_kind']}' (this vpr knows "
+            f"{', '.join(INDEX_KINDS)}); rebuild the index"
+        )
     return manifest
 
 
@@ -224,6 +273,7 @@ def load_index(directory: Path) -> IndexBundle:
     if (pca is None) != (manifest.get("pca_dim") is None):
         raise IndexFormatError(f"{directory}: pca.h5 and the manifest disagree; rebuild the index")
     database, descriptors = _read_database(directory / "database.h5", manifest)
+    refuse_non_finite(descriptors, directory / "database.h5")
     out_dim = pca.out_dim if pca else model_pca.out_dim if model_pca else model.config.descriptor_dim
     if out_dim != manifest["dim"]:
         raise IndexFormatError(

@@ -299,44 +299,46 @@ def train_cosplace(
     """Train (or `resume`) a CosPlace model on DATASET/images/train, validating on the val split."""
     cfg = config.resolved()
     run = RunDir(Path(cfg.out))
-    train_dir = split_dir(Path(cfg.dataset), "train")
-    val_db, val_q = load_validation(Path(cfg.dataset), cfg.val_split)
-    run.prepare(cfg.to_dict(), resume)
-    train_set = load_folder(train_dir)
-    groups = build_groups(train_set, cfg.groups, cache=run.root / "groups.h5")
-    if groups.num_groups == 0:
-        raise UsageError(
-            f"{train_dir}: no class has {cfg.groups.min_images_per_class} images ({len(train_set)} images); "
-            "lower --min-images-per-class or raise --M"
-        )
-    groups_used = min(cfg.groups_num, groups.num_groups)
-    if groups_used < cfg.groups_num:
-        log.warning("%s: only %d groups have classes; training on %d instead of %d", train_dir, groups.num_groups, groups_used, cfg.groups_num)
-    trainer = _Trainer(cfg, groups, groups_used)
-    if resume:
-        model, _, state = load_training_checkpoint(run.last)
-        trainer.restore(model, state)
-        _trim_log(run, trainer.start_epoch)
-    else:
-        trainer.build_optimizers()
-    records: list[dict] = []
-    for epoch in range(trainer.start_epoch, cfg.epochs):
-        record = trainer.train_epoch(epoch, train_set.paths, progress)
-        phase = f"epoch {epoch + 1}/{cfg.epochs} validating"
-        recalls = validate(
-            trainer.model, val_db, val_q, ns=(1, 5), batch_size=cfg.batch_size, num_workers=cfg.workers,
-            device=cfg.device, amp=cfg.amp and trainer.device.type == "cuda",
-            progress=(lambda done, total: progress(phase, done, total)) if progress else None,
-        )
-        trainer.model.train()
-        record.update({"R@1": recalls[1], "R@5": recalls[5]})
-        trainer.start_epoch = epoch + 1
-        if recalls[1] > trainer.best_r1:
-            trainer.best_r1 = recalls[1]
-            save_checkpoint(trainer.model, run.best, extra={"epoch": epoch + 1, "recalls": {"R@1": recalls[1], "R@5": recalls[5]}})
-        save_training_checkpoint(run.last, trainer.model, trainer.state())
-        run.append_log(record)
-        records.append(record)
-        if on_epoch:
-            on_epoch(record)
-    return CosPlaceResult(run_dir=run.root, last=run.last, best=run.best, best_r1=trainer.best_r1, records=records, groups_used=groups_used)
+    with run.locked():  # one process per run folder
+        run.check(cfg.to_dict(), resume, inputs=[Path(cfg.dataset)])
+        train_dir = split_dir(Path(cfg.dataset), "train")
+        val_db, val_q = load_validation(Path(cfg.dataset), cfg.val_split)
+        run.prepare(cfg.to_dict(), resume, inputs=[Path(cfg.dataset)])
+        train_set = load_folder(train_dir)
+        groups = build_groups(train_set, cfg.groups, cache=run.root / "groups.h5")
+        if groups.num_groups == 0:
+            raise UsageError(
+                f"{train_dir}: no class has {cfg.groups.min_images_per_class} images ({len(train_set)} images); "
+                "lower --min-images-per-class or raise --M"
+            )
+        groups_used = min(cfg.groups_num, groups.num_groups)
+        if groups_used < cfg.groups_num:
+            log.warning("%s: only %d groups have classes; training on %d instead of %d", train_dir, groups.num_groups, groups_used, cfg.groups_num)
+        trainer = _Trainer(cfg, groups, groups_used)
+        if resume:
+            model, _, state = load_training_checkpoint(run.last)
+            trainer.restore(model, state)
+            _trim_log(run, trainer.start_epoch)
+        else:
+            trainer.build_optimizers()
+        records: list[dict] = []
+        for epoch in range(trainer.start_epoch, cfg.epochs):
+            record = trainer.train_epoch(epoch, train_set.paths, progress)
+            phase = f"epoch {epoch + 1}/{cfg.epochs} validating"
+            recalls = validate(
+                trainer.model, val_db, val_q, ns=(1, 5), batch_size=cfg.batch_size, num_workers=cfg.workers,
+                device=cfg.device, amp=cfg.amp and trainer.device.type == "cuda",
+                progress=(lambda done, total: progress(phase, done, total)) if progress else None,
+            )
+            trainer.model.train()
+            record.update({"R@1": recalls[1], "R@5": recalls[5]})
+            trainer.start_epoch = epoch + 1
+            if recalls[1] > trainer.best_r1:
+                trainer.best_r1 = recalls[1]
+                save_checkpoint(trainer.model, run.best, extra={"epoch": epoch + 1, "recalls": {"R@1": recalls[1], "R@5": recalls[5]}})
+            save_training_checkpoint(run.last, trainer.model, trainer.state())
+            run.append_log(record)
+            records.append(record)
+            if on_epoch:
+                on_epoch(record)
+        return CosPlaceResult(run_dir=run.root, last=run.last, best=run.best, best_r1=trainer.best_r1, records=records, groups_used=groups_used)

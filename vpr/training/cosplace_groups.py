@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import LabelError, UsageError
-from vpr.fileio import atomic_file
+from vpr.fileio import atomic_file, check_replaceable_file, save_png
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "vpr-cosplace-groups-1"
@@ -207,10 +207,23 @@ def load_groups(path: Path, key: str, params: GroupParams) -> ClassGroups | None
     return ClassGroups(params=params, uses_heading=uses_heading, **data)
 
 
+def is_groups_file(path: Path) -> bool:
+    """Whether `path` is an HDF5 class-group cache written by vpr."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == CACHE_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 def build_groups(images: GeoImageSet, params: GroupParams, cache: Path | None = None) -> ClassGroups:
-    """Classes and groups of `images`, read from `cache` when it matches, else computed (and cached)."""
+    """Classes and groups of `images`, read from `cache` when it matches, else computed (and cached).
+
+    An existing `cache` file that is not a vpr group cache is refused, never overwritten.
+    """
     key = cache_key(images, params) if cache is not None else ""
     if cache is not None:
+        check_replaceable_file(cache, is_groups_file, "class-group cache", "--cache")
         cached = load_groups(cache, key, params)
         if cached is not None:
             return cached
@@ -262,6 +275,5 @@ def save_group_map(groups: ClassGroups, images: GeoImageSet, out_png: Path, size
         y += 14
         draw.rectangle((margin, y + 2, margin + 10, y + 12), fill=group_colour(g))
         draw.text((margin + 16, y), f"group {g} {tuple(groups.group_ids[g].tolist())}: {len(groups.classes_of_group(g))} classes", fill=(0, 0, 0))
-    with atomic_file(Path(out_png)) as tmp:
-        canvas.save(tmp, format="PNG")
+    save_png(canvas, Path(out_png), "--map")
     return Path(out_png)

@@ -9,7 +9,11 @@ states. All writes are atomic.
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +21,9 @@ import numpy as np
 import torch
 
 from vpr.data.datasets import GeoImageSet, positives_within
-from vpr.errors import CheckpointError, UsageError
+from vpr.errors import CheckpointError, OutputError, UsageError
 from vpr.evaluation.recall import recall_at_n
-from vpr.fileio import atomic_file
+from vpr.fileio import MARKER, atomic_file, check_replaceable_dir, check_separate, marker_kind, output_lock, write_marker
 from vpr.models.checkpoints import load_payload, model_from_payload, save_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
@@ -58,6 +62,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+RUN_FILES = re.compile(r"config\.json|last\.pt|best\.pt|log\.jsonl|groups\.h5|clusters\.h5|\..+\.tmp-.*|" + re.escape(MARKER))
+FREE_TO_CHANGE = ("epochs", "resume", "device", "workers")
+
+
 @dataclass
 class RunDir:
     """Paths of a training run directory."""
@@ -80,20 +88,62 @@ class RunDir:
     def config(self) -> Path:
         return self.root / "config.json"
 
-    def prepare(self, config: dict, resume: bool) -> None:
-        """Create the run directory; refuse to overwrite a run unless resuming it with the same config."""
-        if resume:
+    def is_run(self) -> bool:
+        """Whether the directory is a run vpr wrote (its marker; runs of earlier versions: only run files)."""
+        if marker_kind(self.root) == "run":
+            return True
+        names = os.listdir(self.root)
+        return "config.json" in names and all(RUN_FILES.fullmatch(name) for name in names)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's lock for a whole training call; a second process on the same run is refused."""
+        with output_lock(self.root, wait=False):
+            yield
+
+    def check(self, config: dict, resume: bool, inputs: list[Path]) -> None:
+        """Refuse, before any work, a folder a new run may not use or a run `resume` cannot continue.
+
+        A new run needs a new or empty folder outside `inputs`; anything else is refused, never overwritten.
+        """
+        check_separate(self.root, inputs)
+        if not resume:
+            if self.root.is_dir() and not self.root.is_symlink() and os.listdir(self.root) and self.is_run():
+                raise UsageError(f"{self.root}: a run already exists here; pass --resume to continue it or choose another --out")
+            check_replaceable_dir(self.root, lambda path: os.listdir(path), "--out")  # new, or an empty folder
+        else:
+            if not self.root.is_dir() or not self.is_run():
+                raise UsageError(f"{self.root}: nothing to resume (no vpr training run here); drop --resume to start a new run")
             if not self.last.is_file():
-                raise UsageError(f"{self.root}: nothing to resume (no last.pt); drop --resume to start a new run")
-            saved = json.loads(self.config.read_text()) if self.config.is_file() else {}
-            changed = sorted(k for k in config if k in saved and saved[k] != config[k] and k not in ("epochs", "resume", "device", "workers"))
+                raise UsageError(f"{self.root}: nothing to resume (no last.pt); start a new run with another --out")
+            saved = self.read_config()
+            changed = sorted(k for k in config if k in saved and saved[k] != config[k] and k not in FREE_TO_CHANGE)
             if changed:
                 raise UsageError(f"{self.root}: --resume with changed settings {changed}; use the original ones or a new --out")
-        elif self.last.exists():
-            raise UsageError(f"{self.root}: a run already exists here; pass --resume to continue it or choose another --out")
-        self.root.mkdir(parents=True, exist_ok=True)
+
+    def prepare(self, config: dict, resume: bool, inputs: list[Path]) -> None:
+        """Check again (see `check`), then create the run directory and write its config.json."""
+        self.check(config, resume, inputs)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if marker_kind(self.root) != "run":
+                write_marker(self.root, "run")
+        except OSError as exc:
+            raise OutputError(f"{self.root}: cannot create the run folder ({exc.strerror}); choose a writable --out") from exc
         with atomic_file(self.config) as tmp:
             tmp.write_text(json.dumps(config, indent=2, default=str))
+
+    def read_config(self) -> dict:
+        """The run's saved settings; a missing or corrupt config.json is a one-line error."""
+        try:
+            saved = json.loads(self.config.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.config}: missing, so the run's settings are unknown; start a new run with another --out") from None
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.config}: not valid JSON ({str(exc)[:80]}); the run cannot be resumed, start a new one with another --out") from None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{self.config}: not a vpr run configuration; start a new run with another --out")
+        return saved
 
     def append_log(self, record: dict) -> None:
         """One JSON line per epoch."""

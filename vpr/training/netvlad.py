@@ -286,56 +286,58 @@ def train_netvlad(cfg: NetVLADTrainConfig, *, resume: bool = False, progress: Tr
     start_time = time.perf_counter()
     cfg.check()
     run = RunDir(Path(cfg.out))
-    data = load_training_data(cfg.dataset, cfg.val_split)
-    sets = tuple_sets(data.database.utm, data.queries.utm, cfg.pos_radius, cfg.neg_radius)
-    if len(sets.trainable) == 0:
-        raise LabelError(f"{cfg.dataset}: no training query has a database image within {cfg.pos_radius} m; "
-                         "check the coordinates or raise --pos-radius")
-    run.prepare(cfg.to_dict(), resume)
-    miner = Miner(sets, len(data.database), cfg.mining_config())
-    result = TrainResult(run.root, run.best, run.last)
-    if resume:
-        model, _, state = load_training_checkpoint(run.last)
-    else:
-        seed_everything(cfg.seed)
-        model, result.clusters = initial_model(cfg, data.database, progress)
-        state = None
-    model = model.to(cfg.device).to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(cfg, model)
-    first_epoch, best = 0, {"epoch": 0, "score": -1.0, "recall": {}}
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        miner.load_state_dict(state["mining"])
-        set_rng_state(state["rng"])
-        first_epoch, best = int(state["epoch"]), dict(state["best"])
-    for epoch in range(first_epoch, cfg.epochs):
-        tic = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_epoch(model, optimizer, miner, data, cfg, epoch, progress)
-        scheduler.step()
-        recalls = validate(model, data.val_database, data.val_queries, ns=(1, 5), batch_size=cfg.extract_batch_size,
-                           num_workers=cfg.workers, device=cfg.device, amp=cfg.use_amp,
-                           progress=_phase(progress, f"epoch {epoch + 1}: validation"))
-        recall = {f"R@{n}": round(v, 2) for n, v in recalls.items()}
-        improved = recalls[5] > best["score"]
-        if improved:
-            best = {"epoch": epoch + 1, "score": float(recalls[5]), "recall": recall}
-            save_checkpoint(model, run.best, extra={"epoch": epoch + 1, "recall": recall})
-        training = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "mining": miner.state_dict(), "rng": rng_state(), "best": best}
-        save_training_checkpoint(run.last, model, training)
-        seconds = time.perf_counter() - tic
-        record = {"epoch": epoch + 1, "lr": lr, **stats, "recall": recall, "best": improved, "seconds": round(seconds, 2),
-                  "images_per_s": round(stats["images"] / stats["train_s"], 2) if stats["train_s"] else 0.0}
-        run.append_log(record)
-        result.history.append(record)
-        if on_epoch:
-            on_epoch(record)
-    result.best_epoch, result.best_recall = best["epoch"], best["recall"]
-    result.pca_dim = _whiten_best(run, data, cfg, progress)
-    result.seconds = time.perf_counter() - start_time
-    return result
+    with run.locked():  # one process per run folder
+        run.check(cfg.to_dict(), resume, inputs=[Path(cfg.dataset)])
+        data = load_training_data(cfg.dataset, cfg.val_split)
+        sets = tuple_sets(data.database.utm, data.queries.utm, cfg.pos_radius, cfg.neg_radius)
+        if len(sets.trainable) == 0:
+            raise LabelError(f"{cfg.dataset}: no training query has a database image within {cfg.pos_radius} m; "
+                             "check the coordinates or raise --pos-radius")
+        run.prepare(cfg.to_dict(), resume, inputs=[Path(cfg.dataset)])
+        miner = Miner(sets, len(data.database), cfg.mining_config())
+        result = TrainResult(run.root, run.best, run.last)
+        if resume:
+            model, _, state = load_training_checkpoint(run.last)
+        else:
+            seed_everything(cfg.seed)
+            model, result.clusters = initial_model(cfg, data.database, progress)
+            state = None
+        model = model.to(cfg.device).to(memory_format=torch.channels_last)
+        optimizer, scheduler = build_optimizer(cfg, model)
+        first_epoch, best = 0, {"epoch": 0, "score": -1.0, "recall": {}}
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            miner.load_state_dict(state["mining"])
+            set_rng_state(state["rng"])
+            first_epoch, best = int(state["epoch"]), dict(state["best"])
+        for epoch in range(first_epoch, cfg.epochs):
+            tic = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_epoch(model, optimizer, miner, data, cfg, epoch, progress)
+            scheduler.step()
+            recalls = validate(model, data.val_database, data.val_queries, ns=(1, 5), batch_size=cfg.extract_batch_size,
+                               num_workers=cfg.workers, device=cfg.device, amp=cfg.use_amp,
+                               progress=_phase(progress, f"epoch {epoch + 1}: validation"))
+            recall = {f"R@{n}": round(v, 2) for n, v in recalls.items()}
+            improved = recalls[5] > best["score"]
+            if improved:
+                best = {"epoch": epoch + 1, "score": float(recalls[5]), "recall": recall}
+                save_checkpoint(model, run.best, extra={"epoch": epoch + 1, "recall": recall})
+            training = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "mining": miner.state_dict(), "rng": rng_state(), "best": best}
+            save_training_checkpoint(run.last, model, training)
+            seconds = time.perf_counter() - tic
+            record = {"epoch": epoch + 1, "lr": lr, **stats, "recall": recall, "best": improved, "seconds": round(seconds, 2),
+                      "images_per_s": round(stats["images"] / stats["train_s"], 2) if stats["train_s"] else 0.0}
+            run.append_log(record)
+            result.history.append(record)
+            if on_epoch:
+                on_epoch(record)
+        result.best_epoch, result.best_recall = best["epoch"], best["recall"]
+        result.pca_dim = _whiten_best(run, data, cfg, progress)
+        result.seconds = time.perf_counter() - start_time
+        return result
 
 
 def _whiten_best(run: RunDir, data: TrainingData, cfg: NetVLADTrainConfig, progress: TrainProgress | None) -> int | None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from vpr.data.images import normalize_batch
 from vpr.errors import ImageError, UsageError
-from vpr.fileio import atomic_file
+from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models.heads import NetVLAD
 from vpr.models.model import VPRModel
 from vpr.retrieval.extract import ImageFiles, Progress
@@ -37,6 +37,7 @@ from vpr.retrieval.index import require_faiss
 
 log = logging.getLogger(__name__)
 SECOND_TO_FIRST = 0.01  # target a_(2) / a_(1), from the reference code
+CLUSTERS_FORMAT = "vpr-netvlad-clusters"
 
 
 @dataclass
@@ -142,6 +143,16 @@ def load_clusters(path: Path, key: str) -> Clusters | None:
         return None
 
 
+def is_clusters_file(path: Path) -> bool:
+    """Whether `path` is an HDF5 cluster cache written by vpr (earlier versions wrote no format tag)."""
+    try:
+        with h5py.File(path, "r") as f:
+            tagged = f.attrs.get("format") == CLUSTERS_FORMAT
+            return tagged or ({"key", "alpha", "num_features"} <= set(f.attrs) and set(f) == {"centroids"})
+    except (OSError, ValueError):
+        return False
+
+
 def save_clusters(path: Path, clusters: Clusters, key: str) -> None:
     """Write the centroids and alpha to HDF5 atomically."""
     with atomic_file(Path(path)) as tmp:
@@ -150,6 +161,7 @@ def save_clusters(path: Path, clusters: Clusters, key: str) -> None:
             f.attrs["alpha"] = clusters.alpha
             f.attrs["num_features"] = clusters.num_features
             f.attrs["key"] = key
+            f.attrs["format"] = CLUSTERS_FORMAT
 
 
 def init_netvlad(
@@ -160,6 +172,8 @@ def init_netvlad(
     """Cluster local features of `paths` (or reuse `cache`) and set the model's NetVLAD centroids and alpha."""
     if not isinstance(model.head, NetVLAD):
         raise UsageError(f"NetVLAD initialisation needs a netvlad head, not '{model.config.head}'")
+    if cache is not None:
+        check_replaceable_file(cache, is_clusters_file, "NetVLAD cluster cache", "--clusters-cache")
     key = clusters_key(model, paths, num_images=num_images, per_image=per_image, seed=seed, iterations=iterations)
     clusters = load_clusters(cache, key) if cache is not None else None
     if clusters is None:
