@@ -29,8 +29,11 @@ def cached_count(cache):
     """Descriptors already saved in the build's cache directory (complete part files only)."""
     total = 0
     for part in cache.glob("*.h5"):
-        with h5py.File(part, "r", locking=False) as f:
-            total += f["keys"].shape[0]
+        try:
+            with h5py.File(part, "r", locking=False) as f:
+                total += f["keys"].shape[0]
+        except OSError:  # merged and removed meanwhile
+            continue
     return total
 
 

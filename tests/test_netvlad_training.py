@@ -149,7 +149,7 @@ def test_mining_takes_positives_within_10m_and_negatives_beyond_25m():
         assert len(t.negatives) == 10 and np.all(metres[t.negatives] > 25.0)
         within = np.flatnonzero(metres <= 10.0)
         feature_d = np.linalg.norm(db_desc - q_desc[t.query], axis=1)
-        assert t.positive == within[np.argmin(feature_d[within])]  # the feature-nearest potential positive
+        assert feature_d[t.positive] <= feature_d[within].min() + 1e-6  # the feature-nearest potential positive (tie-aware)
         beyond = np.flatnonzero(metres > 25.0)
         assert np.allclose(feature_d[t.negatives], np.sort(feature_d[beyond])[:10])  # hardest first
 
@@ -175,7 +175,7 @@ def test_hard_negatives_are_remembered_across_cache_refreshes():
         again = {t.query: t.negatives[0] for t in miner.mine(cache, queries, rng)}
         distance = {q: (np.linalg.norm(db_desc[again[q]] - q_desc[q]), np.linalg.norm(db_desc[hardest[q]] - q_desc[q]))
                     for q in hardest}
-        assert all(now <= before for now, before in distance.values())
+        assert all(now <= before + 1e-6 for now, before in distance.values())
         hardest = again
 
 
