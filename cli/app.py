@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import traceback
+from typing import Callable
 
 import typer
 
 from cli import groups_cmd, retrieval_cmds, synth_cmds, train_cmds
 from cli.bench_cmd import bench_cmd
+from cli.common import safe_output_streams
 from cli.models_cmd import models_cmd
 from vpr.errors import VPRError
+
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+# Typer's (vendored or not) click exceptions: usage errors (exit 2) and the like, shown by their own show().
+_CLICK_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 app = typer.Typer(
     name="vpr", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -32,32 +39,61 @@ def _global(
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-app.command("synth")(synth_cmds.synth_cmd)
-app.command("build-index")(retrieval_cmds.build_index_cmd)
-app.command("query")(retrieval_cmds.query_cmd)
-app.command("eval")(retrieval_cmds.eval_cmd)
-app.command("models")(models_cmd)
-app.command("train")(train_cmds.train_cmd)
-app.command("groups")(groups_cmd.groups_cmd)
-app.command("demo")(synth_cmds.demo_cmd)
-app.command("bench")(bench_cmd)
+class Interrupted(Exception):
+    """Ctrl-C inside a command, carried past Typer (which would turn KeyboardInterrupt into a silent exit 130)."""
+
+
+def _interruptible(command: Callable) -> Callable:
+    @functools.wraps(command)  # Typer reads the options from the wrapped signature
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+    return run
+
+
+for _name, _command in (
+    ("synth", synth_cmds.synth_cmd), ("build-index", retrieval_cmds.build_index_cmd), ("query", retrieval_cmds.query_cmd),
+    ("eval", retrieval_cmds.eval_cmd), ("models", models_cmd), ("train", train_cmds.train_cmd),
+    ("groups", groups_cmd.groups_cmd), ("demo", synth_cmds.demo_cmd), ("bench", bench_cmd),
+):
+    app.command(_name)(_interruptible(_command))
+
+
+def _interrupted() -> None:
+    print("interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED)
 
 
 def main() -> None:
-    """Console-script entry: exit 0 on success, 1 on runtime failures, 2 on usage errors."""
+    """Console-script entry: exit 0 on success, 1 on runtime failures, 2 on usage errors, 130 on Ctrl-C."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("VPR_DEBUG") == "1"
+    safe_output_streams()
     try:
-        app()  # Typer handles --help and usage errors (exit 2) itself
+        # standalone_mode=False: Typer raises usage errors and interrupts instead of printing and exiting itself
+        code = app(standalone_mode=False)
+    except _CLICK_ERRORS as exc:  # a wrong flag or value: click's usage message naming the option, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (Interrupted, KeyboardInterrupt):
+        _interrupted()
+    except typer.Abort as exc:  # older click: Ctrl-C (or end of input) becomes Abort
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            _interrupted()
+        print("error: aborted", file=sys.stderr)
+        sys.exit(1)
     except VPRError as exc:
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     except Exception as exc:
         if debug:
             raise
         print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback and report it)", file=sys.stderr)
         sys.exit(1)
+    if code == INTERRUPTED:  # Ctrl-C while Typer parsed the arguments: it returns Exit(130)'s code
+        _interrupted()
+    sys.exit(code if isinstance(code, int) else 0)

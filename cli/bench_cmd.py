@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -10,9 +9,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, err_console, parse_int_list, parse_size, print_json, resolve_device
-from vpr.evaluation.bench import bench_config, run_bench
-from vpr.fileio import atomic_file
+from cli.common import (
+    INT32_MAX, MAX_BATCH, MAX_WORKERS, console, err_console, parse_int_list, parse_size, print_json, resolve_device, to_json,
+)
+from vpr.evaluation.bench import bench_config, is_bench_results, run_bench
+from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models.model import ModelConfig
 
 
@@ -23,12 +24,12 @@ def bench_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="A synthetic city from `vpr synth` to use instead of rendering one into a temporary folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Measure this vpr checkpoint instead of a random-init ResNet-18 CosPlace model."),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Database sizes of the index and search cases, e.g. 10000,100000,1000000."),
-    images: Optional[int] = typer.Option(None, "--images", help="JPEG files through the extraction cases."),
+    images: Optional[int] = typer.Option(None, "--images", min=2, max=INT32_MAX, help="JPEG files through the extraction cases."),
     resize: Optional[str] = typer.Option(None, "--resize", help="Model input HEIGHTxWIDTH (default 240x320)."),
     jpeg_size: str = typer.Option("480x640", "--jpeg-size", help="Size HEIGHTxWIDTH of the JPEGs extracted (the city's images upscaled, like camera photos), or 'native'."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default 32 on CPU, 128 on CUDA)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes decoding JPEGs (default 2 on CPU)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch and FAISS threads (default: all cores)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, max=MAX_BATCH, help="Images per forward pass (default 32 on CPU, 128 on CUDA)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, max=MAX_WORKERS, help="DataLoader worker processes decoding JPEGs (default 2 on CPU)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=4096, help="torch and FAISS threads (default: all cores)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Add torch.compile cases: forward only and the bf16 pipeline (default: on CUDA only; on the CPU they add about a minute of compilation)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
 ) -> None:
@@ -40,11 +41,13 @@ def bench_cmd(
         model=ModelConfig(input_size=parse_size(resize)) if resize else None,
         jpeg_size=None if jpeg_size == "native" else parse_size(jpeg_size), compile=compile_model,
     )
+    path = out or Path("bench_results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    if out is not None:  # checked before minutes of measuring: never replace a file vpr bench did not write
+        check_replaceable_file(out, is_bench_results, "bench results file", "--out")
     with err_console.status("benchmarking") as status:
         results = run_bench(config, stage=lambda message: status.update(f"bench: {message}"))
-    path = out or Path("bench_results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        tmp.write_text(to_json(results))
     if json_out:
         print_json(results)
         return

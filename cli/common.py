@@ -3,19 +3,88 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vpr.errors import UsageError
 
-console = Console()
-err_console = Console(stderr=True)
+# User text (paths, file names, option values) is printed literally: no rich markup (`[red]b.png`, `a[/b]c`),
+# no emoji codes (`:cat:`), no highlighting. stdout never wraps or crops a line, so paths stay whole in pipes.
+# On a terminal whose encoding lacks box-drawing characters rich falls back to ASCII boxes by itself.
+console = Console(markup=False, emoji=False, highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+
+INT32_MAX = 2**31 - 1  # FAISS takes C ints (k, nprobe, efSearch)
+SEED_MAX = 2**32 - 1
+MAX_WORKERS = 256
+MAX_BATCH = 4096
+MAX_DIM = 65536
+MAX_CLUSTERS = 1024
+MAX_EF_SEARCH = 1_000_000  # FAISS HNSW allocates candidate lists of this size per query
+MAX_SPACING = 1000  # CosPlace --N: N*N*L groups
+
+
+def safe_output_streams() -> None:
+    """Escape characters stdout/stderr cannot encode (an ASCII terminal, a filename with undecodable bytes)
+    instead of crashing on them: `café.jpg` prints as `caf\\xe9.jpg` under PYTHONIOENCODING=ascii."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or exotic stream: leave it as it is
+                pass
+
+
+def check_output_file(path: Optional[Path], option: str) -> None:
+    """Refuse an output file path that names a directory, or whose nearest existing ancestor is not one."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a directory; give a .png file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is not a directory; give a .png file path in a folder")
+
+
+def number_range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False) -> Callable:
+    """A typer.Option callback for float options: refuse NaN, infinities and values outside the range
+    (click's FloatRange lets NaN through), as a usage error (exit 2) that names the option."""
+    bounds = " and ".join(
+        f"{sign} {bound:g}" for sign, bound in ((">" if low_open else ">=", low), ("<" if high_open else "<=", high))
+        if bound is not None
+    )
+
+    def check(ctx, param, value):  # positional (ctx, param, value): typer passes them untyped in this order
+        if value is None:
+            return value
+        inside = math.isfinite(value) and (
+            low is None or (value > low if low_open else value >= low)
+        ) and (high is None or (value < high if high_open else value <= high))
+        if not inside:
+            raise typer.BadParameter(f"{value}: must be a finite number" + (f" {bounds}" if bounds else ""),
+                                     ctx=ctx, param=param)
+        return value
+
+    return check
+
+
+POSITIVE = number_range(0, low_open=True)
+NON_NEGATIVE = number_range(0)
+DEGREES = number_range(0, 360, low_open=True)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -72,8 +141,9 @@ def check_amp(amp: bool, device: str) -> None:
 
 def rich_progress() -> Progress:
     """The transient stderr progress display every command uses."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    return Progress(*columns, console=err_console, transient=True)
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    # Off when stderr is not a terminal: rich draws nothing there but ends with an empty line on stderr
+    return Progress(*columns, console=err_console, transient=True, disable=not err_console.is_interactive)
 
 
 @contextmanager
@@ -91,6 +161,24 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
         yield update
 
 
+def json_safe(data: object) -> object:
+    """`data` with NaN and infinities replaced by None (JSON null), recursively; tuples become lists."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(value) for value in data]
+    if hasattr(data, "dtype") and hasattr(data, "tolist"):  # numpy scalars and arrays
+        return json_safe(data.tolist())
+    return data
+
+
+def to_json(data: object) -> str:
+    """Strict JSON text (no NaN/Infinity, which most parsers refuse), indented, ending in a newline."""
+    return json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def print_json(data: object) -> None:
     """Machine-readable output on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(to_json(data))

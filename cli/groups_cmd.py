@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, print_json
+from cli.common import DEGREES, INT32_MAX, MAX_SPACING, POSITIVE, check_output_file, console, print_json
 from vpr.data.datasets import load_image_set
 from vpr.training.cosplace import split_dir
 from vpr.training.cosplace_groups import GroupParams, build_groups, save_group_map
@@ -23,17 +23,18 @@ def _train_images(dataset: Path) -> Path:
 
 def groups_cmd(
     dataset: Path = typer.Argument(..., help="Dataset root (its images/train split is used), or any folder of `@`-named images or CSV manifest."),
-    cell_m: float = typer.Option(10.0, "--M", help="Class cell side in metres."),
-    alpha: float = typer.Option(30.0, "--alpha", help="Class heading sector in degrees."),
-    cell_n: int = typer.Option(5, "--N", help="Group spacing in cells: same-group classes are >= M*(N-1) m apart."),
-    sector_l: int = typer.Option(2, "--L", help="Group spacing in heading sectors (1 ignores heading for grouping)."),
-    min_images_per_class: int = typer.Option(10, "--min-images-per-class", help="Drop classes with fewer images."),
+    cell_m: float = typer.Option(10.0, "--M", callback=POSITIVE, help="Class cell side in metres."),
+    alpha: float = typer.Option(30.0, "--alpha", callback=DEGREES, help="Class heading sector in degrees."),
+    cell_n: int = typer.Option(5, "--N", min=1, max=MAX_SPACING, help="Group spacing in cells: same-group classes are >= M*(N-1) m apart."),
+    sector_l: int = typer.Option(2, "--L", min=1, max=360, help="Group spacing in heading sectors (1 ignores heading for grouping)."),
+    min_images_per_class: int = typer.Option(10, "--min-images-per-class", min=1, max=INT32_MAX, help="Drop classes with fewer images."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="HDF5 file to reuse (rebuilt when the images or parameters change)."),
     map_png: Optional[Path] = typer.Option(None, "--map", help="Save a PNG map of the classes coloured by group (grey: dropped images)."),
-    map_size: int = typer.Option(1024, "--map-size", help="Width/height in pixels of the map's plot area."),
+    map_size: int = typer.Option(1024, "--map-size", min=64, max=16384, help="Width/height in pixels of the map's plot area."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Print the number of classes per CosPlace group and the images dropped; optionally draw a map."""
+    check_output_file(map_png, "--map")
     source = _train_images(dataset)
     images = load_image_set(source)
     params = GroupParams(M=cell_m, alpha=alpha, N=cell_n, L=sector_l, min_images_per_class=min_images_per_class)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -9,10 +10,12 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from cli.common import (
-    AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, NPROBE_HELP, check_amp, console, err_console, parse_int_list, parse_size,
-    print_json, progress_bar, resolve_device,
+    AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, INT32_MAX, MAX_BATCH, MAX_CLUSTERS, MAX_DIM, MAX_EF_SEARCH, MAX_WORKERS,
+    NPROBE_HELP, POSITIVE, check_amp, check_output_file, console, err_console, parse_int_list, parse_size, print_json,
+    progress_bar, resolve_device,
 )
 from vpr.data.datasets import load_image_set
 from vpr.data.geo import utm_to_latlon
@@ -20,7 +23,7 @@ from vpr.errors import UsageError
 from vpr.evaluation.evaluate import evaluate
 from vpr.evaluation.viz import save_matches_figure
 from vpr.models.model import ModelConfig
-from vpr.retrieval.pipeline import Match, build_index, describe, load_model, retrieve
+from vpr.retrieval.pipeline import Match, build_index, cache_dir_for, describe, load_model, retrieve
 from vpr.retrieval.store import load_index
 
 DEFAULT_INDEX = Path("indexes/default")
@@ -31,24 +34,24 @@ def build_index_cmd(
     out: Path = typer.Option(DEFAULT_INDEX, "--out", "-o", help="Index directory to write (replaced atomically if it exists)."),
     backbone: str = typer.Option("resnet18", "--model", "--backbone", help="Backbone when no checkpoint is given: resnet18, resnet50, resnet101, vgg16."),
     head: str = typer.Option("cosplace", "--head", help="Head when no checkpoint is given: cosplace (GeM + FC) or netvlad."),
-    dim: int = typer.Option(512, "--dim", help="CosPlace descriptor size when no checkpoint is given."),
-    clusters: int = typer.Option(64, "--clusters", help="NetVLAD cluster count when no checkpoint is given."),
-    layer: int = typer.Option(4, "--layer", help="ResNet stage to cut after (4, or 3)."),
+    dim: int = typer.Option(512, "--dim", min=1, max=MAX_DIM, help="CosPlace descriptor size when no checkpoint is given."),
+    clusters: int = typer.Option(64, "--clusters", min=2, max=MAX_CLUSTERS, help="NetVLAD cluster count when no checkpoint is given."),
+    layer: int = typer.Option(4, "--layer", min=3, max=4, help="ResNet stage to cut after (4, or 3)."),
     resize: Optional[str] = typer.Option(None, "--resize", help="Input size HEIGHTxWIDTH: 240x320 for a new model by default; with --checkpoint it overrides the stored size (published checkpoints default to 480x640)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="torchvision ImageNet weights: a name (IMAGENET1K_V1: downloaded once into the torch hub cache, offline after that) or a local .pth file."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A vpr checkpoint (from `vpr train`) or a published CosPlace/EigenPlaces/NetVLAD/benchmark .pth (see `vpr models`); its architecture overrides the model options."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Checkpoint layout: auto (default: detected from the keys), vpr, cosplace (also EigenPlaces), netvlad (pytorch-NetVlad, Patch-NetVLAD) or benchmark."),
-    pca_dim: Optional[int] = typer.Option(None, "--pca-dim", help="Compress descriptors to D dimensions with PCA fitted on the database."),
+    pca_dim: Optional[int] = typer.Option(None, "--pca-dim", min=1, max=MAX_DIM, help="Compress descriptors to D dimensions with PCA fitted on the database."),
     whiten: bool = typer.Option(False, "--whiten/--no-whiten", help="Whiten the PCA (as NetVLAD's WPCA)."),
     kind: str = typer.Option("flat", "--index", help="FAISS index: flat (exact inner product), ivfpq or hnsw (approximate, for large databases)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=MAX_BATCH, help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", min=0, max=MAX_WORKERS, help="DataLoader worker processes for decoding images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
     compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG) and resize them there in batches; CUDA only. Other formats still decode in the workers."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache/ so an interrupted or repeated build resumes."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT.skipped.txt) instead of stopping at the first."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT/skipped.txt) instead of stopping at the first."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build a self-contained index (model, PCA, FAISS index, database metadata) from database images."""
@@ -67,7 +70,7 @@ def build_index_cmd(
         raise UsageError(f"--gpu-decode needs a CUDA device (got --device {device}); drop --gpu-decode on the CPU")
     images = load_image_set(database)
     start = time.perf_counter()
-    cache_path = out.with_name(out.name + ".cache") if cache else None
+    cache_path = cache_dir_for(out) if cache else None
     with progress_bar(f"indexing {len(images)} images", enabled=not json_out) as progress:
         report = build_index(
             images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
@@ -76,9 +79,7 @@ def build_index_cmd(
             skip_bad=skip_bad, progress=progress,
         )
     seconds = time.perf_counter() - start
-    skipped_file = out.with_name(out.name + ".skipped.txt")
-    if report.skipped:
-        skipped_file.write_text("".join(f"{p}\t{reason}\n" for p, reason in report.skipped))
+    skipped_file = report.out_dir / "skipped.txt"
     summary = {
         "index": str(report.out_dir), "images": len(images), "indexed": report.count, "skipped": len(report.skipped),
         "reused_from_cache": report.reused, "dim": report.dim, "index_kind": kind, "seconds": round(seconds, 2),
@@ -109,42 +110,48 @@ def _match_json(match: Match, zone: tuple[int, str] | None) -> dict:
 def query_cmd(
     images: list[Path] = typer.Argument(..., help="Query image(s)."),
     index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i", help="Index directory from `vpr build-index`."),
-    k: int = typer.Option(5, "-k", "--top-k", help="Number of matches per query."),
+    k: int = typer.Option(5, "-k", "--top-k", max=INT32_MAX, help="Number of matches per query."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help=NPROBE_HELP),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", help=EF_SEARCH_HELP),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, max=INT32_MAX, help=NPROBE_HELP),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, max=MAX_EF_SEARCH, help=EF_SEARCH_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print matches as JSON."),
     viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG of each query beside its matches."),
 ) -> None:
     """Find where photos were taken: print the top-k database matches with distance and position."""
     if k < 1:
         raise UsageError(f"-k {k}: must be at least 1")
+    check_output_file(viz, "--viz")
     bundle = load_index(index)
     bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
     dev = resolve_device(device)
     check_amp(amp, dev)
     results = retrieve(bundle, describe(bundle, list(images), device=dev, amp=amp), k, device=dev)
     zone = bundle.database.zone
-    if viz is not None:
-        rows = [(q, [(m.path, f"#{m.rank} d={m.distance:.3f}", None) for m in matches]) for q, matches in zip(images, results)]
-        save_matches_figure(rows, viz)
     if json_out:
         print_json([{"query": str(q), "matches": [_match_json(m, zone) for m in ms]} for q, ms in zip(images, results)])
+    else:
+        for query, matches in zip(images, results):
+            table = Table(title=Text(str(query)), title_justify="left")
+            for column in ("rank", "file", "distance", "utm east", "utm north", "lat, lon"):
+                table.add_column(column, overflow="fold")  # a narrow terminal folds file names, never cuts them to "…"
+            for m in matches:
+                data = _match_json(m, zone)
+                position = ("", "") if m.utm is None else (f"{m.utm[0]:.1f}", f"{m.utm[1]:.1f}")
+                latlon = "" if data["lat"] is None else f"{data['lat']:.6f}, {data['lon']:.6f}"
+                table.add_row(str(m.rank), Text(m.path.name), f"{m.distance:.4f}", *position, latlon)
+            console.print(table)
+        if k > len(bundle.database):
+            err_console.print(f"note: -k {k} is larger than the database ({len(bundle.database)} images); showed all")
+    if viz is None:
         return
-    for query, matches in zip(images, results):
-        table = Table(title=f"{query}", title_justify="left")
-        for column in ("rank", "file", "distance", "utm east", "utm north", "lat, lon"):
-            table.add_column(column)
-        for m in matches:
-            data = _match_json(m, zone)
-            position = ("", "") if m.utm is None else (f"{m.utm[0]:.1f}", f"{m.utm[1]:.1f}")
-            latlon = "" if data["lat"] is None else f"{data['lat']:.6f}, {data['lon']:.6f}"
-            table.add_row(str(m.rank), m.path.name, f"{m.distance:.4f}", *position, latlon)
-        console.print(table)
-    if k > len(bundle.database):
-        err_console.print(f"note: -k {k} is larger than the database ({len(bundle.database)} images); showed all")
-    if viz is not None:
+    rows = [(q, [(m.path, f"#{m.rank} d={m.distance:.3f}", None) for m in matches]) for q, matches in zip(images, results)]
+    figure = save_matches_figure(rows, viz)  # after the results: an unwritable --viz loses no answer
+    if figure.missing:
+        count = len(figure.missing)
+        err_console.print(f"note: {count} database image{'s' if count > 1 else ''} unreadable, drawn as grey 'missing' "
+                          f"tiles in {viz}; first: {figure.missing[0][1]}", soft_wrap=True)
+    if not json_out:
         console.print(f"visualisation written to {viz}")
 
 
@@ -152,20 +159,20 @@ def eval_cmd(
     queries: Path = typer.Argument(..., help="Folder of query images (`@` names) or a CSV manifest; with --gt, any folder."),
     index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i", help="Index directory from `vpr build-index`."),
     recall: str = typer.Option("1,5,10,20", "--recall", help="Comma-separated N values for recall@N."),
-    threshold: float = typer.Option(25.0, "--threshold", help="A database image within this many metres of a query is a positive."),
+    threshold: float = typer.Option(25.0, "--threshold", callback=POSITIVE, help="A database image within this many metres of a query is a positive."),
     gt: Optional[Path] = typer.Option(None, "--gt", help="Ground-truth CSV `query,positives` (space-separated database names or indices) instead of coordinates."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes for decoding images."),
+    workers: int = typer.Option(2, "--workers", min=0, max=MAX_WORKERS, help="DataLoader worker processes for decoding images."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
     compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help=NPROBE_HELP),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", help=EF_SEARCH_HELP),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, max=INT32_MAX, help=NPROBE_HELP),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, max=MAX_EF_SEARCH, help=EF_SEARCH_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
 ) -> None:
     """Recall@N of an index on labelled queries (standard protocol: hit = a positive in the top N)."""
     ns = parse_int_list(recall, "--recall")
-    if threshold <= 0:
-        raise UsageError(f"--threshold {threshold}: must be positive (metres)")
+    if not (math.isfinite(threshold) and threshold > 0):  # the option's callback refuses these first; kept for direct calls
+        raise UsageError(f"--threshold {threshold}: must be a positive number of metres, e.g. 25")
     if gt is not None and not gt.is_file():
         raise UsageError(f"--gt {gt}: file not found")
     bundle = load_index(index)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import console, print_json, progress_bar, resolve_device
+from cli.common import SEED_MAX, console, print_json, progress_bar, resolve_device
 from cli.retrieval_cmds import print_recall_table
 from vpr.data.datasets import load_split
 from vpr.data.synth import PRESETS, generate_city, get_preset, save_preview
@@ -22,7 +22,7 @@ from vpr.retrieval.store import load_index
 def synth_cmd(
     out: Path = typer.Argument(..., help="Dataset folder to create (ROOT/images/{train,val,test}/{database,queries})."),
     preset: str = typer.Option("small", "--preset", help=f"Size preset: {', '.join(PRESETS)}."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same bytes."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed; the same seed gives the same bytes."),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Also save a contact sheet PNG (database images beside their queries)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:

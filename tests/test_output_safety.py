@@ -324,3 +324,22 @@ def test_any_output_path_either_builds_an_index_or_refuses_without_touching_user
         os.chdir(cwd)
     after = snapshot(root)
     assert {k: after.get(k) for k in protected} == protected
+
+
+def test_viz_and_bench_outputs_never_replace_a_users_file(monkeypatch, capsys, data, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "idx"
+    assert build(monkeypatch, capsys, data / "database", out, "--no-cache")[0] == 0
+    Image.new("RGB", (4, 4)).save(tmp_path / "holiday.png")
+    before = (tmp_path / "holiday.png").read_bytes()
+    query = sorted((data / "queries").iterdir())[0]
+    code, _, err = run_cli(monkeypatch, capsys, "query", query, "--index", out, "--device", "cpu", "--viz", tmp_path / "holiday.png")
+    assert code == 1 and "not a PNG written by vpr" in err and (tmp_path / "holiday.png").read_bytes() == before
+    code, _, _ = run_cli(monkeypatch, capsys, "query", query, "--index", out, "--device", "cpu", "--viz", tmp_path / "v.png")
+    assert code == 0 and is_vpr_png(tmp_path / "v.png")
+    assert run_cli(monkeypatch, capsys, "query", query, "--index", out, "--device", "cpu", "--viz", tmp_path / "v.png")[0] == 0
+    (tmp_path / "results.json").write_text('{"mine": true}')
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--quick", "--device", "cpu", "--out", tmp_path / "results.json")
+    assert code == 1 and "not a bench results file written by vpr" in err
+    assert (tmp_path / "results.json").read_text() == '{"mine": true}'

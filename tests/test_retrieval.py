@@ -94,7 +94,7 @@ def test_extraction_resumes_from_its_cache(places, tmp_path, tiny_model):
     second = extract_descriptors(tiny_model, paths, cache=cache, num_workers=0)
     fresh = extract_descriptors(tiny_model, paths, num_workers=0)
     assert first.reused == 0 and second.reused == 5
-    assert np.allclose(second.descriptors, fresh.descriptors, atol=1e-6)
+    assert np.allclose(second.descriptors, fresh.descriptors, atol=1e-5)  # other batch sizes: other kernels
     assert sorted(p.name for p in cache.iterdir()) == [".vpr-owned", "main.h5"]  # parts merged on close
     with h5py.File(cache / "main.h5") as f:
         assert f["descriptors"].shape == (12, 64)

@@ -197,7 +197,7 @@ def _leftovers(path: Path) -> list[Path]:
     except OSError:
         return []
     candidates = [path.parent / name for name in names if name.startswith(prefixes)]
-    return [c for c in candidates if c.is_dir() and not c.is_symlink() and marker_kind(c) == "tmp"]
+    return [c for c in candidates if c.is_dir() and not c.is_symlink() and marker_kind(c) is not None]
 
 
 @contextmanager
@@ -228,12 +228,9 @@ def atomic_dir(path: Path, *, kind: str, foreign: Callable[[Path], list[str]], o
             os.replace(tmp, path)
         elif not _exchange(tmp, path):
             old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-            write_marker(path, "tmp")
-            os.replace(path, old)
+            os.replace(path, old)  # the old directory keeps its own marker: a leftover `.old-` is still cleanable
             os.replace(tmp, path)
             tmp = old
-        else:
-            write_marker(tmp, "tmp")  # the old directory, now at the temporary name
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
             raise _os_error(path, exc, "write the output") from exc

@@ -16,6 +16,7 @@ Every case returns plain numbers (a JSON-ready dict); nothing here prints. Cases
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing
 import os
 import platform
@@ -52,6 +53,7 @@ from vpr.retrieval.pipeline import build_index
 
 Stage = Callable[[str], None]
 MB = 1e6
+BENCH_TAG = "vpr bench"
 
 
 @dataclass
@@ -675,6 +677,15 @@ def versions() -> dict:
     return out
 
 
+def is_bench_results(path: Path) -> bool:
+    """Whether `path` is a results file `vpr bench` wrote (so a rerun may replace it)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (data.get("written_by") == BENCH_TAG or {"machine", "versions", "settings"} <= set(data))
+
+
 def run_bench(config: BenchConfig, stage: Stage | None = None) -> dict:
     """Run every case and return the results (settings, machine, versions and figures) as a dict."""
     stage = stage or (lambda message: None)
@@ -692,6 +703,7 @@ def run_bench(config: BenchConfig, stage: Stage | None = None) -> dict:
     else:
         model = build_model(config.model, seed=config.seed)
     results: dict = {
+        "written_by": BENCH_TAG,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(config.device), "versions": versions(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from vpr.data.images import load_rgb
-from vpr.fileio import atomic_file
+from vpr.errors import ImageError
+from vpr.fileio import save_png
+
+log = logging.getLogger(__name__)
 
 TILE_HEIGHT = 180
 CAPTION = 16
 CORRECT, WRONG, UNKNOWN = (40, 170, 60), (200, 50, 40), (120, 120, 120)
+MISSING_FILL, MISSING_WIDTH = (150, 150, 150), round(TILE_HEIGHT * 4 / 3)
 
 
-def _tile(path: Path, caption: str, border: tuple[int, int, int]) -> Image.Image:
-    img = load_rgb(path)
+@dataclass
+class MatchesFigure:
+    """The PNG written, and the match images that could not be read (drawn as grey `missing` tiles)."""
+
+    path: Path
+    missing: list[tuple[Path, str]] = field(default_factory=list)  # (image, the ImageError message)
+
+
+def _placeholder() -> Image.Image:
+    """A grey tile labelled `missing`, standing in for an image that moved or cannot be decoded."""
+    img = Image.new("RGB", (MISSING_WIDTH, TILE_HEIGHT), MISSING_FILL)
+    draw = ImageDraw.Draw(img)
+    draw.line((0, 0, MISSING_WIDTH - 1, TILE_HEIGHT - 1), fill=(110, 110, 110), width=2)
+    draw.line((0, TILE_HEIGHT - 1, MISSING_WIDTH - 1, 0), fill=(110, 110, 110), width=2)
+    draw.rectangle((MISSING_WIDTH // 2 - 30, TILE_HEIGHT // 2 - 10, MISSING_WIDTH // 2 + 30, TILE_HEIGHT // 2 + 10), fill=MISSING_FILL)
+    draw.text((MISSING_WIDTH // 2 - 21, TILE_HEIGHT // 2 - 6), "missing", fill=(255, 255, 255))
+    return img
+
+
+def _tile(path: Path, caption: str, border: tuple[int, int, int], img: Image.Image | None = None) -> Image.Image:
+    img = load_rgb(path) if img is None else img
     width = max(1, round(img.width * TILE_HEIGHT / img.height))
     img = img.resize((width, TILE_HEIGHT), Image.BILINEAR)
     tile = Image.new("RGB", (width + 8, TILE_HEIGHT + 8 + CAPTION), border)
@@ -24,13 +49,24 @@ def _tile(path: Path, caption: str, border: tuple[int, int, int]) -> Image.Image
     return tile
 
 
-def save_matches_figure(rows: list[tuple[Path, list[tuple[Path, str, bool | None]]]], out_png: Path) -> Path:
-    """One row per query: the query, then its matches (path, caption, correct?) with coloured borders."""
-    rendered = []
+def save_matches_figure(rows: list[tuple[Path, list[tuple[Path, str, bool | None]]]], out_png: Path) -> MatchesFigure:
+    """One row per query: the query, then its matches (path, caption, correct?) with coloured borders.
+
+    A match image that cannot be read (moved, deleted, corrupt since the index was built) becomes a grey
+    tile labelled `missing`, logged as a warning and listed in the result's `missing`; the figure is still
+    written. An unreadable query image raises `ImageError`.
+    """
+    rendered, missing = [], []
     for query, matches in rows:
         tiles = [_tile(query, f"query {query.name}", (30, 30, 30))]
         for path, caption, correct in matches:
-            tiles.append(_tile(path, caption, UNKNOWN if correct is None else CORRECT if correct else WRONG))
+            border = UNKNOWN if correct is None else CORRECT if correct else WRONG
+            try:
+                tiles.append(_tile(path, caption, border))
+            except ImageError as exc:
+                log.warning("%s; drawn as a grey 'missing' tile in %s", exc, out_png)
+                missing.append((Path(path), str(exc)))
+                tiles.append(_tile(path, f"{caption} missing", border, img=_placeholder()))
         rendered.append(tiles)
     width = max(sum(t.width for t in tiles) + 6 * len(tiles) for tiles in rendered)
     height = sum(max(t.height for t in tiles) + 6 for tiles in rendered)
@@ -43,6 +79,5 @@ def save_matches_figure(rows: list[tuple[Path, list[tuple[Path, str, bool | None
             x += t.width + 6
         y += max(t.height for t in tiles) + 6
     out_png = Path(out_png)
-    with atomic_file(out_png) as tmp:
-        sheet.save(tmp, format="PNG")
-    return out_png
+    save_png(sheet, out_png, "--viz")
+    return MatchesFigure(out_png, missing)

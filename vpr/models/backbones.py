@@ -8,6 +8,7 @@ weights load unchanged.
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 from urllib.parse import urlparse
@@ -44,6 +45,19 @@ def backbone_channels(name: str, layer: int = 4) -> int:
     raise UsageError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
 
 
+def _write_failure(exc: BaseException | None) -> OSError | None:
+    """The permission or read-only-filesystem error (an unwritable hub cache) behind `exc`, if any,
+    as opposed to a network failure; URLError keeps its cause in `reason`."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and (isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+            return exc
+        reason = getattr(exc, "reason", None)
+        exc = reason if isinstance(reason, BaseException) else exc.__cause__ or exc.__context__
+    return None
+
+
 def _imagenet_state(name: str, weights: str | Path) -> tuple[dict, str]:
     """A torchvision state dict from a local file or a weights name (torch hub cache), weights-only."""
     path = Path(weights)
@@ -70,7 +84,14 @@ def _imagenet_state(name: str, weights: str | Path) -> tuple[dict, str]:
         state = torch.hub.load_state_dict_from_url(
             entry.url, map_location="cpu", progress=False, check_hash=True, weights_only=True,
         )
-    except Exception as exc:  # URLError, HTTPError, hash mismatch, refused pickle...
+    except Exception as exc:  # URLError, HTTPError, hash mismatch, refused pickle, unwritable cache...
+        denied = _write_failure(exc)
+        if denied is not None:
+            raise CheckpointError(
+                f"{cached.parent}: the torch hub cache is not writable ({denied.strerror or type(denied).__name__}), so "
+                f"{name} weights {entry} cannot be saved there; set TORCH_HOME to a writable folder "
+                f"(e.g. TORCH_HOME=$HOME/.cache/torch) or pass a local .pth file with --pretrained FILE"
+            ) from exc
         if cached.is_file():
             raise CheckpointError(
                 f"{cached}: cached {name} weights are not a loadable weights-only state dict "

@@ -1,0 +1,730 @@
+"""Hostile inputs: the evidence table for issue 11's closing note ("Never lose a user's files ...").
+
+Reproduces every hostile-user case of issue 11 in a fresh temporary folder ($TMP) by running the real
+`vpr` CLI in subprocesses, and records for each case: the command, the exit code, the first line of
+output (stderr, or stdout when stderr is empty), whether the user's files survived byte for byte
+(sha256 of every file in the protected folders before and after, for the cases that could lose data),
+the case's own checks, problems spotted in the output (a traceback, an 'unexpected' error, a
+multi-line message, files changed or lost) and whether the case behaved as issue 11 asks. It prints
+a Markdown table and writes the cases as a JSON list.
+
+For click's usage errors (a `Usage:` line, a hint and an `Error:` line) the table shows the `Error:`
+line; the JSON keeps both `first_line` and that `message`. Every build uses the tiny settings
+`--resize 48x64 --dim 64 --workers 0 --device cpu`; the query and eval cases share one index.
+About 6 CPU-minutes, nearly all of them ~60 CLI starts importing torch (5-6 s each), run two at a time:
+3-4 minutes on an idle 2-core CPU, 6-7 on one shared with other work.
+
+    .venv/bin/python benchmarks/hostile_inputs.py [--out hostile_inputs.json] [--jobs 2] [--keep]
+
+Case 44 makes the index immutable with `chattr +i` (root on a filesystem with attributes), as a
+read-only index; where that is refused the case is marked not reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+from PIL import Image
+
+from vpr.data.geo import format_at_name
+from vpr.fileio import MARKER
+
+VPR_SCRIPT = Path(sys.executable).with_name("vpr")
+VPR = [str(VPR_SCRIPT)] if VPR_SCRIPT.exists() else [sys.executable, "-c", "from cli.app import main; main()"]
+TINY = ["--resize", "48x64", "--dim", "64", "--workers", "0", "--device", "cpu"]
+TIMEOUT_S = 300
+WORK = {0}
+REFUSE = {1, 2}  # a runtime error (1) or a usage error (2), as one message
+USAGE = {2}
+
+
+@dataclass
+class Result:
+    """One finished `vpr` run."""
+
+    args: list[str]
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def usage_error(self) -> bool:
+        """Click's usage block: `Usage: ...`, a hint, a blank line and `Error: ...`."""
+        return self.stderr.startswith("Usage:")
+
+    @property
+    def first_line(self) -> str:
+        lines = [line for line in (self.stderr or self.stdout).splitlines() if line.strip()]
+        return lines[0] if lines else ""
+
+    @property
+    def message(self) -> str:
+        """The line that says what happened: click's `Error:` line for usage errors, else the first line."""
+        if self.usage_error:
+            return next((line for line in self.stderr.splitlines() if line.startswith("Error:")), self.first_line)
+        return self.first_line
+
+    def problems(self) -> list[str]:
+        found = []
+        if "Traceback" in self.stderr:
+            found.append("traceback")
+        if "unexpected" in self.stderr:
+            found.append("'unexpected' error")
+        if self.code != 0 and not self.usage_error and len([x for x in self.stderr.splitlines() if x.strip()]) > 1:
+            found.append("multi-line message")
+        return found
+
+
+@dataclass
+class Case:
+    """One row of the evidence table."""
+
+    id: str
+    name: str
+    command: str
+    exit: int | str
+    first_line: str
+    message: str
+    intact: bool | None = None  # the user's files, byte for byte; None where nothing was at risk
+    checks: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    as_expected: bool | None = None
+
+
+@dataclass(frozen=True)
+class Lab:
+    """The temporary folder and what the cases share: a city (8 places) and an index of its database."""
+
+    root: Path
+
+    @property
+    def city(self) -> Path:
+        return self.root / "city"
+
+    @property
+    def db(self) -> Path:
+        return self.city / "database"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "idx"
+
+    def short(self, text: str) -> str:
+        """`text` with the temporary folder shown as $TMP, printable as UTF-8."""
+        return text.replace(str(self.root), "$TMP").encode("utf-8", "backslashreplace").decode("utf-8")
+
+    def case(self, id: str, name: str, result: Result, expect: set[int], *, intact: bool | None = None,
+             ok: bool = True, **checks: Any) -> Case:
+        """A row for `result`: as expected when its exit code is in `expect`, `ok` holds, no files were lost
+        and the output shows no problem."""
+        problems = result.problems() + (["files changed"] if intact is False else [])
+        return Case(
+            id=id, name=name, command=self.short(shlex.join(["vpr", *result.args])), exit=result.code,
+            first_line=self.short(result.first_line), message=self.short(result.message), intact=intact,
+            checks={k: self.short(v) if isinstance(v, str) else v for k, v in checks.items()}, problems=problems,
+            as_expected=result.code in expect and ok and intact is not False and not problems,
+        )
+
+    def note(self, id: str, name: str, command: str, line: str, *, ok: bool | None, **checks: Any) -> Case:
+        """A row for a check that is not one CLI run (exit column '-')."""
+        return Case(id=id, name=name, command=self.short(command), exit="-", first_line=self.short(line),
+                    message=self.short(line), checks=checks, as_expected=ok)
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "VPR_DEBUG"}
+    return {**env, "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def decode(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
+
+
+def run(args: list[str], env: dict[str, str] | None = None, stdin: str | None = None, *, cwd: Path | None = None) -> Result:
+    """Run `vpr ARGS` in a subprocess with one torch thread; `env` adds variables, `stdin` is its input (none by default)."""
+    done = subprocess.run([*VPR, *args], env=cli_env(env), input=(stdin or "").encode(), capture_output=True,
+                          cwd=cwd, timeout=TIMEOUT_S)
+    return Result(args, done.returncode, decode(done.stdout), decode(done.stderr))
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    """Start `vpr ARGS` in the background (see `finish`)."""
+    return subprocess.Popen([*VPR, *args], env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def finish(process: subprocess.Popen, args: list[str]) -> Result:
+    stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    return Result(args, process.returncode, decode(stdout), decode(stderr))
+
+
+def build_args(database: Path, out: Path | str, *extra: str) -> list[str]:
+    return ["build-index", str(database), "--out", str(out), *TINY, *extra]
+
+
+# Test data.
+
+def write_places(folder: Path, count: int, seed: int, *, queries: bool = True) -> Path:
+    """`count` places 100 m apart as `@`-named 64x48 JPEGs in FOLDER/database and, with `queries`, a noisy
+    second view of each (3 m east, 2 m south) in FOLDER/queries; returns `folder`."""
+    rng = np.random.default_rng(seed)
+    (folder / "database").mkdir(parents=True)
+    if queries:
+        (folder / "queries").mkdir()
+    for i in range(count):
+        east, north = 550000.0 + 100.0 * i, 4180000.0 + 37.0 * (i % 3)
+        coarse = rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((64, 48), Image.BICUBIC)
+        image.save(folder / "database" / format_at_name(east, north, 10, "S", heading=30.0 * i % 360), quality=95)
+        if queries:
+            noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8.0, (48, 64, 3))
+            name = format_at_name(east + 3.0, north - 2.0, 10, "S", heading=(30.0 * i + 5) % 360)
+            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / "queries" / name, quality=95)
+    return folder
+
+
+def user_folder(path: Path) -> Path:
+    """A folder of the user's own files, with a sub-folder."""
+    (path / "notes").mkdir(parents=True)
+    (path / "thesis.txt").write_text("three years of work")
+    (path / "notes" / "todo.md").write_text("- back up")
+    return path
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """The sha256 of every file at or under `roots` (links not followed)."""
+    found = {}
+    for root in roots:
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def changed(before: dict[str, str], *roots: Path) -> list[str]:
+    """The files of `before` that are gone or hold other bytes now."""
+    after = snapshot(*roots)
+    return [path for path, digest in before.items() if after.get(path) != digest]
+
+
+def survived(before: dict[str, str], *roots: Path) -> bool:
+    """Whether every file of `before` is still there with the same bytes."""
+    return not changed(before, *roots)
+
+
+def copy_images(source: Path, folder: Path, count: int) -> list[Path]:
+    """The first `count` images of `source` copied into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(path, folder / path.name)) for path in sorted(source.iterdir())[:count]]
+
+
+def descriptors_by_path(index: Path) -> dict[str, np.ndarray]:
+    if not (index / "database.h5").is_file():
+        return {}
+    with h5py.File(index / "database.h5", "r") as f:
+        return dict(zip(f["paths"].asstr()[:], f["descriptors"][:]))
+
+
+def differing(found: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> int:
+    """Paths whose descriptor differs from the reference's (atol 1e-5) or that only one side has."""
+    changed = sum(not np.allclose(found[p], reference[p], rtol=0, atol=1e-5) for p in found.keys() & reference.keys())
+    return changed + len(found.keys() ^ reference.keys())
+
+
+# Data loss (cases 1-12).
+
+def output_paths(lab: Lab) -> list[Case]:
+    """Cases 1-9: `build-index --out` aimed at the user's folders and files."""
+    base = lab.root / "out"
+    cases = []
+    mine = user_folder(base / "mine")
+    before = snapshot(mine)
+    cases.append(lab.case("1", "--out: existing folder of user files", run(build_args(lab.db, mine)), REFUSE,
+                          intact=survived(before, mine)))
+    for id, name, target in (("2", "--out: the database folder", "database"), ("3", "--out: the database's parent", "")):
+        city = write_places(base / f"city{id}", 3, seed=int(id))
+        before = snapshot(city)
+        result = run(build_args(city / "database", city / target))
+        cases.append(lab.case(id, name, result, REFUSE, intact=survived(before, city)))
+    run_dir = base / "runs" / "x"
+    run_dir.mkdir(parents=True)
+    for name in ("last.pt", "best.pt", "log.jsonl", "config.json"):
+        (run_dir / name).write_text(name)
+    before = snapshot(run_dir)
+    cases.append(lab.case("4", "--out: a training run folder", run(build_args(lab.db, run_dir)), REFUSE,
+                          intact=survived(before, run_dir)))
+    siblings = [user_folder(base / "s5" / "idx.tmp-mine"), user_folder(base / "s5" / "idx.old-x")]
+    before = snapshot(*siblings)
+    result = run(build_args(lab.db, base / "s5" / "idx"))
+    cases.append(lab.case("5", "user folders OUT.tmp-mine, OUT.old-x beside --out", result, WORK,
+                          intact=survived(before, *siblings)))
+    globbed = [user_folder(base / "t" / "a"), user_folder(base / "t" / "b")]
+    before = snapshot(*globbed)
+    result = run(build_args(lab.db, base / "t" / "[ab]"))
+    cases.append(lab.case("6", "--out 't/[ab]' beside user folders t/a, t/b", result, WORK,
+                          intact=survived(before, *globbed)))
+    work = base / "w7"
+    user_folder(work / ".tmp-x")
+    before = snapshot(work)
+    result = run(build_args(lab.db, "."), cwd=work)
+    cases.append(lab.case("7", "--out . in a folder holding a user folder .tmp-x", result, REFUSE,
+                          intact=survived(before, work), cwd=str(work)))
+    report = base / "f8" / "report.txt"
+    report.parent.mkdir()
+    report.write_text("mine")
+    before = snapshot(report)
+    cases.append(lab.case("8", "--out: a user file", run(build_args(lab.db, report)), REFUSE,
+                          intact=survived(before, report)))
+    cache = base / "c9" / "idx.cache"
+    cache.parent.mkdir()
+    cache.write_text("also mine")
+    before = snapshot(cache)
+    result = run(build_args(lab.db, base / "c9" / "idx"))
+    cases.append(lab.case("9", "a user file at OUT.cache", result, REFUSE, intact=survived(before, cache),
+                          out_created=(base / "c9" / "idx").exists()))
+    return cases
+
+
+def training_outputs(lab: Lab) -> list[Case]:
+    """Cases 10-11: `train --out` on a run whose last.pt is gone, and `groups --cache` naming a user file."""
+    run_dir = lab.root / "train10" / "run"
+    run_dir.mkdir(parents=True)
+    for name in ("best.pt", "config.json", "log.jsonl"):
+        (run_dir / name).write_text("{}" if name == "config.json" else name)
+    args = ["train", "--method", "cosplace", "--dataset", str(lab.city), "--out", str(run_dir), "--epochs", "1",
+            "--device", "cpu", "--workers", "0"]
+    cases = []
+    for id, extra in (("10a", []), ("10b", ["--resume"])):
+        before = snapshot(run_dir)
+        result = run(args + extra)
+        cases.append(lab.case(id, f"train --out: a run without last.pt{' (--resume)' if extra else ''}", result,
+                              REFUSE, intact=survived(before, run_dir)))
+    cache = lab.root / "groups11" / "notes.h5"
+    cache.parent.mkdir()
+    cache.write_text("my notes")
+    before = snapshot(cache)
+    result = run(["groups", str(lab.db), "--cache", str(cache)])
+    cases.append(lab.case("11", "groups --cache: a user file", result, REFUSE, intact=survived(before, cache)))
+    return cases
+
+
+def concurrent_builds(lab: Lab) -> list[Case]:
+    """Case 12: two builds at once on one --out (images in opposite orders), then a build from their cache."""
+    base = lab.root / "race"
+    images = sorted((write_places(base / "city", 16, seed=7, queries=False) / "database").iterdir())
+    manifests = []
+    for name, order in (("forward", images), ("backward", images[::-1])):
+        rows = [f"{p},{p.name.split('@')[1]},{p.name.split('@')[2]}" for p in order]
+        manifests.append(base / f"{name}.csv")
+        manifests[-1].write_text("path,utm_east,utm_north\n" + "\n".join(rows) + "\n")
+    index = base / "idx"
+    both = [build_args(m, index, "--batch-size", "2") for m in manifests]
+    processes = [start(args) for args in both]
+    first, second = [finish(p, args) for p, args in zip(processes, both)]
+    raced = descriptors_by_path(index)
+    cached = run(build_args(manifests[1], index, "--batch-size", "2"))
+    reference = run(build_args(manifests[0], base / "fresh", "--batch-size", "2", "--no-cache"))
+    fresh = descriptors_by_path(base / "fresh")
+    found = re.search(r"(\d+) from cache", cached.stdout)
+    reused = int(found.group(1)) if found else None
+    raced_differ, problems = differing(raced, fresh), first.problems() + second.problems()
+    race = Case(
+        id="12a", name="two builds at once, same --out, images in opposite orders",
+        command=lab.short(f"{shlex.join(['vpr', *both[0]])} & {shlex.join(['vpr', *both[1]])}"),
+        exit=f"{first.code} & {second.code}", first_line=lab.short(first.first_line),
+        message=lab.short(f"{first.message} | {second.message}"),
+        checks={"descriptors_differing_from_no_cache_build": raced_differ, "no_cache_build_exit": reference.code},
+        problems=problems,
+        as_expected=first.code == second.code == reference.code == 0 and raced_differ == 0 and not problems,
+    )
+    rebuilt = differing(descriptors_by_path(index), fresh)
+    return [race, lab.case("12b", "third build of the same --out, from the shared cache", cached, WORK,
+                           ok=rebuilt == 0 and reused == len(images), reused_from_cache=reused,
+                           descriptors_differing_from_no_cache_build=rebuilt)]
+
+
+# Wrong results (cases 13-21).
+
+def wrong_models_and_labels(lab: Lab) -> list[Case]:
+    """Cases 13-15 and 20: NaN weights, a manifest over two UTM zones, a folder mixing `@` and plain names, --pca-dim 0."""
+    import torch
+
+    from vpr.models.checkpoints import save_checkpoint
+    from vpr.models.model import ModelConfig, build_model
+
+    base = lab.root / "wrong"
+    base.mkdir()
+    torch.set_num_threads(1)
+    model = build_model(ModelConfig(backbone="resnet18", head="cosplace", descriptor_dim=64, input_size=(48, 64)), seed=0)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    save_checkpoint(model, base / "nan.pt")
+    result = run(build_args(lab.db, base / "idx13", "--checkpoint", str(base / "nan.pt")))
+    cases = [lab.case("13", "build-index --checkpoint with a NaN weight", result, REFUSE,
+                      ok=not (base / "idx13").exists(), out_created=(base / "idx13").exists())]
+    images = copy_images(lab.db, base / "zones", 2)
+    rows = [f"{p.name},{p.name.split('@')[1]},{p.name.split('@')[2]},{zone}" for p, zone in zip(images, ("10S", "11S"))]
+    (base / "zones" / "zones.csv").write_text("path,utm_east,utm_north,zone\n" + "\n".join(rows) + "\n")
+    result = run(build_args(base / "zones" / "zones.csv", base / "idx14"))
+    cases.append(lab.case("14", "manifest rows in zones 10S and 11S", result, REFUSE))
+    mixed = base / "mixed"
+    copy_images(lab.db, mixed, 3)
+    shutil.copy(sorted(lab.db.iterdir())[3], mixed / "0001.png")
+    cases.append(lab.case("15", "@-named images plus 0001.png", run(build_args(mixed, base / "idx15")), REFUSE))
+    cases.append(lab.case("20", "build-index --pca-dim 0", run(build_args(lab.db, base / "idx20", "--pca-dim", "0")), USAGE))
+    return cases
+
+
+def ground_truth_queries(base: Path, lab: Lab) -> Path:
+    """A folder of two plainly named queries, q.jpg and r.jpg."""
+    queries = base / "queries"
+    queries.mkdir(parents=True)
+    for name, path in zip(("q.jpg", "r.jpg"), sorted((lab.city / "queries").iterdir())):
+        shutil.copy(path, queries / name)
+    return queries
+
+
+def eval_args(queries: Path, lab: Lab, *extra: str) -> list[str]:
+    return ["eval", str(queries), "--index", str(lab.index), "--workers", "0", "--device", "cpu", *extra]
+
+
+def wrong_ground_truth(lab: Lab) -> list[Case]:
+    """Cases 16-19: comma-separated positives, duplicate query rows, an ambiguous bare name, --threshold nan."""
+    base = lab.root / "gt"
+    queries = ground_truth_queries(base, lab)
+    cases = []
+    for id, name, text in (("16", "ground truth q.jpg,0,1 (comma-separated positives)", "query,positives\nq.jpg,0,1\n"),
+                           ("17", "ground truth with a duplicate query row", "query,positives\nq.jpg,0\nq.jpg,1\n")):
+        (base / f"gt{id}.csv").write_text(text)
+        cases.append(lab.case(id, name, run(eval_args(queries, lab, "--gt", str(base / f"gt{id}.csv"))), REFUSE))
+    twins = base / "twins"
+    for sub, path in zip("ab", sorted((lab.city / "queries").iterdir())):
+        (twins / sub).mkdir(parents=True)
+        shutil.copy(path, twins / sub / "q.jpg")
+    (base / "gt18.csv").write_text("query,positives\nq.jpg,0\n")
+    result = run(eval_args(twins, lab, "--gt", str(base / "gt18.csv")))
+    cases.append(lab.case("18", "q.jpg in two sub-folders, bare name in the ground truth", result, REFUSE))
+    cases.append(lab.case("19", "eval --threshold nan", run(eval_args(lab.city / "queries", lab, "--threshold", "nan")), USAGE))
+    return cases
+
+
+def tiff_scaling(lab: Lab) -> list[Case]:
+    """Case 21: a 32-bit integer TIFF holding 0..255 must load like the 8-bit image."""
+    from vpr.data.images import load_rgb
+
+    base = lab.root / "tiff"
+    base.mkdir()
+    gradient = np.tile(np.arange(256, dtype=np.int32), (16, 1))
+    Image.fromarray(gradient).save(base / "gradient.tif")
+    Image.fromarray(gradient.astype(np.uint8)).save(base / "gradient.png")
+    means = {name: float(np.asarray(load_rgb(base / name)).mean()) for name in ("gradient.tif", "gradient.png")}
+    line = f"mean of load_rgb: 32-bit TIFF {means['gradient.tif']:.2f}, 8-bit PNG {means['gradient.png']:.2f}"
+    return [lab.note("21", "32-bit integer TIFF ('I') holding 0..255", "load_rgb($TMP/tiff/gradient.tif)", line,
+                     ok=abs(means["gradient.tif"] - means["gradient.png"]) < 0.5, tiff_mean=means["gradient.tif"],
+                     png_mean=means["gradient.png"])]
+
+
+# Crashes that must be one-line errors, or now work (cases 22-44).
+
+def query_args(image: Path | str, index: Path, *extra: str) -> list[str]:
+    return ["query", str(image), "--index", str(index), "-k", "3", "--device", "cpu", *extra]
+
+
+def literal_names(lab: Lab) -> list[Case]:
+    """Cases 22-24 and 36: bracketed paths and names, and an ASCII-only terminal."""
+    base = lab.root / "names"
+    source = sorted((lab.city / "queries").iterdir())[0]
+    query22 = base / "a[" / "b]c.png"
+    query24 = base / "[red]b.png"
+    query36 = base / "café.jpg"
+    query22.parent.mkdir(parents=True)
+    Image.open(source).save(query22)
+    Image.open(source).save(query24)
+    shutil.copy(source, query36)
+    result = run(query_args(query22, lab.index))
+    cases = [lab.case("22", "query image at a[/b]c.png", result, WORK, ok=str(query22) in result.stdout,
+                      path_in_table=str(query22) in result.stdout)]
+    result = run(build_args(lab.db, base / "idx[1]"))
+    cases.append(lab.case("23", "build-index --out 'idx[1]'", result, WORK, ok="idx[1]" in result.stdout,
+                          literal_name_printed="idx[1]" in result.stdout))
+    result = run(query_args(query24, lab.index))
+    cases.append(lab.case("24", "query named [red]b.png", result, WORK, ok="[red]b.png" in result.stdout,
+                          literal_name_printed="[red]b.png" in result.stdout))
+    result = run(query_args(query36, lab.index), env={"PYTHONIOENCODING": "ascii"})
+    cases.append(lab.case("36", "PYTHONIOENCODING=ascii vpr query café.jpg", result, WORK,
+                          stdout_ascii=result.stdout.isascii()))
+    return cases
+
+
+def bad_image_sets(lab: Lab) -> list[Case]:
+    """Cases 25-28: zone number without letter, zone letter I, a non-UTF-8 file name, a UTF-16 manifest."""
+    base = lab.root / "sets"
+    cases = []
+    for id, name, zone in (("25", "@ names with a zone number but no letter", "@10@@"), ("26", "@ names with zone letter I", "@10@I@")):
+        folder = base / f"db{id}"
+        for path in copy_images(lab.db, folder, 3):
+            path.rename(path.with_name(path.name.replace("@10@S@", zone)))
+        cases.append(lab.case(id, name, run(build_args(folder, base / f"idx{id}")), REFUSE))
+    folder = base / "db27"
+    copy_images(lab.db, folder, 3)
+    with open(os.fsencode(str(folder)) + b"/\xff.jpg", "wb") as handle:
+        handle.write(sorted(lab.db.iterdir())[3].read_bytes())
+    cases.append(lab.case("27", "a database file named b'\\xff.jpg' (not UTF-8)", run(build_args(folder, base / "idx27")), REFUSE))
+    folder = base / "db28"
+    images = copy_images(lab.db, folder, 2)
+    text = "path,lat,lon\n" + "".join(f"{p.name},{p.name.split('@')[5]},{p.name.split('@')[6]}\n" for p in images)
+    (folder / "utf16.csv").write_bytes(text.encode("utf-16"))
+    cases.append(lab.case("28", "a UTF-16 CSV manifest", run(build_args(folder / "utf16.csv", base / "idx28")), REFUSE))
+    return cases
+
+
+def ground_truth_and_options(lab: Lab) -> list[Case]:
+    """Cases 29-31: a spaced ground-truth header, a non-numeric positive, out-of-range build options."""
+    base = lab.root / "gt2"
+    queries = ground_truth_queries(base, lab)
+    (base / "gt29.csv").write_text("query, positives\nq.jpg,0\nr.jpg,1\n")
+    cases = [lab.case("29", "ground-truth header 'query, positives'", run(eval_args(queries, lab, "--gt", str(base / "gt29.csv"))), WORK)]
+    (base / "gt30.csv").write_text("query,positives\nq.jpg,²\n")
+    cases.append(lab.case("30", "ground-truth positive '²'", run(eval_args(queries, lab, "--gt", str(base / "gt30.csv"))), REFUSE))
+    for suffix, (option, value) in zip("abcde", (("--batch-size", "0"), ("--workers", "-1"), ("--dim", "0"),
+                                                  ("--dim", "-5"), ("--clusters", "0"))):
+        result = run(build_args(lab.db, base / "idx31", option, value))
+        cases.append(lab.case(f"31{suffix}", f"build-index {option} {value}", result, USAGE))
+    return cases
+
+
+def outputs_and_indexes(lab: Lab) -> list[Case]:
+    """Cases 32, 33 and 40: --viz/--map naming a directory, a huge --ef-search, an index of unknown kind."""
+    base = lab.root / "outputs"
+    figures = user_folder(base / "figures")
+    query = sorted((lab.city / "queries").iterdir())[0]
+    before = snapshot(figures)
+    result = run(query_args(query, lab.index, "--viz", str(figures)))
+    cases = [lab.case("32a", "query --viz DIR (an existing folder)", result, REFUSE, intact=survived(before, figures))]
+    result = run(["groups", str(lab.db), "--map", str(figures)])
+    cases.append(lab.case("32b", "groups --map DIR (an existing folder)", result, REFUSE, intact=survived(before, figures)))
+    if importlib.util.find_spec("faiss") is None:
+        cases.append(lab.note("33", "query --ef-search 1e11 on an hnsw index", "-", "skipped: faiss is not installed", ok=None))
+    else:
+        built = run(build_args(lab.db, base / "hnsw", "--index", "hnsw"))
+        result = run(query_args(query, base / "hnsw", "--ef-search", "100000000000"))
+        cases.append(lab.case("33", "query --ef-search 100000000000 on an hnsw index", result, USAGE,
+                              ok=built.code == 0, hnsw_build_exit=built.code))
+    bogus = base / "bogus"
+    shutil.copytree(lab.index, bogus)
+    manifest = json.loads((bogus / "manifest.json").read_text())
+    (bogus / "manifest.json").write_text(json.dumps({**manifest, "index_kind": "bogus"}))
+    cases.append(lab.case("40", "index manifest.json with index_kind 'bogus'", run(query_args(query, bogus)), REFUSE))
+    return cases
+
+
+def manifests(lab: Lab) -> list[Case]:
+    """Cases 34, 38 and 39: a `10S` zone cell, a row naming a missing image, a lat cell `"37,7"`."""
+    base = lab.root / "manifests"
+    images = copy_images(lab.db, base, 2)
+    utm = "".join(f"{p.name},{p.name.split('@')[1]},{p.name.split('@')[2]},10S\n" for p in images)
+    (base / "zone.csv").write_text("path,utm_east,utm_north,zone\n" + utm)
+    cases = [lab.case("34", "manifest zone column '10S'", run(build_args(base / "zone.csv", lab.root / "idx34")), WORK)]
+    latlon = [f"{p.name},{p.name.split('@')[5]},{p.name.split('@')[6]}" for p in images]
+    (base / "m.csv").write_text("path,lat,lon\n" + f"{latlon[0]}\ngone.jpg,37.7,-122.4\n{latlon[1]}\n")
+    result = run(build_args(base / "m.csv", lab.root / "idx38"))
+    cases.append(lab.case("38", "manifest row naming a missing image (line 3)", result, REFUSE,
+                          ok="m.csv:3" in result.message, names_line="m.csv:3" in result.message))
+    (base / "comma.csv").write_text(f'path,lat,lon\n{images[0].name},"37,7",-122.4\n')
+    result = run(build_args(base / "comma.csv", lab.root / "idx39"))
+    count = result.stderr.count("comma.csv:2:")
+    cases.append(lab.case("39", 'manifest lat cell "37,7"', result, REFUSE, ok=count == 1, prefix_count=count))
+    return cases
+
+
+def train_resume(lab: Lab) -> list[Case]:
+    """Case 35: `train --resume` with a corrupt config.json (last.pt present), then with none."""
+    from vpr.training.loop import RunDir
+
+    run_dir = RunDir(lab.root / "train35" / "run")
+    run_dir.prepare({"a": 1}, resume=False, inputs=[])  # a marked run folder, as `vpr train` makes
+    run_dir.last.write_bytes(b"x")
+    run_dir.config.write_text("{not json")
+    args = ["train", "--method", "cosplace", "--dataset", str(lab.city), "--out", str(run_dir.root), "--resume",
+            "--epochs", "1", "--device", "cpu", "--workers", "0"]
+    cases = []
+    for id, name in (("35a", "train --resume, corrupt config.json"), ("35b", "train --resume, config.json missing")):
+        if id == "35b":
+            run_dir.config.unlink()
+        before = snapshot(run_dir.root)
+        result = run(args)
+        cases.append(lab.case(id, name, result, REFUSE, intact=survived(before, run_dir.root)))
+    return cases
+
+
+def odd_query_paths(lab: Lab) -> list[Case]:
+    """Case 37: a directory given as a query image, and a symlink loop."""
+    base = lab.root / "paths"
+    (base / "holiday.jpg").mkdir(parents=True)
+    (base / "loop.jpg").symlink_to("loop.jpg")
+    return [lab.case("37a", "a directory given as a query image", run(query_args(base / "holiday.jpg", lab.index)), REFUSE),
+            lab.case("37b", "a symlink loop as a query image", run(query_args(base / "loop.jpg", lab.index)), REFUSE)]
+
+
+def skipped_list(lab: Lab) -> list[Case]:
+    """Case 41: --skip-bad with a broken JPEG, then a rebuild without it: no skipped list may outlive it."""
+    base = lab.root / "skip"
+    folder = base / "db"
+    copy_images(lab.db, folder, 3)
+    bad = folder / format_at_name(550000.0, 4180300.0, 10, "S")
+    bad.write_bytes(b"not a jpeg")
+    out = base / "idx"
+    result = run(build_args(folder, out, "--skip-bad"))
+    listed = (out / "skipped.txt").is_file()
+    cases = [lab.case("41a", "build-index --skip-bad with a broken JPEG", result, WORK, ok=listed, skipped_txt=listed)]
+    bad.unlink()
+    result = run(build_args(folder, out))
+    inside, beside = (out / "skipped.txt").exists(), (base / "idx.skipped.txt").exists()
+    cases.append(lab.case("41b", "rebuild after deleting the broken JPEG", result, WORK, ok=not inside and not beside,
+                          skipped_txt=inside, stale_out_skipped_txt=beside))
+    return cases
+
+
+def interrupt(lab: Lab) -> list[Case]:
+    """Case 43: SIGINT while build-index extracts ~200 images."""
+    base = lab.root / "sigint"
+    write_places(base, 200, seed=4, queries=False)
+    out = base / "idx"
+    args = build_args(base / "database", out, "--batch-size", "2")
+    process = start(args)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (base / "idx.cache" / MARKER).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the descriptor cache appears just before extraction starts
+    signalled = process.poll() is None
+    if signalled:
+        process.send_signal(signal.SIGINT)
+    result = finish(process, args)
+    return [lab.case("43", "SIGINT during build-index of 200 images", result, {130},
+                     ok=signalled and result.stderr == "interrupted\n" and not out.exists(),
+                     signalled_while_running=signalled, out_created=out.exists())]
+
+
+def immutable_index(lab: Lab) -> list[Case]:
+    """Case 44: a failed rebuild over a read-only (immutable) index leaves the index as it was and no temporaries."""
+    from vpr.retrieval.store import is_vpr_index
+
+    base = lab.root / "immutable"
+    out = base / "idx"
+    command = f"chattr +i {out}; {shlex.join(['vpr', *build_args(lab.db, out, '--no-cache')])}"
+    if shutil.which("chattr") is None:
+        return [lab.note("44", "rebuild over a read-only index", command, "not reproducible as root: no chattr", ok=None)]
+    shutil.copytree(lab.index, out)
+    locked = subprocess.run(["chattr", "+i", str(out)], capture_output=True, text=True)
+    if locked.returncode != 0:
+        why = (locked.stderr.strip() or "chattr +i failed").splitlines()[0]
+        return [lab.note("44", "rebuild over a read-only index", command, f"not reproducible as root: {why}", ok=None)]
+    try:
+        before = snapshot(out)
+        result = run(build_args(lab.db, out, "--no-cache"))
+        lost = changed(before, out)
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    leftovers = sorted(p.name for p in base.iterdir() if p.name.startswith(("idx.tmp-", "idx.old-")))
+    case = lab.case("44", "rebuild over an immutable index (chattr +i)", result, REFUSE, intact=not lost,
+                    ok=not leftovers, leftovers=leftovers, changed=[Path(p).name for p in lost],
+                    still_a_vpr_index=is_vpr_index(out))
+    case.command = lab.short(command)
+    return [case]
+
+
+# Report.
+
+GROUPS: list[Callable[[Lab], list[Case]]] = [
+    interrupt, concurrent_builds, output_paths, training_outputs, wrong_models_and_labels, wrong_ground_truth,
+    tiff_scaling, literal_names, bad_image_sets, ground_truth_and_options, outputs_and_indexes, manifests,
+    train_resume, odd_query_paths, skipped_list, immutable_index,
+]
+
+
+def base_index(lab: Lab) -> Case:
+    """Builds the shared index under umask 022 (case 42: its folder 755, its model.pt 644)."""
+    write_places(lab.root / "city", 8, seed=0)
+    result = run(build_args(lab.db, lab.index))
+    if result.code != 0:
+        sys.exit(f"the shared index did not build: {result.stderr.strip()}")
+    modes = {"index_dir": f"{lab.index.stat().st_mode & 0o777:o}", "model_pt": f"{(lab.index / 'model.pt').stat().st_mode & 0o777:o}"}
+    return lab.case("42", "permissions of a new index under umask 022", result, WORK,
+                    ok=modes == {"index_dir": "755", "model_pt": "644"}, **modes)
+
+
+def run_group(group: Callable[[Lab], list[Case]], lab: Lab) -> list[Case]:
+    """The group's cases, or one row saying how the script itself failed in it."""
+    try:
+        return group(lab)
+    except Exception as exc:  # a bug or timeout here must not lose the other groups' evidence
+        return [lab.note(group.__name__, f"script error in {group.__name__}", "-", f"{type(exc).__name__}: {exc}", ok=False)]
+
+
+def case_order(case: Case) -> tuple[int, str]:
+    match = re.match(r"(\d+)(.*)", case.id)
+    return (int(match.group(1)), match.group(2)) if match else (10**6, case.id)
+
+
+def markdown(cases: list[Case]) -> str:
+    def cell(value: Any) -> str:
+        text = str(value).replace("|", "\\|").replace("\n", " ")
+        return text if len(text) <= 160 else text[:157] + "..."
+
+    rows = ["| # | case | exit | first line of output | files intact | checks | as expected |",
+            "|---|---|---|---|---|---|---|"]
+    for c in cases:
+        intact = {None: "", True: "yes", False: "**NO**"}[c.intact]
+        checks = "; ".join(f"{k}={v}" for k, v in c.checks.items())
+        expected = {None: "n/a", True: "yes", False: "**NO**"}[c.as_expected]
+        problems = f" ({', '.join(c.problems)})" if c.problems else ""
+        rows.append(f"| {c.id} | {cell(c.name)} | {c.exit} | {cell(c.message)} | {intact} | {cell(checks)} | {expected}{problems} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("hostile_inputs.json"), help="JSON file for the cases")
+    parser.add_argument("--jobs", type=int, default=2, help="case groups run at once (each runs one CLI at a time)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder for inspection")
+    args = parser.parse_args()
+    os.umask(0o022)  # case 42 reads the modes this umask gives; the CLI runs inherit it
+    started = time.perf_counter()
+    lab = Lab(Path(tempfile.mkdtemp(prefix="vpr-hostile-")).resolve())
+    try:
+        cases = [base_index(lab)]
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for found in pool.map(lambda group: run_group(group, lab), GROUPS):
+                cases.extend(found)
+    finally:
+        if args.keep:
+            print(f"kept {lab.root}", file=sys.stderr)
+        else:
+            shutil.rmtree(lab.root, ignore_errors=True)
+    cases.sort(key=case_order)
+    args.out.write_text(json.dumps([asdict(c) for c in cases], indent=2) + "\n")
+    print(markdown(cases))
+    odd = [c for c in cases if c.as_expected is False or c.problems]
+    print(f"\n{len(cases)} cases, {len(odd)} not as expected{': ' + ', '.join(c.id for c in odd) if odd else ''}; "
+          f"{time.perf_counter() - started:.0f} s; JSON in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
