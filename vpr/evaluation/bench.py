@@ -44,7 +44,8 @@ from vpr.errors import UsageError
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
-from vpr.retrieval.extract import amp_dtype, compiled, extract_descriptors, forward_batch, inference_model
+from vpr.models.inference import amp_dtype
+from vpr.retrieval.extract import compiled, extract_descriptors, forward_batch, inference_model
 from vpr.retrieval.index import (
     INDEX_KINDS, build_faiss_index, exact_search, faiss_available, faiss_gpu_count, faiss_search, index_search,
     index_to_device, search_database, torch_search, write_faiss_index,

@@ -32,6 +32,7 @@ from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, image_to_tensor, load_
 from vpr.errors import DependencyError, ImageError
 from vpr.fileio import output_lock
 from vpr.models.checkpoints import model_fingerprint
+from vpr.models.inference import amp_dtype
 from vpr.models.model import VPRModel
 from vpr.retrieval.cache import DescriptorCache
 
@@ -147,6 +148,24 @@ def decode_batch(
     return batch, errors
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How descriptors are computed: built once (by the CLI) and taken by every extraction caller.
+
+    `amp`: bf16/fp16 autocast (`vpr.models.inference.amp_dtype`); `compile`: torch.compile at one
+    static batch shape; `decode_on_device`: JPEGs decoded on `device` (nvJPEG on CUDA); `skip_bad`:
+    unreadable images are recorded and left out instead of raising.
+    """
+
+    batch_size: int = 32
+    num_workers: int = 2
+    device: torch.device = torch.device("cpu")
+    amp: bool = False
+    compile: bool = False
+    decode_on_device: bool = False
+    skip_bad: bool = False
+
+
 @dataclass
 class Extraction:
     """Descriptors of the readable images (in input order), their indices, and what was skipped."""
@@ -161,13 +180,6 @@ def file_key(path: Path) -> str:
     """Cache key of an image file: path, size and mtime, so a changed file is recomputed."""
     stat = Path(path).stat()
     return f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """The autocast dtype for `device`: bf16, or fp16 on GPUs without bf16."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
