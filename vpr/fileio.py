@@ -51,7 +51,10 @@ def write_marker(directory: Path, kind: str) -> None:
     """Mark `directory` as written by vpr (`kind`: index, cache, run, tmp)."""
     from vpr import __version__
 
-    (Path(directory) / MARKER).write_text(json.dumps({"written_by": "vpr", "kind": kind, "vpr_version": __version__}) + "\n")
+    marker = Path(directory) / MARKER
+    tmp = marker.with_name(f"{MARKER}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"written_by": "vpr", "kind": kind, "vpr_version": __version__}) + "\n")
+    os.replace(tmp, marker)  # never a half-written marker, whenever a kill lands
 
 
 def marker_kind(directory: Path) -> str | None:
@@ -185,8 +188,19 @@ def remove_tree(path: Path) -> None:
         else:
             raise exc_info[1]
 
-    if Path(path).is_dir() and not Path(path).is_symlink():
-        shutil.rmtree(path, onerror=make_writable)
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return
+    for name in os.listdir(path):  # the marker goes last: a kill midway leaves a folder that is still cleanable
+        entry = path / name
+        if name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, onerror=make_writable)
+        else:
+            entry.unlink()
+    (path / MARKER).unlink(missing_ok=True)
+    path.rmdir()
 
 
 def _leftovers(path: Path) -> list[Path]:
