@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vpr.errors import UsageError
+from vpr.retrieval.extract import ExtractOptions
 
 # User text (paths, file names, option values) is printed literally: no rich markup (`[red]b.png`, `a[/b]c`),
 # no emoji codes (`:cat:`), no highlighting. stdout never wraps or crops a line, so paths stay whole in pipes.
@@ -129,6 +130,10 @@ COMPILE_HELP = ("Run the model through torch.compile after a one-off compilation
                 "Needs a C++ compiler on the CPU.")
 
 
+GPU_DECODE_HELP = ("Decode JPEGs on the GPU (nvJPEG) and resize them there in batches; CUDA only. Other formats still "
+                   "decode in the workers.")
+
+
 NPROBE_HELP = "ivfpq indexes: coarse lists searched per query (default 16); more finds the exact neighbours more often, slower."
 EF_SEARCH_HELP = "hnsw indexes: candidate list size per query (default 128); more finds the exact neighbours more often, slower."
 
@@ -137,6 +142,22 @@ def check_amp(amp: bool, device: str) -> None:
     """Warn when --amp would run bf16 on a CPU without native bf16 support (emulated: slower, not faster)."""
     if amp and device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         err_console.print("note: this CPU has no native bf16 instructions; --amp will be slower than fp32 here")
+
+
+def extract_options(device: str, *, batch_size: int = 32, workers: int = 2, amp: bool = False,
+                    compile_model: bool = False, gpu_decode: bool = False, skip_bad: bool = False) -> ExtractOptions:
+    """The one `ExtractOptions` of a command, from its flags: `--device` resolved once (usage errors for
+    a missing or unknown device), the --amp note on CPUs without bf16, and --gpu-decode refused off CUDA."""
+    dev = resolve_device(device)
+    check_amp(amp, dev)
+    if gpu_decode and not dev.startswith("cuda"):
+        raise UsageError(f"--gpu-decode needs a CUDA device (got --device {device}); drop --gpu-decode on the CPU")
+    try:
+        resolved = torch.device(dev)
+    except RuntimeError:  # "cuda:x": not a device torch can name
+        raise UsageError(f"--device {device}: use auto, cpu, cuda or cuda:N") from None
+    return ExtractOptions(batch_size=batch_size, num_workers=workers, device=resolved, amp=amp,
+                          compile=compile_model, decode_on_device=gpu_decode, skip_bad=skip_bad)
 
 
 def rich_progress() -> Progress:

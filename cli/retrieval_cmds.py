@@ -14,8 +14,8 @@ from rich.text import Text
 
 from cli.common import (
     AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, INT32_MAX, MAX_BATCH, MAX_CLUSTERS, MAX_DIM, MAX_EF_SEARCH, MAX_WORKERS,
-    NPROBE_HELP, POSITIVE, check_amp, check_output_file, console, err_console, parse_int_list, parse_size, print_json,
-    progress_bar, resolve_device,
+    GPU_DECODE_HELP, NPROBE_HELP, POSITIVE, check_output_file, console, err_console, extract_options, parse_int_list,
+    parse_size, print_json, progress_bar,
 )
 from vpr.data.datasets import load_image_set
 from vpr.data.geo import utm_to_latlon
@@ -49,7 +49,7 @@ def build_index_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
     compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG) and resize them there in batches; CUDA only. Other formats still decode in the workers."),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help=GPU_DECODE_HELP),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache/ so an interrupted or repeated build resumes."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT/skipped.txt) instead of stopping at the first."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -64,19 +64,15 @@ def build_index_cmd(
     else:
         config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer, input_size=parse_size(resize or "240x320"))
         model, model_pca = load_model(None, config, pretrained)
-    dev = resolve_device(device)
-    check_amp(amp, dev)
-    if gpu_decode and not dev.startswith("cuda"):
-        raise UsageError(f"--gpu-decode needs a CUDA device (got --device {device}); drop --gpu-decode on the CPU")
+    options = extract_options(device, batch_size=batch_size, workers=workers, amp=amp, compile_model=compile_model,
+                              gpu_decode=gpu_decode, skip_bad=skip_bad)
     images = load_image_set(database)
     start = time.perf_counter()
     cache_path = cache_dir_for(out) if cache else None
     with progress_bar(f"indexing {len(images)} images", enabled=not json_out) as progress:
         report = build_index(
             images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
-            batch_size=batch_size, num_workers=workers, device=dev, amp=amp, decode_on_device=gpu_decode,
-            compile=compile_model, cache=cache_path,
-            skip_bad=skip_bad, progress=progress,
+            options=options, cache=cache_path, progress=progress,
         )
     seconds = time.perf_counter() - start
     skipped_file = report.out_dir / "skipped.txt"
@@ -124,9 +120,8 @@ def query_cmd(
     check_output_file(viz, "--viz")
     bundle = load_index(index)
     bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
-    dev = resolve_device(device)
-    check_amp(amp, dev)
-    results = retrieve(bundle, describe(bundle, list(images), device=dev, amp=amp), k, device=dev)
+    options = extract_options(device, workers=0, amp=amp)
+    results = retrieve(bundle, describe(bundle, list(images), options), k, device=options.device)
     zone = bundle.database.zone
     if json_out:
         print_json([{"query": str(q), "matches": [_match_json(m, zone) for m in ms]} for q, ms in zip(images, results)])
@@ -165,6 +160,7 @@ def eval_cmd(
     workers: int = typer.Option(2, "--workers", min=0, max=MAX_WORKERS, help="DataLoader worker processes for decoding images."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
     compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help=GPU_DECODE_HELP),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, max=INT32_MAX, help=NPROBE_HELP),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, max=MAX_EF_SEARCH, help=EF_SEARCH_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
@@ -178,11 +174,9 @@ def eval_cmd(
     bundle = load_index(index)
     bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
     query_set = load_image_set(queries)
-    dev = resolve_device(device)
-    check_amp(amp, dev)
+    options = extract_options(device, workers=workers, amp=amp, compile_model=compile_model, gpu_decode=gpu_decode)
     with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out) as progress:
-        report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, device=dev, amp=amp,
-                          compile=compile_model, num_workers=workers, progress=progress)
+        report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, options=options, progress=progress)
     summary = {
         "index": str(index), "queries": report.num_queries, "queries_with_positives": report.num_with_positives,
         "database": len(bundle.database), "threshold_m": None if gt else threshold, "ground_truth": str(gt) if gt else None,

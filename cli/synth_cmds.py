@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import SEED_MAX, console, print_json, progress_bar, resolve_device
+from cli.common import SEED_MAX, console, extract_options, print_json, progress_bar
 from cli.retrieval_cmds import print_recall_table
 from vpr.data.datasets import load_split
 from vpr.data.synth import PRESETS, generate_city, get_preset, save_preview
@@ -51,17 +51,17 @@ def demo_cmd(
     dataset = workdir / "data" / f"demo-city-{preset}"
     index_dir = workdir / "indexes" / f"demo-{preset}"
     viz = workdir / "indexes" / f"demo-{preset}-matches.png"
-    dev = resolve_device(device)
+    options = extract_options(device)
     if not dataset.exists():
         with progress_bar("rendering demo city", enabled=not json_out) as progress:
             generate_city(dataset, preset=preset, seed=0, progress=progress)
     database, queries = load_split(dataset, "test")
     model = build_model(ModelConfig(input_size=(spec.height, spec.width)), seed=0)  # native resolution
     with progress_bar(f"indexing {len(database)} images", enabled=not json_out) as progress:
-        build_index(database, index_dir, model=model, device=dev, progress=progress)
+        build_index(database, index_dir, model=model, options=options, progress=progress)
     bundle = load_index(index_dir)
     with progress_bar(f"evaluating {len(queries)} queries", enabled=not json_out) as progress:
-        report = evaluate(bundle, queries, device=dev, progress=progress)
+        report = evaluate(bundle, queries, options=options, progress=progress)
     rows = []
     for q in range(min(4, len(queries))):
         matches = [(bundle.database.paths[i], f"#{r + 1}", bool(i in report.positives[q]))

@@ -22,6 +22,7 @@ from vpr.fileio import MARKER, is_vpr_png, save_png
 from vpr.models.checkpoints import save_checkpoint
 from vpr.models.model import build_model
 from vpr.retrieval import store as store_module
+from vpr.retrieval.extract import ExtractOptions
 from vpr.retrieval.pipeline import build_index, cache_dir_for
 from vpr.retrieval.store import is_vpr_index, load_index
 
@@ -146,7 +147,7 @@ def test_new_folders_and_files_follow_the_umask(data, tmp_path, tiny_config):
     old = os.umask(0o022)
     try:
         out = tmp_path / "idx"
-        build_index(load_image_set(data / "database"), out, model=build_model(tiny_config, seed=0), num_workers=0)
+        build_index(load_image_set(data / "database"), out, model=build_model(tiny_config, seed=0), options=ExtractOptions(num_workers=0))
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
@@ -167,7 +168,7 @@ def test_an_unwritable_output_folder_is_one_line_and_leaves_nothing(monkeypatch,
 def test_a_failed_rebuild_keeps_the_old_index_and_leaves_no_temporary(data, tmp_path, tiny_config, monkeypatch):
     out = tmp_path / "idx"
     images = load_image_set(data / "database")
-    build_index(images, out, model=build_model(tiny_config, seed=0), num_workers=0)
+    build_index(images, out, model=build_model(tiny_config, seed=0), options=ExtractOptions(num_workers=0))
     before = snapshot(out)
 
     def disk_full(*args, **kwargs):
@@ -175,7 +176,7 @@ def test_a_failed_rebuild_keeps_the_old_index_and_leaves_no_temporary(data, tmp_
 
     monkeypatch.setattr(store_module, "file_sha256", disk_full)
     with pytest.raises(OutputError, match="no space left"):
-        build_index(images, out, model=build_model(tiny_config, seed=1), num_workers=0)
+        build_index(images, out, model=build_model(tiny_config, seed=1), options=ExtractOptions(num_workers=0))
     assert snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("idx.")] == []
 
@@ -200,7 +201,7 @@ def test_non_finite_weights_or_descriptors_are_refused(monkeypatch, capsys, data
     assert code == 1 and "NaN or infinite" in err and "nan.pt" in err and not (tmp_path / "idx").exists()
 
     out = tmp_path / "good"
-    build_index(load_image_set(data / "database"), out, model=build_model(tiny_config, seed=0), num_workers=0)
+    build_index(load_image_set(data / "database"), out, model=build_model(tiny_config, seed=0), options=ExtractOptions(num_workers=0))
     with h5py.File(out / "database.h5", "r+") as f:
         f["descriptors"][1, 3] = np.inf
     with pytest.raises(IndexFormatError, match="NaN or infinite"):
@@ -308,7 +309,7 @@ def test_any_output_path_either_builds_an_index_or_refuses_without_touching_user
     (root / "link").symlink_to(root / "mine")
     images = load_image_set(root / "city" / "database")
     model = build_model(tiny_config, seed=0)
-    build_index(images, root / "idx", model=model, num_workers=0)
+    build_index(images, root / "idx", model=model, options=ExtractOptions(num_workers=0))
     protected = {k: v for k, v in snapshot(root).items() if not k.startswith("idx")}
     cwd = os.getcwd()
     os.chdir(root)
@@ -316,7 +317,7 @@ def test_any_output_path_either_builds_an_index_or_refuses_without_touching_user
         for _ in range(1 + twice):
             out = Path(choice)
             try:
-                build_index(images, out, model=model, num_workers=0, cache=cache_dir_for(out) if cache else None)
+                build_index(images, out, model=model, options=ExtractOptions(num_workers=0), cache=cache_dir_for(out) if cache else None)
             except VPRError:
                 continue
             assert is_vpr_index(out) and load_index(out).manifest["count"] == 2

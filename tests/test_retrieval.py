@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -11,10 +12,12 @@ from vpr.data.datasets import load_image_set
 from vpr.errors import ImageError, IndexFormatError
 from vpr.evaluation.evaluate import evaluate
 from vpr.evaluation.recall import recall_at_n
-from vpr.retrieval.extract import extract_descriptors
+from vpr.retrieval.extract import ExtractOptions, extract_descriptors
 from vpr.retrieval.index import build_faiss_index, faiss_search, torch_search, write_faiss_index
 from vpr.retrieval.pipeline import build_index, describe, retrieve
 from vpr.retrieval.store import load_index
+
+OPTIONS = ExtractOptions(num_workers=0)  # the machine's cores are shared: decode in the main process
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +25,14 @@ def built(places, tmp_path_factory, tiny_config):
     from vpr.models.model import build_model
 
     out = tmp_path_factory.mktemp("idx") / "places"
-    build_index(load_image_set(places / "database"), out, model=build_model(tiny_config, seed=0), num_workers=0)
+    build_index(load_image_set(places / "database"), out, model=build_model(tiny_config, seed=0), options=OPTIONS)
     return out
 
 
 def test_each_query_retrieves_its_own_place_first(built, places):
     bundle = load_index(built)
     queries = load_image_set(places / "queries")
-    results = retrieve(bundle, describe(bundle, queries.paths), k=3)
+    results = retrieve(bundle, describe(bundle, queries.paths, OPTIONS), k=3)
     for query, matches in zip(queries.paths, results):
         assert matches[0].utm is not None
         assert abs(matches[0].utm[0] - (float(query.name.split("@")[1]) - 3.0)) < 1e-6
@@ -37,15 +40,43 @@ def test_each_query_retrieves_its_own_place_first(built, places):
 
 
 def test_recall_on_the_place_set_is_perfect(built, places):
-    report = evaluate(load_index(built), load_image_set(places / "queries"), ns=(1, 5), num_workers=0)
+    report = evaluate(load_index(built), load_image_set(places / "queries"), ns=(1, 5), options=OPTIONS)
     assert report.recalls == {1: 100.0, 5: 100.0}
     assert report.num_queries == 12 and report.num_with_positives == 12
+
+
+def test_recall_with_jpegs_decoded_on_the_device_is_the_same(built, places):
+    """What `eval --gpu-decode` runs, here with torchvision's decoder on the CPU."""
+    options = replace(OPTIONS, decode_on_device=True)
+    report = evaluate(load_index(built), load_image_set(places / "queries"), ns=(1, 5), options=options)
+    assert report.recalls == {1: 100.0, 5: 100.0}
+
+
+def test_query_descriptors_keep_one_row_per_image_even_with_skip_bad(built, places, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(ImageError, match="bad.jpg"):
+        describe(load_index(built), [load_image_set(places / "queries").paths[0], bad], replace(OPTIONS, skip_bad=True))
+
+
+def test_weights_are_hashed_only_for_a_cache_and_once_per_call(built, places, tmp_path, tiny_model, monkeypatch):
+    import vpr.retrieval.extract as extract
+
+    calls = []
+    real = extract.model_fingerprint
+    monkeypatch.setattr(extract, "model_fingerprint", lambda model: calls.append(1) or real(model))
+    paths = load_image_set(places / "database").paths[:3]
+    extract_descriptors(tiny_model, paths, OPTIONS)
+    describe(load_index(built), paths, OPTIONS)
+    assert calls == []
+    extract_descriptors(tiny_model, paths, replace(OPTIONS, batch_size=1), cache=tmp_path / "cache")
+    assert calls == [1]
 
 
 def test_reloaded_index_gives_identical_results(built, places):
     queries = load_image_set(places / "queries").paths
     first, second = load_index(built), load_index(built)
-    d1, d2 = describe(first, queries), describe(second, queries)
+    d1, d2 = describe(first, queries, OPTIONS), describe(second, queries, OPTIONS)
     assert np.array_equal(d1, d2)
     s1, i1 = first.search(d1, 5)
     s2, i2 = second.search(d2, 5)
@@ -60,10 +91,10 @@ def test_manifest_records_the_model_and_sizes(built):
 
 def test_pca_index_applies_the_same_projection_to_queries(places, tmp_path, tiny_model):
     out = tmp_path / "pca"
-    build_index(load_image_set(places / "database"), out, model=tiny_model, pca_dim=8, pca_whiten=True, num_workers=0)
+    build_index(load_image_set(places / "database"), out, model=tiny_model, pca_dim=8, pca_whiten=True, options=OPTIONS)
     bundle = load_index(out)
     assert bundle.dim == 8 and bundle.pca is not None
-    queries = describe(bundle, load_image_set(places / "queries").paths)
+    queries = describe(bundle, load_image_set(places / "queries").paths, OPTIONS)
     assert queries.shape == (12, 8)
     assert np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-5)
 
@@ -90,9 +121,9 @@ def test_approximate_indexes_find_near_duplicates(kind):
 def test_extraction_resumes_from_its_cache(places, tmp_path, tiny_model):
     paths = load_image_set(places / "database").paths
     cache = tmp_path / "cache"
-    first = extract_descriptors(tiny_model, paths[:5], cache=cache, num_workers=0)
-    second = extract_descriptors(tiny_model, paths, cache=cache, num_workers=0)
-    fresh = extract_descriptors(tiny_model, paths, num_workers=0)
+    first = extract_descriptors(tiny_model, paths[:5], OPTIONS, cache=cache)
+    second = extract_descriptors(tiny_model, paths, OPTIONS, cache=cache)
+    fresh = extract_descriptors(tiny_model, paths, OPTIONS)
     assert first.reused == 0 and second.reused == 5
     assert np.allclose(second.descriptors, fresh.descriptors, atol=1e-5)  # other batch sizes: other kernels
     assert sorted(p.name for p in cache.iterdir()) == [".vpr-owned", "main.h5"]  # parts merged on close
@@ -104,8 +135,8 @@ def test_cache_of_another_model_is_not_reused(places, tmp_path, tiny_model, tiny
     from vpr.models.model import build_model
 
     paths = load_image_set(places / "database").paths[:3]
-    extract_descriptors(tiny_model, paths, cache=tmp_path / "cache", num_workers=0)
-    other = extract_descriptors(build_model(tiny_config, seed=1), paths, cache=tmp_path / "cache", num_workers=0)
+    extract_descriptors(tiny_model, paths, OPTIONS, cache=tmp_path / "cache")
+    other = extract_descriptors(build_model(tiny_config, seed=1), paths, OPTIONS, cache=tmp_path / "cache")
     assert other.reused == 0
 
 
@@ -114,8 +145,8 @@ def test_bad_image_stops_extraction_unless_skipped(places, tmp_path, tiny_model)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(ImageError, match="bad.jpg"):
-        extract_descriptors(tiny_model, [paths[0], bad, paths[1]], num_workers=0)
-    result = extract_descriptors(tiny_model, [paths[0], bad, paths[1]], num_workers=0, skip_bad=True)
+        extract_descriptors(tiny_model, [paths[0], bad, paths[1]], OPTIONS)
+    result = extract_descriptors(tiny_model, [paths[0], bad, paths[1]], replace(OPTIONS, skip_bad=True))
     assert result.kept.tolist() == [0, 2] and result.skipped[0][0] == bad
 
 
@@ -141,5 +172,5 @@ def test_a_flat_index_from_before_carries_an_unused_faiss_file_and_still_loads(b
     shutil.copytree(built, old)
     bundle = load_index(built)
     write_faiss_index(build_faiss_index(bundle.descriptors, "flat"), old / "index.faiss")  # what earlier versions wrote
-    queries = describe(bundle, load_image_set(places / "queries").paths)
+    queries = describe(bundle, load_image_set(places / "queries").paths, OPTIONS)
     assert np.array_equal(load_index(old).search(queries, 5)[1], bundle.search(queries, 5)[1])

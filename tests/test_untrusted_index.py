@@ -10,6 +10,7 @@ import pytest
 from vpr.data.datasets import load_image_set
 from vpr.errors import IndexFormatError, UsageError
 from vpr.fileio import atomic_file
+from vpr.retrieval.extract import ExtractOptions
 from vpr.retrieval.pipeline import build_index
 from vpr.retrieval.store import load_index
 
@@ -19,7 +20,7 @@ def good_index(places, tmp_path_factory, tiny_config):
     from vpr.models.model import build_model
 
     out = tmp_path_factory.mktemp("good") / "idx"
-    build_index(load_image_set(places / "database"), out, model=build_model(tiny_config, seed=0), num_workers=0)
+    build_index(load_image_set(places / "database"), out, model=build_model(tiny_config, seed=0), options=ExtractOptions(num_workers=0))
     return out
 
 
@@ -75,7 +76,7 @@ def test_database_of_only_bad_images_is_a_clear_error(tmp_path, tiny_model):
     (tmp_path / "db").mkdir()
     (tmp_path / "db" / "a.jpg").write_bytes(b"")
     with pytest.raises(UsageError, match="no readable images"):
-        build_index(load_image_set(tmp_path / "db"), tmp_path / "idx", model=tiny_model, skip_bad=True, num_workers=0)
+        build_index(load_image_set(tmp_path / "db"), tmp_path / "idx", model=tiny_model, options=ExtractOptions(num_workers=0, skip_bad=True))
     assert not (tmp_path / "idx").exists()
 
 

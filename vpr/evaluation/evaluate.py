@@ -10,7 +10,7 @@ import numpy as np
 from vpr.data.datasets import GeoImageSet, load_ground_truth, positives_within
 from vpr.errors import LabelError
 from vpr.evaluation.recall import recall_at_n
-from vpr.retrieval.extract import Progress
+from vpr.retrieval.extract import ExtractOptions, Progress
 from vpr.retrieval.pipeline import describe
 from vpr.retrieval.store import IndexBundle
 
@@ -40,14 +40,12 @@ def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | Non
 
 def evaluate(
     bundle: IndexBundle, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5, 10, 20), gt: Path | None = None,
-    threshold: float = 25.0, batch_size: int = 32, num_workers: int = 2, device: str = "cpu", amp: bool = False,
-    compile: bool = False, progress: Progress | None = None,
+    threshold: float = 25.0, options: ExtractOptions, progress: Progress | None = None,
 ) -> EvalReport:
-    """Recall@N of `bundle` on `queries` (`amp` and `compile` as in `extract_descriptors`)."""
+    """Recall@N of `bundle` on `queries`: descriptors as `options` says, searched on `options.device`."""
     positives = query_positives(bundle, queries, gt=gt, threshold=threshold)
-    descriptors = describe(bundle, queries.paths, batch_size=batch_size, num_workers=num_workers, device=device,
-                           amp=amp, compile=compile, progress=progress)
-    _, predictions = bundle.search(descriptors, max(ns), device=device)
+    descriptors = describe(bundle, queries.paths, options, progress)
+    _, predictions = bundle.search(descriptors, max(ns), device=options.device)
     return EvalReport(
         recalls=recall_at_n(predictions, positives, ns), num_queries=len(queries),
         num_with_positives=int(sum(len(p) > 0 for p in positives)), predictions=predictions, positives=positives,

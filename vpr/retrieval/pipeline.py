@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import UsageError
@@ -15,7 +16,7 @@ from vpr.fileio import check_replaceable_dir, check_separate, output_lock
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
-from vpr.retrieval.extract import Progress, extract_descriptors
+from vpr.retrieval.extract import ExtractOptions, Progress, extract_descriptors
 from vpr.retrieval.index import similarity_to_distance
 from vpr.retrieval.store import IndexBundle, check_index_kind, foreign_files, project, write_index
 
@@ -52,18 +53,12 @@ def build_index(
     pca_dim: int | None = None,
     pca_whiten: bool = False,
     kind: str = "flat",
-    batch_size: int = 32,
-    num_workers: int = 2,
-    device: str = "cpu",
-    amp: bool = False,
-    decode_on_device: bool = False,
-    compile: bool = False,
+    options: ExtractOptions,
     cache: Path | None = None,
-    skip_bad: bool = False,
     progress: Progress | None = None,
 ) -> BuildReport:
-    """Extract database descriptors (`amp`, `decode_on_device` and `compile` as in
-    `extract_descriptors`), fit the optional PCA, and write a self-contained index directory.
+    """Extract database descriptors as `options` says (`options.skip_bad` leaves unreadable images
+    out), fit the optional PCA, and write a self-contained index directory.
 
     Every check on the output runs before any work: `out_dir` (and `cache`) must lie outside the
     database's folders and be new, empty or a vpr index; one process writes `out_dir` at a time.
@@ -78,10 +73,7 @@ def build_index(
         check_separate(cache, inputs, "--out's descriptor cache")
     check_replaceable_dir(out_dir, foreign_files, "--out")
     with output_lock(out_dir):
-        extraction = extract_descriptors(
-            model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
-            decode_on_device=decode_on_device, compile=compile, cache=cache, skip_bad=skip_bad, progress=progress,
-        )
+        extraction = extract_descriptors(model, database.paths, options, cache=cache, progress=progress)
         if len(extraction.kept) == 0:
             raise UsageError(f"{database.source}: no readable images left to index")
         kept = database.subset(extraction.kept)
@@ -120,19 +112,17 @@ class Match:
     heading: float | None
 
 
-def describe(bundle: IndexBundle, paths: list[Path], *, batch_size: int = 32, num_workers: int = 0,
-             device: str = "cpu", amp: bool = False, compile: bool = False,
+def describe(bundle: IndexBundle, paths: list[Path], options: ExtractOptions,
              progress: Progress | None = None) -> np.ndarray:
-    """Query descriptors in the index's space (model forward, then the index's projections)."""
-    extraction = extract_descriptors(
-        bundle.model, paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
-        compile=compile, progress=progress,
-    )
+    """Query descriptors in the index's space (model forward, then the index's projections), one row
+    per path: an unreadable query raises its `ImageError` whatever `options.skip_bad` says."""
+    extraction = extract_descriptors(bundle.model, paths, replace(options, skip_bad=False), progress=progress)
     return bundle.project(extraction.descriptors)
 
 
-def retrieve(bundle: IndexBundle, descriptors: np.ndarray, k: int, device: str = "cpu") -> list[list[Match]]:
-    """Top-k matches for each query descriptor."""
+def retrieve(bundle: IndexBundle, descriptors: np.ndarray, k: int,
+             device: torch.device | str = "cpu") -> list[list[Match]]:
+    """Top-k matches for each query descriptor, searched on `device`."""
     similarities, indices = bundle.search(descriptors, k, device=device)
     distances = similarity_to_distance(similarities)
     db = bundle.database

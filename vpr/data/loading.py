@@ -1,0 +1,127 @@
+"""Image files as batches for a DataLoader, and JPEG decoding on a device (nvJPEG on CUDA).
+
+`ImageFiles` decodes and resizes with PIL in the workers; `JpegFiles` hands plain JPEGs over as
+raw bytes, which `decode_batch` decodes on the device and resizes there in same-size groups. A bad
+file never raises inside a worker: its item carries the error text, and the caller decides.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, image_to_tensor, load_rgb
+from vpr.errors import ImageError
+
+
+class ImageFiles(Dataset):
+    """Reads images as uint8 tensors of the model's input size; a bad file yields its error text."""
+
+    def __init__(self, paths: list[Path], input_size: tuple[int, int]) -> None:
+        self.paths = paths
+        self.input_size = input_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            return image_to_tensor(load_rgb(self.paths[i]), self.input_size), i, ""
+        except ImageError as exc:
+            return torch.zeros(3, *self.input_size, dtype=torch.uint8), i, str(exc)
+
+
+def device_decodable(path: Path) -> bool:
+    """Whether `path` is a plain upright RGB/grey JPEG that torchvision can decode on a device."""
+    try:
+        with Image.open(path) as img:
+            upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1
+            return img.format == "JPEG" and img.mode in ("RGB", "L") and img.width * img.height <= MAX_PIXELS and upright
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+class JpegFiles(Dataset):
+    """Raw JPEG bytes for decoding on the device; other files are decoded and resized here by PIL.
+
+    Items are (tensor, is_jpeg_bytes, index, error text): a 1-D uint8 byte tensor, or a 3 x H x W
+    uint8 image already at the input size. Batch them with `collate_lists`.
+    """
+
+    def __init__(self, paths: list[Path], input_size: tuple[int, int]) -> None:
+        self.paths = paths
+        self.input_size = input_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, int, str]:
+        path = self.paths[i]
+        try:
+            if device_decodable(path):
+                return torch.from_numpy(np.fromfile(path, dtype=np.uint8)), True, i, ""
+            return image_to_tensor(load_rgb(path), self.input_size), False, i, ""
+        except ImageError as exc:
+            return torch.zeros(0, dtype=torch.uint8), False, i, str(exc)
+
+
+def collate_lists(batch: list[tuple]) -> tuple[list[torch.Tensor], list[bool], torch.Tensor, list[str]]:
+    """`JpegFiles`' collate_fn: keep variable-size items (JPEG bytes) as lists."""
+    data, is_jpeg, index, errors = zip(*batch)
+    return list(data), list(is_jpeg), torch.tensor(index), list(errors)
+
+
+def _decode_jpegs(items: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode JPEG byte tensors to 3 x h x w uint8 on `device` in one call; None where the decoder fails."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
+        try:
+            return list(decode_jpeg(items, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one bad file fails the whole call: retry one by one
+            decoded: list[torch.Tensor | None] = []
+            for item in items:
+                try:
+                    decoded.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+            return decoded
+
+
+def decode_batch(
+    items: list[torch.Tensor], is_jpeg: list[bool], paths: list[Path], input_size: tuple[int, int], device: torch.device,
+) -> tuple[torch.Tensor, list[str]]:
+    """Decode JPEG bytes on `device` and resize them there in same-size groups (bilinear, antialiased).
+
+    Returns an N x 3 x H x W float batch of 0..255 values on `device` and an error text per item
+    ("" when fine); a JPEG the device decoder rejects is retried with PIL, which names the problem.
+    """
+    height, width = input_size
+    batch = torch.zeros(len(items), 3, height, width, device=device)
+    errors = [""] * len(items)
+    jpegs = [j for j, flag in enumerate(is_jpeg) if flag]
+    decoded = _decode_jpegs([items[j] for j in jpegs], device) if jpegs else []
+    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for j, image in zip(jpegs, decoded):
+        if image is None:
+            try:
+                batch[j] = image_to_tensor(load_rgb(paths[j]), input_size).to(device)
+            except ImageError as exc:
+                errors[j] = str(exc)
+            continue
+        groups.setdefault(tuple(image.shape[1:]), []).append((j, image))
+    for size, members in groups.items():
+        stack = torch.stack([image for _, image in members]).float()
+        if size != (height, width):
+            stack = torch.nn.functional.interpolate(stack, size=input_size, mode="bilinear", antialias=True, align_corners=False)
+        batch[[j for j, _ in members]] = stack.round_().clamp_(0, 255)
+    for j, flag in enumerate(is_jpeg):
+        if not flag and items[j].dim() == 3:
+            batch[j] = items[j].to(device, non_blocking=True)
+    return batch, errors
