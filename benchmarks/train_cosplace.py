@@ -2,7 +2,7 @@
 
 Renders the city if needed (data/demo-city-PRESET, the same one `vpr demo` uses), measures
 recall@1/5/10 on its test split with the untrained model, trains with `train_cosplace`, measures the
-best checkpoint (by validation R@1) and the last one on the same split, and writes a JSON with the
+best checkpoint (by validation R@1, ties by R@5) and the last one on the same split, and writes a JSON with the
 figures, the training time and the images/s.
 
 The defaults fit ~15 minutes on an idle 2-core CPU (about 25 on a shared one): the small city's
@@ -31,6 +31,7 @@ from vpr.data.synth import generate_city
 from vpr.fileio import atomic_file
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import build_model
+from vpr.retrieval.extract import ExtractOptions
 from vpr.training.augment import AugmentParams
 from vpr.training.cosplace import CosPlaceConfig, train_cosplace
 from vpr.training.cosplace_groups import GroupParams
@@ -58,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--groups-num", type=int, default=8)
     parser.add_argument("--jitter", type=float, default=0.3, help="brightness/contrast/saturation jitter (paper: 0.7)")
     parser.add_argument("--hue", type=float, default=0.0, help="hue jitter (paper: 0.5)")
-    parser.add_argument("--crop-scale", type=float, default=0.9, help="smallest random-crop area (paper: 0.75)")
+    parser.add_argument("--crop-scale", type=float, default=0.9, help="smallest random-crop area (reference code: 0.5)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -66,7 +67,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def test_recall(model, database, queries, args) -> dict[str, float]:
-    recalls = validate(model, database, queries, ns=(1, 5, 10), batch_size=32, num_workers=args.workers)
+    recalls = validate(model, database, queries, ExtractOptions(batch_size=32, num_workers=args.workers), ns=(1, 5, 10))
     return {f"R@{n}": round(v, 2) for n, v in recalls.items()}
 
 
@@ -98,15 +99,15 @@ def main() -> None:
     train_seconds = sum(r["train_seconds"] for r in result.records)
     images = args.epochs * args.iterations * args.batch_size
     after_best = test_recall(load_checkpoint(result.best)[0], database, queries, args)
-    best_epoch = next(r["epoch"] for r in result.records if r["R@1"] == result.best_r1)
+    best_epoch = result.best_epoch
     last_is_best = best_epoch == result.records[-1]["epoch"]
     after_last = after_best if last_is_best else test_recall(load_checkpoint(result.last)[0], database, queries, args)
     report = {
         "benchmark": "train_cosplace", "preset": args.preset, "dataset": str(data), "run": str(out),
         "test_split": {"database": len(database), "queries": len(queries)},
-        "config": config.resolved().to_dict(), "groups_used": result.groups_used,
+        "config": config.resolved().to_dict(), **result.extras,
         "recall_before": before, "recall_after_best": after_best, "recall_after_last": after_last,
-        "best_epoch": best_epoch, "best_epoch_val_R@1": result.best_r1, "epochs": result.records,
+        "best_epoch": best_epoch, "best_epoch_val_recall": result.best_recall, "epochs": result.records,
         "train_seconds": round(train_seconds, 1), "run_seconds_with_validation": round(run_seconds, 1),
         "test_eval_seconds": round(eval_seconds, 1), "images_trained": images,
         "train_images_per_second": round(images / train_seconds, 2),

@@ -27,19 +27,19 @@ from vpr.evaluation.recall import recall_at_n
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
-from vpr.retrieval.extract import extract_descriptors
+from vpr.retrieval.extract import ExtractOptions, extract_descriptors
 from vpr.retrieval.index import torch_search
-from vpr.training.netvlad import NetVLADTrainConfig, initial_model, load_training_data, train_netvlad
+from vpr.training.netvlad import NetVLADConfig, initial_model, train_netvlad
 
 NS = (1, 5, 10)
 
 
-def test_recalls(model: VPRModel, pca: PCA | None, dataset: Path, cfg: NetVLADTrainConfig) -> dict[str, dict[str, float]]:
+def test_recalls(model: VPRModel, pca: PCA | None, dataset: Path, cfg: NetVLADConfig) -> dict[str, dict[str, float]]:
     """Recall@1/5/10 (percent, exact search, 25 m) on the test split: full descriptors, and PCA'd when given."""
     database, queries = load_split(dataset, "test")
-    options = dict(batch_size=cfg.extract_batch_size, num_workers=cfg.workers, device=cfg.device)
-    db = extract_descriptors(model, database.paths, **options).descriptors
-    q = extract_descriptors(model, queries.paths, **options).descriptors
+    options = ExtractOptions(batch_size=cfg.extract_batch_size, num_workers=cfg.workers, device=torch.device(cfg.device))
+    db = extract_descriptors(model, database.paths, options).descriptors
+    q = extract_descriptors(model, queries.paths, options).descriptors
     positives = positives_within(database.utm, queries.utm, 25.0)
     variants = {"full": (db, q)}
     if pca is not None:
@@ -89,17 +89,18 @@ def main(argv: list[str]) -> None:
     height, width = (int(v) for v in args.resize.split("x"))
     with tempfile.TemporaryDirectory(prefix="bench-netvlad-") as tmp:
         workdir = Path(tmp)
-        cfg = NetVLADTrainConfig(
+        cfg = NetVLADConfig(
             dataset=args.dataset, out=workdir / "run", backbone=args.backbone, layer=args.layer,
             num_clusters=args.clusters, input_size=(height, width), epochs=args.epochs,
-            iterations_per_epoch=args.iterations_per_epoch or None, batch_size=args.tuples_per_step,
+            iterations_per_epoch=args.iterations_per_epoch or None,
+            batch_size=args.tuples_per_step * (2 + args.negatives),
             num_negatives=args.negatives, mining_subset=args.mining_subset, cache_refresh=args.cache_refresh,
             optimizer=args.optimizer, lr=args.lr, lr_step=args.lr_step, lr_gamma=args.lr_gamma, pca_dim=args.pca_dim, workers=args.workers, device=args.device,
             seed=args.seed, clusters_cache=workdir / "clusters.h5",
         )
-        data = load_training_data(args.dataset)
+        train_database, _ = load_split(args.dataset, "train")
         tic = time.perf_counter()
-        model, clusters = initial_model(cfg, data.database)
+        model, clusters = initial_model(cfg.resolved(), train_database)
         init_seconds = time.perf_counter() - tic
         before = test_recalls(model, None, args.dataset, cfg)["full"]
         logging.info("before training: %s", before)
@@ -108,13 +109,13 @@ def main(argv: list[str]) -> None:
         train_seconds = time.perf_counter() - tic
         trained, pca = load_checkpoint(result.best)
         after = test_recalls(trained, pca, args.dataset, cfg)
-    images = sum(r["images"] for r in result.history)
-    step_seconds = sum(r["train_s"] for r in result.history)
+    images = sum(r["images"] for r in result.records)
+    step_seconds = sum(r["train_seconds"] for r in result.records)
     report = {
         "benchmark": "train_netvlad", "command": " ".join(sys.argv), "dataset": str(args.dataset),
         "split_sizes": {s: [len(x) for x in load_split(args.dataset, s)] for s in ("train", "val", "test")},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "descriptor_dim": trained.config.descriptor_dim, "pca_dim": result.pca_dim,
+        "descriptor_dim": trained.config.descriptor_dim, "pca_dim": result.extras["pca_dim"],
         "clusters": {"k": args.clusters, "alpha": round(clusters.alpha, 3), "features": clusters.num_features,
                      "seconds": round(init_seconds, 1)},
         "recall_before": before, "recall_after": after["full"], "recall_after_wpca": after.get("wpca"),
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> None:
         "train_seconds": round(train_seconds, 1), "images_trained": images,
         "train_images_per_s": round(images / step_seconds, 2) if step_seconds else None,
         "train_images_per_s_incl_mining_and_validation": round(images / train_seconds, 2),
-        "epochs": result.history, "total_seconds": round(time.perf_counter() - start, 1),
+        "epochs": result.records, "total_seconds": round(time.perf_counter() - start, 1),
         "machine": {"device": args.device, "torch_threads": args.threads, "cpu": platform.processor() or platform.machine(),
                     "torch": torch.__version__},
     }

@@ -9,16 +9,13 @@ import typer
 from rich.table import Table
 
 from cli.common import DEGREES, INT32_MAX, MAX_SPACING, POSITIVE, check_output_file, console, print_json
-from vpr.data.datasets import load_image_set
-from vpr.training.cosplace import split_dir
+from vpr.data.datasets import find_split, load_image_set
 from vpr.training.cosplace_groups import GroupParams, build_groups, save_group_map
 
 
 def _train_images(dataset: Path) -> Path:
     """A dataset root's train split, or the folder/CSV itself when it has no split layout."""
-    if dataset.is_dir() and ((dataset / "images" / "train").is_dir() or (dataset / "train").is_dir()):
-        return split_dir(dataset, "train")
-    return dataset
+    return (find_split(dataset, "train") if dataset.is_dir() else None) or dataset
 
 
 def groups_cmd(

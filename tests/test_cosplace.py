@@ -247,7 +247,7 @@ def first_run(city, tmp_path_factory) -> tuple[Path, object, list]:
 
 def test_two_iteration_run_writes_a_usable_run_directory(city, first_run):
     out, result, phases = first_run
-    assert result.groups_used == 2
+    assert result.extras == {"groups": 2, "groups_trained": 1}  # two groups in the rotation, one epoch trains one
     assert ("epoch 1/1 group 0", 2, 2) in phases
     assert {p.name for p in out.iterdir()} >= {"config.json", "last.pt", "best.pt", "log.jsonl", "groups.h5"}
     record = json.loads((out / "log.jsonl").read_text())
@@ -295,6 +295,7 @@ def test_resume_continues_exactly(city, tmp_path):
         log = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in log] == [1, 2, 3]
         assert [r["loss"] for r in log] == [r["loss"] for r in full.records]
+        assert load_payload(tmp_path / run / "last.pt")["extra"]["training"]["best"] == load_payload(full.last)["extra"]["training"]["best"]
 
 
 def test_runs_refuse_overwrite_and_changed_settings(city, first_run, tmp_path):
@@ -319,6 +320,8 @@ def test_cli_train_then_build_index_with_the_checkpoint(city, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["epochs_run"] == 1 and Path(summary["best"]).is_file()
+    assert summary["groups"] == 2 and summary["groups_trained"] == 1  # the groups actually trained, not --groups-num
+    assert summary["best_recall"] == {k: summary["epochs"][0][k] for k in ("R@1", "R@5")}
     index = tmp_path / "index"
     result = runner.invoke(app, ["build-index", str(city / "images/val/database"), "--checkpoint", summary["best"],
                                  "--out", str(index), "--workers", "0", "--device", "cpu", "--no-cache", "--json"])

@@ -19,10 +19,12 @@ from vpr.data.geo import format_at_name
 from vpr.models.checkpoints import load_checkpoint, load_payload
 from vpr.models.heads import NetVLAD
 from vpr.models.model import ModelConfig, build_model
+from vpr.retrieval.extract import ExtractOptions
 from vpr.retrieval.pipeline import build_index
 from vpr.retrieval.store import load_index
 from vpr.training.mining import FeatureCache, Miner, MiningConfig, Triplet, tuple_sets
-from vpr.training.netvlad import NetVLADTrainConfig, TrainResult, train_netvlad
+from vpr.training.loop import TrainResult
+from vpr.training.netvlad import NetVLADConfig, train_netvlad
 from vpr.training.netvlad_init import assignment_alpha, fit_centroids, init_netvlad, sample_local_features
 from vpr.training.triplet import TupleImages, collate_tuples, triplet_loss
 
@@ -59,14 +61,15 @@ def clusters_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("clusters") / "clusters.h5"
 
 
-def tiny_config(city: Path, out: Path, clusters_cache: Path, **changes) -> NetVLADTrainConfig:
-    """resnet18 cut after layer3, 4 clusters, epochs of 2 steps of 2 tuples, the cache refreshed every 2 queries.
+def tiny_config(city: Path, out: Path, clusters_cache: Path, **changes) -> NetVLADConfig:
+    """resnet18 cut after layer3, 4 clusters, epochs of 2 steps of 2 tuples (8 images // (2 + 2 negatives)), the cache
+    refreshed every 2 queries.
 
     Margin 4 (the largest squared distance between unit vectors) makes every negative violate it, so every
     query yields a tuple and the step counts are known.
     """
-    cfg = NetVLADTrainConfig(
-        dataset=city, out=out, layer=3, num_clusters=4, input_size=SIZE, epochs=1, iterations_per_epoch=2, batch_size=2,
+    cfg = NetVLADConfig(
+        dataset=city, out=out, layer=3, num_clusters=4, input_size=SIZE, epochs=1, iterations_per_epoch=2, batch_size=8,
         cache_refresh=2, num_negatives=2, neg_samples=5, margin=4.0, lr=1e-4, init_images=12, init_per_image=4,
         kmeans_iterations=10, clusters_cache=clusters_cache, pca_dim=8, workers=0, extract_batch_size=8,
     )
@@ -218,18 +221,18 @@ def test_tuple_batches_keep_each_negative_with_its_query(city):
 
 
 def test_two_iteration_run_writes_checkpoints_that_build_an_index(first_epoch, city, clusters_cache, tmp_path):
-    (record,) = first_epoch.history
+    (record,) = first_epoch.records
     assert record["steps"] == 2 and record["tuples"] == 4 and math.isfinite(record["loss"])
-    assert set(record["recall"]) == {"R@1", "R@5"}
+    assert 0 <= record["R@1"] <= record["R@5"] <= 100 and first_epoch.best_recall == {"R@1": record["R@1"], "R@5": record["R@5"]}
     log = (first_epoch.run_dir / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1]
     model, pca = load_checkpoint(first_epoch.best)
-    assert pca is not None and pca.whiten and pca.out_dim == 8 and first_epoch.pca_dim == 8
+    assert pca is not None and pca.whiten and pca.out_dim == 8 and first_epoch.extras["pca_dim"] == 8
     initial = build_model(tiny_config(city, tmp_path, clusters_cache).model_config(), seed=0)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, initial.state_dict()[k])]
     assert any(k.startswith("backbone.") for k in changed) and "head.centroids" in changed
     database, _ = load_split(city, "val")
-    build_index(database, tmp_path / "index", model=model, model_pca=pca, num_workers=0)
+    build_index(database, tmp_path / "index", model=model, model_pca=pca, options=ExtractOptions(num_workers=0))
     bundle = load_index(tmp_path / "index")
     assert bundle.dim == 8 and len(bundle.database) == len(database)
 
@@ -247,11 +250,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(first_epoch, city, c
     straight = train_netvlad(tiny_config(city, tmp_path / "straight", clusters_cache, epochs=2, pca_dim=0))
     shutil.copytree(first_epoch.run_dir, tmp_path / "resumed")  # a moved run directory resumes too
     resumed = train_netvlad(tiny_config(city, tmp_path / "resumed", clusters_cache, epochs=2), resume=True)
-    assert [r["epoch"] for r in resumed.history] == [2]
+    assert [r["epoch"] for r in resumed.records] == [2]
     a, b = (load_payload(r.last) for r in (straight, resumed))
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert torch.equal(a["extra"]["training"]["mining"]["memory"], b["extra"]["training"]["mining"]["memory"])
-    assert straight.history[1]["loss"] == resumed.history[0]["loss"]
+    assert straight.records[1]["loss"] == resumed.records[0]["loss"]
+    assert a["extra"]["training"]["best"] == b["extra"]["training"]["best"]
 
 
 def test_cli_trains_netvlad_and_the_checkpoint_builds_an_index(city, clusters_cache, tmp_path, monkeypatch, capsys):

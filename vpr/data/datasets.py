@@ -2,6 +2,12 @@
 
 Everything becomes one `GeoImageSet`: image paths with UTM east/north (metres), heading (degrees,
 NaN when unknown) and the UTM zone; an unlabelled folder has no coordinates.
+
+Dataset layout (one resolver, `split_folder`, for every command): a split SPLIT (train, val, test)
+of a dataset ROOT is the folder `ROOT/images/SPLIT/` (VPR-datasets-downloader) or, when that is
+missing, `ROOT/SPLIT/` (CosPlace's processed layout). `load_split` reads its `database/` and
+`queries/` subfolders; `load_split_images` reads every image under it (CosPlace trains on the whole
+train split, which may also be one flat folder of images).
 """
 
 from __future__ import annotations
@@ -255,14 +261,37 @@ def load_manifest(csv_path: Path) -> GeoImageSet:
     )
 
 
+def find_split(root: Path, split: str) -> Path | None:
+    """The folder of `split` under a dataset root: `ROOT/images/SPLIT` if it exists, else `ROOT/SPLIT`, else None."""
+    if not split or split in (".", "..") or "/" in split or os.sep in split:
+        raise UsageError(f"split '{split}': give a split folder name such as {', '.join(SPLITS)}")
+    for candidate in (Path(root) / "images" / split, Path(root) / split):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """`find_split`, or a `UsageError` naming the layouts looked for."""
+    folder = find_split(root, split)
+    if folder is None:
+        raise UsageError(
+            f"{root}: no images/{split}/ (or {split}/) folder; expected ROOT/images/{{train,val,test}}/{{database,queries}}"
+        )
+    return folder
+
+
 def load_split(root: Path, split: str) -> tuple[GeoImageSet, GeoImageSet]:
-    """The (database, queries) of `ROOT/images/SPLIT/` in the VPR-datasets-downloader layout."""
-    if split not in SPLITS:
-        raise UsageError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-    base = Path(root) / "images" / split
-    if not base.is_dir():
-        raise UsageError(f"{base}: missing; expected ROOT/images/{{train,val,test}}/{{database,queries}}")
+    """The (database, queries) of a split: `SPLIT/database/` and `SPLIT/queries/` of `split_folder`, each read recursively."""
+    base = split_folder(root, split)
+    if not ((base / "database").is_dir() and (base / "queries").is_dir()):
+        raise UsageError(f"{base}: needs database/ and queries/ subfolders; check the dataset layout or choose another split")
     return load_folder(base / "database"), load_folder(base / "queries")
+
+
+def load_split_images(root: Path, split: str) -> GeoImageSet:
+    """Every image under `split_folder(root, split)`, recursively: database and queries alike, or a flat folder."""
+    return load_folder(split_folder(root, split))
 
 
 def positives_within(database_utm: np.ndarray, query_utm: np.ndarray, radius: float) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ class AugmentParams:
     contrast: float = 0.7
     saturation: float = 0.7
     hue: float = 0.5
-    crop_scale: float = 0.75
+    crop_scale: float = 0.5  # the reference code's RandomResizedCrop scale [0.5, 1]
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 

@@ -1,9 +1,14 @@
-"""Pieces shared by the CosPlace and NetVLAD trainers: run directory, exact resume, validation, logs.
+"""The one training loop every method runs in, and what it needs: run directory, exact resume, validation.
 
 A run directory `runs/NAME/` holds `config.json`, `last.pt`, `best.pt` and `log.jsonl`. `last.pt` and
-`best.pt` are ordinary vpr checkpoints (usable with `vpr build-index --checkpoint`) plus a
-`training` entry with everything `--resume` needs: epoch, optimiser states, extra modules and RNG
-states. All writes are atomic.
+`best.pt` are ordinary vpr checkpoints (usable with `vpr build-index --checkpoint`); `last.pt` adds a
+`training` entry with everything `--resume` needs: epoch, best so far, RNG states, grad scaler and the
+method's own state (optimisers, extra modules). All writes are atomic.
+
+A method (CosPlace, NetVLAD) plugs in as a `Method`: how it reads its data, builds its model and
+optimisers, trains one epoch and what it keeps in `last.pt`. The loop does the rest: the run folder
+and its safety rules, resume, validation after each epoch, `best.pt` by the best-model rule
+(`is_better`: highest R@1, ties broken by R@5), `last.pt`, the log and the result.
 """
 
 from __future__ import annotations
@@ -12,23 +17,30 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vpr.data.datasets import GeoImageSet, positives_within
-from vpr.errors import CheckpointError, OutputError, UsageError
+from vpr.data.datasets import GeoImageSet, load_split, positives_within
+from vpr.errors import CheckpointError, ImageError, OutputError, UsageError
 from vpr.evaluation.recall import recall_at_n
 from vpr.fileio import MARKER, atomic_file, check_replaceable_dir, check_separate, marker_kind, output_lock, write_marker
 from vpr.models.checkpoints import load_payload, model_from_payload, save_checkpoint
+from vpr.models.inference import amp_dtype
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
-from vpr.retrieval.extract import Progress, extract_descriptors
+from vpr.retrieval.extract import ExtractOptions, Progress, extract_descriptors
 from vpr.retrieval.index import torch_search
+from vpr.training.config import TrainConfig
+
+TrainProgress = Callable[[str, int, int], None]  # (phase, done, total)
+Phase = Callable[[str], "Progress | None"]  # a phase name -> its (done, total) callback, or None without progress
+RECALLS = (1, 5)
 
 
 def seed_everything(seed: int) -> None:
@@ -150,6 +162,20 @@ class RunDir:
         with open(self.log, "a") as handle:
             handle.write(json.dumps(record, default=float) + "\n")
 
+    def trim_log(self, epochs_done: int) -> None:
+        """Keep only log lines of epochs already in last.pt (a kill may have left a later one, or half a line)."""
+        if not self.log.is_file():
+            return
+        kept = []
+        for line in self.log.read_text().splitlines():
+            try:
+                if json.loads(line).get("epoch", 0) <= epochs_done:
+                    kept.append(line)
+            except ValueError:  # a line cut short by the kill
+                continue
+        with atomic_file(self.log) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+
 
 def save_training_checkpoint(path: Path, model: VPRModel, training: dict, pca: PCA | None = None) -> None:
     """A vpr checkpoint plus the `training` state needed to resume exactly."""
@@ -167,15 +193,190 @@ def load_training_checkpoint(path: Path) -> tuple[VPRModel, PCA | None, dict]:
 
 
 def validate(
-    model: VPRModel, database: GeoImageSet, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5),
-    threshold: float = 25.0, batch_size: int = 32, num_workers: int = 0, device: str = "cpu",
-    amp: bool = False, progress: Progress | None = None,
+    model: VPRModel, database: GeoImageSet, queries: GeoImageSet, options: ExtractOptions, *,
+    ns: tuple[int, ...] = RECALLS, threshold: float = 25.0, progress: Progress | None = None,
 ) -> dict[int, float]:
     """Recall@N (percent) of `model` on a labelled split, exact search, standard 25 m protocol."""
-    was_training = model.training
-    db = extract_descriptors(model, database.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp, progress=progress).descriptors
-    q = extract_descriptors(model, queries.paths, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp).descriptors
-    model.train(was_training)
+    db = extract_descriptors(model, database.paths, options, progress=progress).descriptors
+    q = extract_descriptors(model, queries.paths, options).descriptors
     positives = positives_within(database.require_labels("validation"), queries.require_labels("validation"), threshold)
-    _, predictions = torch_search(db, q, max(ns), device=device)
+    _, predictions = torch_search(db, q, max(ns), device=str(options.device))
     return recall_at_n(predictions, positives, ns)
+
+
+def is_better(recalls: dict[str, float], best: dict | None) -> bool:
+    """The best-model rule of every method: higher R@1, ties broken by higher R@5."""
+    if best is None:
+        return True
+    saved = best["recalls"]
+    return (recalls["R@1"], recalls["R@5"]) > (saved.get("R@1", -1.0), saved.get("R@5", -1.0))
+
+
+def to_cpu(value):
+    """Tensors anywhere inside dicts/lists moved to the CPU (so checkpoints load without a GPU)."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
+def first_error(errors: list[str]) -> None:
+    """Raise the first image error of a batch (its text names the file)."""
+    bad = next((e for e in errors if e), None)
+    if bad:
+        raise ImageError(bad)
+
+
+def freeze_early_layers(model: VPRModel) -> None:
+    """Freeze the layers the reference code freezes: ResNet conv1..layer2, VGG16 conv1..conv4."""
+    frozen = 24 if model.config.backbone == "vgg16" else 6
+    for module in list(model.backbone.children())[:frozen]:
+        for param in module.parameters():
+            param.requires_grad_(False)
+
+
+def trainable(model: VPRModel, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """Freeze the early layers if asked, move the model to the device for training; its trainable weights."""
+    if cfg.freeze_early:
+        freeze_early_layers(model)
+    model.to(torch.device(cfg.device)).to(memory_format=torch.channels_last).train()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class Precision:
+    """Mixed precision for training: autocast with `amp_dtype` on CUDA, a grad scaler only for fp16."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.dtype = amp_dtype(torch.device(cfg.device)) if cfg.use_amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast("cuda", dtype=self.dtype) if self.dtype is not None else nullcontext()
+
+    def step(self, loss: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Zero the gradients, back-propagate `loss` (scaled when fp16) and step every optimiser."""
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+class Method:
+    """What a training method plugs into `train`; subclasses fill in the five hooks."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.precision = Precision(cfg)
+        self.model: VPRModel
+
+    def load(self) -> None:
+        """Read and check the training data; runs before the run folder is written, so errors leave nothing."""
+
+    def start(self, run: RunDir, model: VPRModel | None, state: dict | None, phase: Phase) -> None:
+        """Build the model (`model` None: a new run, RNGs seeded) or take the resumed one and `state`; then the optimisers."""
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int, phase: Phase) -> dict:
+        """Train one epoch; a record with at least `loss`, `images` and `train_seconds`."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """The method's part of last.pt's `training` entry (weights-only loadable)."""
+        raise NotImplementedError
+
+    def finish(self, run: RunDir, epochs_done: int, phase: Phase) -> dict:
+        """Work after the last epoch (e.g. NetVLAD's whitening); method-specific figures for the result."""
+        return {}
+
+
+@dataclass
+class TrainResult:
+    """Where a run left its checkpoints, its best epoch and recalls, and the records of the epochs trained now."""
+
+    run_dir: Path
+    last: Path
+    best: Path
+    best_epoch: int = 0
+    best_recall: dict[str, float] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+
+def phases(progress: TrainProgress | None, prefix: str = "") -> Phase:
+    """Phase callbacks named `prefix + name` for the trainer's (phase, done, total) progress."""
+    def phase(name: str) -> Progress | None:
+        return None if progress is None else (lambda done, total: progress(prefix + name, done, total))
+    return phase
+
+
+def saved_best(state: dict, run: RunDir) -> dict | None:
+    """The best epoch and recalls kept in `state`; runs of earlier versions kept them differently."""
+    best = state.get("best")
+    if isinstance(best, dict) and "recalls" in best:
+        return best
+    if isinstance(best, dict) and best.get("recall"):  # NetVLAD runs before the shared loop
+        return {"epoch": int(best["epoch"]), "recalls": dict(best["recall"])}
+    if run.best.is_file():  # CosPlace runs before the shared loop kept only best_r1: read best.pt
+        extra = load_payload(run.best).get("extra") or {}
+        return {"epoch": int(extra.get("epoch", 0)), "recalls": dict(extra.get("recalls") or extra.get("recall") or {})}
+    return None
+
+
+def train(
+    config: TrainConfig, method_type: type[Method], *, resume: bool = False, progress: TrainProgress | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train (or `resume`) `method_type` in `config.out`, validating on `config.val_split` after each epoch."""
+    start_time = time.perf_counter()
+    cfg = config.resolved()
+    run, inputs = RunDir(Path(cfg.out)), [Path(cfg.dataset)]
+    with run.locked():  # one process per run folder
+        run.check(cfg.to_dict(), resume, inputs)
+        val_db, val_q = load_split(Path(cfg.dataset), cfg.val_split)
+        for images in (val_db, val_q):
+            images.require_labels("validation")
+        method = method_type(cfg)
+        method.load()
+        run.prepare(cfg.to_dict(), resume, inputs)
+        first, best = 0, None
+        if resume:
+            model, _, state = load_training_checkpoint(run.last)
+            method.start(run, model, state, phases(progress))
+            if state.get("scaler"):
+                method.precision.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            first, best = int(state["epoch"]), saved_best(state, run)
+            run.trim_log(first)
+        else:
+            seed_everything(cfg.seed)
+            method.start(run, None, None, phases(progress))
+        records: list[dict] = []
+        for epoch in range(first, cfg.epochs):
+            tic = time.perf_counter()
+            phase = phases(progress, f"epoch {epoch + 1}/{cfg.epochs} ")
+            record = {"epoch": epoch + 1, **method.train_epoch(epoch, phase)}
+            found = validate(method.model, val_db, val_q, cfg.extract_options(), progress=phase("validating"))
+            recalls = {f"R@{n}": value for n, value in found.items()}
+            improved = is_better(recalls, best)
+            if improved:
+                best = {"epoch": epoch + 1, "recalls": recalls}
+                save_checkpoint(method.model, run.best, extra={"epoch": epoch + 1, "recalls": recalls})
+            training = {"method": cfg.method, "epoch": epoch + 1, "best": best, "rng": rng_state(),
+                        "scaler": method.precision.scaler.state_dict(), **method.state()}
+            save_training_checkpoint(run.last, method.model, to_cpu(training))
+            record.update(recalls, best=improved, seconds=round(time.perf_counter() - tic, 2),
+                          images_per_second=round(record["images"] / max(record["train_seconds"], 1e-9), 2))
+            run.append_log(record)
+            records.append(record)
+            if on_epoch:
+                on_epoch(record)
+        extras = method.finish(run, max(first, cfg.epochs), phases(progress))
+        best = best or {"epoch": 0, "recalls": {}}
+        return TrainResult(run.root, run.last, run.best, best["epoch"], best["recalls"], records,
+                           time.perf_counter() - start_time, extras)

@@ -5,11 +5,13 @@ The head assigns a local feature x (L2-normalised) to cluster k with the paper's
 (`NetVLAD.set_centroids`). alpha is chosen so that, on average over the sampled features, the
 second-nearest cluster gets 1/100 of the nearest one's weight:
     alpha = -ln(0.01) / mean_x( ||x - c_(2)||^2 - ||x - c_(1)||^2 ).
-The reference code's default ("vladv1") measures the same gap as a similarity to L2-normalised
-centroids, s_(1) - s_(2), with logits alpha' c_k.x; for unit centroids ||x - c||^2 = 2 - 2 s, so its
-alpha' is exactly twice this alpha and the 2 in w_k = 2 alpha c_k makes both assignments equal.
-Measuring the gap with the distance the head actually uses keeps one formula and keeps the
-1/100 ratio true for the raw (non-unit) k-means centroids too.
+This is the paper's tied form (its section 3) with the raw k-means centroids.
+The reference code's default (`vladv1`, also the VG benchmark's) assigns by the cosine to
+L2-normalised centroids, logits alpha' c_k.x / ||c_k|| without bias, with alpha' from the same
+1/100 rule on those cosines. The two agree only for unit centroids (then alpha' = 2 alpha); k-means
+centroids of unit features are shorter (0.93-0.97 measured), and the bias -alpha ||c_k||^2 then
+differs between clusters, so vpr's initial assignment is not the reference default's. Both use the
+raw centroids for the residuals.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from vpr.errors import ImageError, UsageError
 from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models.heads import NetVLAD
 from vpr.models.model import VPRModel
-from vpr.retrieval.extract import ImageFiles, Progress
+from vpr.data.loading import ImageFiles
+from vpr.retrieval.extract import ExtractOptions, Progress
 from vpr.retrieval.index import require_faiss
 
 log = logging.getLogger(__name__)
 SECOND_TO_FIRST = 0.01  # target a_(2) / a_(1), from the reference code
 CLUSTERS_FORMAT = "vpr-netvlad-clusters"
+INIT_OPTIONS = ExtractOptions(batch_size=16, num_workers=0)
 
 
 @dataclass
@@ -52,16 +56,19 @@ class Clusters:
 
 def sample_local_features(
     model: VPRModel, paths: list[Path], *, num_images: int = 500, per_image: int = 100, seed: int = 0,
-    batch_size: int = 16, num_workers: int = 0, device: str = "cpu", progress: Progress | None = None,
+    options: ExtractOptions = INIT_OPTIONS, progress: Progress | None = None,
 ) -> np.ndarray:
-    """L2-normalised backbone features (N x C): `per_image` random positions of `num_images` random images."""
+    """L2-normalised backbone features (N x C): `per_image` random positions of `num_images` random images.
+
+    An image has only as many positions as its feature map (ResNet18 layer4 at 240x320: 8 x 10 = 80):
+    a larger `per_image` takes all of them and logs a warning saying so."""
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(paths), size=min(num_images, len(paths)), replace=False))
-    dev = torch.device(device)
+    dev = torch.device(options.device)
     was_training = model.training
     backbone = model.backbone.to(dev).eval()  # outside inference mode, or the weights could not be trained later
     loader = DataLoader(ImageFiles([paths[i] for i in chosen], model.config.input_size),
-                        batch_size=batch_size, shuffle=False, num_workers=num_workers)
+                        batch_size=options.batch_size, shuffle=False, num_workers=options.num_workers)
     features: list[np.ndarray] = []
     done = 0
     for images, _, errors in loader:
@@ -71,6 +78,10 @@ def sample_local_features(
         with torch.inference_mode():
             batch = normalize_batch(images.to(dev), model.config.mean, model.config.std)
             maps = F.normalize(backbone(batch).float(), dim=1).flatten(2).cpu().numpy()  # B x C x HW
+        if per_image > maps.shape[2] and not features:
+            log.warning(
+                "--init-per-image %d: the %dx%d input gives only %d feature-map positions per image; taking all %d "
+                "(raise --init-images for more features)", per_image, *model.config.input_size, maps.shape[2], maps.shape[2])
         for fmap in maps:
             take = rng.choice(fmap.shape[1], size=min(per_image, fmap.shape[1]), replace=False)
             features.append(fmap[:, take].T)
@@ -166,8 +177,7 @@ def save_clusters(path: Path, clusters: Clusters, key: str) -> None:
 
 def init_netvlad(
     model: VPRModel, paths: list[Path], *, cache: Path | None = None, num_images: int = 500, per_image: int = 100,
-    seed: int = 0, iterations: int = 100, batch_size: int = 16, num_workers: int = 0, device: str = "cpu",
-    progress: Progress | None = None,
+    seed: int = 0, iterations: int = 100, options: ExtractOptions = INIT_OPTIONS, progress: Progress | None = None,
 ) -> Clusters:
     """Cluster local features of `paths` (or reuse `cache`) and set the model's NetVLAD centroids and alpha."""
     if not isinstance(model.head, NetVLAD):
@@ -178,7 +188,7 @@ def init_netvlad(
     clusters = load_clusters(cache, key) if cache is not None else None
     if clusters is None:
         features = sample_local_features(model, paths, num_images=num_images, per_image=per_image, seed=seed,
-                                          batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+                                          options=options, progress=progress)
         centroids = fit_centroids(features, model.config.num_clusters, seed=seed, iterations=iterations)
         clusters = Clusters(centroids, assignment_alpha(features, centroids), len(features))
         if cache is not None:
