@@ -272,11 +272,12 @@ def test_two_builds_at_once_share_the_cache_without_mixing_descriptors(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen(command(m, tmp_path / "idx"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for m in manifests]
-    results = [(p.wait(timeout=300), *p.communicate()) for p in runs]
+    results = [(p.returncode, *p.communicate(timeout=300)) for p in runs]
+    results = [(p.returncode, out, err) for p, (_, out, err) in zip(runs, results)]
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
     cached = subprocess.run(command(manifests[0], tmp_path / "again"), env=env, capture_output=True, text=True, timeout=300)
     fresh = subprocess.run(command(manifests[0], tmp_path / "fresh", "--no-cache"), env=env, capture_output=True, text=True, timeout=300)
-    assert json.loads(cached.stdout)["reused_from_cache"] == 0  # another --out: another cache
+    assert json.loads(cached.stdout)["reused_from_cache"] == 0 and fresh.returncode == 0  # another --out: another cache
     rerun = subprocess.run(command(manifests[1], tmp_path / "idx"), env=env, capture_output=True, text=True, timeout=300)
     assert json.loads(rerun.stdout)["reused_from_cache"] == 16
     reference = by_path(tmp_path / "fresh")

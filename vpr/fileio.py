@@ -57,6 +57,16 @@ def write_marker(directory: Path, kind: str) -> None:
     os.replace(tmp, marker)  # never a half-written marker, whenever a kill lands
 
 
+def make_owned_dir(path: Path, kind: str, what: str, fix: str) -> None:
+    """Create `path` if needed and mark it as vpr's `kind`; an unwritable location is a one-line error."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if marker_kind(path) != kind:
+            write_marker(path, kind)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the {what} ({exc.strerror}); {fix}") from exc
+
+
 def marker_kind(directory: Path) -> str | None:
     """The kind recorded in `directory`'s vpr marker, or None when it has no valid marker."""
     path = Path(directory) / MARKER

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from vpr.errors import OutputError
-from vpr.fileio import MARKER, atomic_file, marker_kind, write_marker
+from vpr.fileio import MARKER, atomic_file, make_owned_dir, marker_kind
 
 log = logging.getLogger(__name__)
 FLUSH_ROWS = 1024
@@ -83,12 +83,7 @@ class DescriptorCache:
             names = [name for name in os.listdir(self.path) if name != MARKER]
             if not all(LEGACY_NAMES.fullmatch(name) for name in names):  # caches of earlier vpr versions have no marker
                 raise OutputError(refuse)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if marker_kind(self.path) != "cache":
-                write_marker(self.path, "cache")
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot create the descriptor cache ({exc.strerror}); choose a writable --out or use --no-cache") from exc
+        make_owned_dir(self.path, "cache", "descriptor cache", "choose a writable --out or use --no-cache")
 
     def _open(self) -> None:
         self._claim()

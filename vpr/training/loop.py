@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from vpr.data.datasets import GeoImageSet, load_split, positives_within
-from vpr.errors import CheckpointError, ImageError, OutputError, UsageError
+from vpr.errors import CheckpointError, ImageError, UsageError
 from vpr.evaluation.recall import recall_at_n
-from vpr.fileio import MARKER, atomic_file, check_replaceable_dir, check_separate, marker_kind, output_lock, write_marker
+from vpr.fileio import MARKER, atomic_file, check_replaceable_dir, check_separate, make_owned_dir, marker_kind, output_lock
 from vpr.models.checkpoints import load_payload, model_from_payload, save_checkpoint
 from vpr.models.inference import amp_dtype
 from vpr.models.model import VPRModel
@@ -136,12 +136,7 @@ class RunDir:
     def prepare(self, config: dict, resume: bool, inputs: list[Path]) -> None:
         """Check again (see `check`), then create the run directory and write its config.json."""
         self.check(config, resume, inputs)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if marker_kind(self.root) != "run":
-                write_marker(self.root, "run")
-        except OSError as exc:
-            raise OutputError(f"{self.root}: cannot create the run folder ({exc.strerror}); choose a writable --out") from exc
+        make_owned_dir(self.root, "run", "run folder", "choose a writable --out")
         with atomic_file(self.config) as tmp:
             tmp.write_text(json.dumps(config, indent=2, default=str))
 
