@@ -12,7 +12,8 @@ from rich.table import Table
 from cli.common import (
     INT32_MAX, MAX_BATCH, MAX_WORKERS, console, err_console, parse_int_list, parse_size, print_json, resolve_device, to_json,
 )
-from vpr.evaluation.bench import bench_config, is_bench_results, run_bench
+from vpr.bench.config import bench_config
+from vpr.bench.run import is_bench_results, run_bench
 from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models.model import ModelConfig
 

@@ -33,10 +33,15 @@ def test_query_json_returns_the_right_place_with_position(monkeypatch, capsys, i
     query = sorted((places / "queries").iterdir())[4]
     code, out, _ = run_cli(monkeypatch, capsys, "query", query, "--index", index_dir, "-k", "3", "--json", "--device", "cpu")
     assert code == 0
-    match = json.loads(out)[0]["matches"][0]
+    (result,) = json.loads(out)
+    matches = result["matches"]
+    assert [m["rank"] for m in matches] == [1, 2, 3] and len({m["path"] for m in matches}) == 3
+    match = matches[0]  # its own place: the database image 3 m west and 2 m north of the query
     assert abs(match["utm_east"] - (float(query.name.split("@")[1]) - 3.0)) < 1e-6
+    assert abs(match["utm_north"] - (float(query.name.split("@")[2]) + 2.0)) < 1e-6
     assert 37 < match["lat"] < 38 and -123 < match["lon"] < -122
-    assert match["rank"] == 1 and match["distance"] >= 0
+    distances = [m["distance"] for m in matches]  # L2 between unit descriptors: in [0, 2], best first
+    assert 0 <= distances[0] <= distances[1] <= distances[2] <= 2
 
 
 def test_query_table_and_visualisation(monkeypatch, capsys, index_dir, places, tmp_path):
@@ -79,6 +84,11 @@ def test_compile_without_a_cpu_compiler_is_a_one_line_dependency_error(monkeypat
     monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
     code, _, err = run_cli(monkeypatch, capsys, "eval", places / "queries", "--index", index_dir, "--workers", "0", "--device", "cpu", "--compile")
     assert code == 1 and "needs a C++ compiler" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_refuses_gpu_decoding_off_cuda_like_build_index(monkeypatch, capsys, index_dir, places):
+    code, _, err = run_cli(monkeypatch, capsys, "eval", places / "queries", "--index", index_dir, "--device", "cpu", "--gpu-decode")
+    assert code == 2 and "--gpu-decode needs a CUDA device (got --device cpu)" in err
 
 
 def test_k_larger_than_the_database_returns_all(monkeypatch, capsys, index_dir, places):
@@ -143,6 +153,7 @@ def test_eval_without_labels_asks_for_ground_truth(monkeypatch, capsys, index_di
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "vprbench_corridor").is_dir(), reason="shared corridor dataset absent")
+@pytest.mark.slow
 def test_eval_on_the_corridor_set_with_ground_truth(monkeypatch, capsys, tmp_path):
     corridor = SHARED_DATA / "vprbench_corridor"
     out = tmp_path / "corridor"
@@ -151,19 +162,25 @@ def test_eval_on_the_corridor_set_with_ground_truth(monkeypatch, capsys, tmp_pat
     code, text, _ = run_cli(monkeypatch, capsys, "eval", corridor / "query", "--index", out, "--gt", corridor / "ground_truth.csv", "--json", "--recall", "1,5,20", "--workers", "0", "--device", "cpu")
     summary = json.loads(text)
     assert code == 0 and summary["queries"] == 111 and summary["queries_with_positives"] == 111
-    # Positives are 3-5 of 111 images: chance R@20 is about 15%; even random-init features do far better.
-    assert summary["recall"]["R@20"] > 50.0
-    assert summary["recall"]["R@1"] <= summary["recall"]["R@5"] <= summary["recall"]["R@20"]
+    assert summary["database"] == 111 and list(summary["recall"]) == ["R@1", "R@5", "R@20"]
+    # Positives are 3-5 of 111 images: chance is R@1 4.5, R@5 20.7, R@20 63.2 %. The random-init model gives
+    # 33.3 / 57.7 / 87.4 here; a few queries sit within 1e-5 of a rank boundary, so other kernels may move
+    # them by a query or two, but never down to chance.
+    recall = summary["recall"]
+    assert recall["R@1"] >= 25.0 and recall["R@5"] >= 45.0 and recall["R@20"] >= 80.0, recall
+    assert all(abs(value * 111 / 100 - round(value * 111 / 100)) < 0.01 for value in recall.values())  # k of 111 queries
 
 
+@pytest.mark.slow
 def test_synth_with_preview_and_demo_on_the_tiny_city(monkeypatch, capsys, tmp_path):
     code, out, _ = run_cli(monkeypatch, capsys, "synth", tmp_path / "city", "--preset", "tiny", "--preview", tmp_path / "sheet.png", "--json")
     assert code == 0 and json.loads(out)["counts"]["test"] == {"database": 40, "queries": 12}
     assert Image.open(tmp_path / "sheet.png").size[0] > 200
     code, out, _ = run_cli(monkeypatch, capsys, "demo", "--preset", "tiny", "--workdir", tmp_path, "--json", "--device", "cpu")
     summary = json.loads(out)
-    assert code == 0 and summary["queries"] == 12 and summary["database"] == 40
-    assert set(summary["recall"]) == {"R@1", "R@5", "R@10", "R@20"}
-    assert summary["recall"]["R@20"] >= summary["recall"]["R@1"]
+    assert code == 0 and summary["queries"] == summary["queries_with_positives"] == 12 and summary["database"] == 40
+    # The seeded random-init model on the seeded tiny city: 8 of 12 queries find their place first, all within
+    # the top 5 (the closest calls: 2e-5 for a top-1, 8e-4 for a top-5, far above fp32 kernel differences).
+    assert summary["recall"] == {"R@1": 66.67, "R@5": 100.0, "R@10": 100.0, "R@20": 100.0}
     assert (tmp_path / "indexes" / "demo-tiny" / "manifest.json").is_file()
     assert Image.open(summary["visualisation"]).size[1] > 4 * 72

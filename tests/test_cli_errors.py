@@ -75,6 +75,7 @@ def test_groups_prints_a_bracketed_source_literally(monkeypatch, capsys, places,
 
 # 2. An ASCII-only stdout degrades instead of crashing.
 
+@pytest.mark.slow
 def test_query_output_degrades_on_an_ascii_terminal(bracket_index, places, tmp_path):
     out, _ = bracket_index
     query = tmp_path / "café.jpg"
@@ -98,12 +99,13 @@ def test_ctrl_c_in_a_command_prints_interrupted_and_exits_130(monkeypatch, capsy
     assert code == 130 and err == "interrupted\n"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
 def test_sigint_during_build_index_exits_130_with_one_line(tmp_path):
-    write_places(tmp_path, 60, seed=3)
+    write_places(tmp_path, 200, seed=3)  # many seconds of work at batch 1: the signal lands mid-extraction
     out = tmp_path / "idx"
     command = [str(VPR), "build-index", str(tmp_path / "database"), "--out", str(out), "--resize", "240x320",
-               "--dim", "64", "--workers", "0", "--batch-size", "2", "--device", "cpu"]
+               "--dim", "64", "--workers", "0", "--batch-size", "1", "--device", "cpu"]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     cache = tmp_path / "idx.cache"
@@ -113,7 +115,7 @@ def test_sigint_during_build_index_exits_130_with_one_line(tmp_path):
     assert process.poll() is None, "build-index ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 130, (stdout, stderr)
     assert stderr == "interrupted\n" and stdout == ""
     assert not out.exists()
 

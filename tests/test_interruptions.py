@@ -42,6 +42,7 @@ def descriptors(index_dir):
         return f["paths"][:].astype(str), f["descriptors"][:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL semantics tested on Linux")
 def test_killed_build_leaves_the_old_index_and_resumes_to_the_same_index(tmp_path):
     write_places(tmp_path / "small", 4, seed=1)

@@ -256,6 +256,7 @@ def test_pngs_are_replaced_only_when_vpr_wrote_them(tmp_path):
         save_png(image, tmp_path, "--map")
 
 
+@pytest.mark.slow
 def test_two_builds_at_once_share_the_cache_without_mixing_descriptors(tmp_path):
     write_places(tmp_path / "city", 16, seed=7)
     images = sorted((tmp_path / "city" / "database").iterdir())
@@ -297,6 +298,7 @@ OUT_CHOICES = ["mine", "mine/notes", "city", "city/database", "city/database/x",
                "[ab]", "mine.tmp-x", "idx", "idx/model.pt", ".", "link"]
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(choice=st.sampled_from(OUT_CHOICES), cache=st.booleans(), twice=st.booleans())
 def test_any_output_path_either_builds_an_index_or_refuses_without_touching_user_files(

@@ -1,5 +1,5 @@
 """Every optimised path gives the plain path's results: same descriptors (within fp16/bf16 tolerance
-for autocast) and the same top-k, and the benchmark runs end to end on tiny sizes.
+for autocast) and the same top-k. (The benchmark itself is tested in tests/test_bench.py.)
 
 "The same top-k" is checked tie-aware (tests/helpers_search.py): by the similarities of the rows
 returned, never by comparing indices, since kernels that sum in another order (AVX-512 FAISS,
@@ -10,20 +10,19 @@ construction.
 
 import copy
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cli.app import main
-from conftest import place_image, write_places
+from conftest import place_image
+from helpers_extract import near_copies, plain_extract
 from helpers_search import TOL, assert_exact_top_k, assert_same_retrieval, assert_valid_result, true_similarities
 from vpr.errors import ImageError
-from vpr.evaluation.bench import MB, BenchConfig, reference_extract, replicate, rss_bytes, run_bench, topk_agreement
 from vpr.models.model import ModelConfig, build_model
-from vpr.retrieval.extract import embed_batch, extract_descriptors, inference_model
+from vpr.models.inference import forward_batch, inference_model
+from vpr.retrieval.extract import ExtractOptions, extract_descriptors
 from vpr.data.datasets import GeoImageSet
 from vpr.retrieval.index import (
     build_faiss_index, exact_search, faiss_search, index_to_device, require_faiss, rerank, search_database, shortlist,
@@ -79,17 +78,17 @@ def same_retrieval(reference, candidate, k=5, *, tol):
 
 
 def test_optimised_extraction_equals_the_plain_reference_loop(model, photos):
-    reference = reference_extract(model, photos, batch_size=5)
-    fast = extract_descriptors(model, photos, batch_size=8, num_workers=1).descriptors
+    reference = plain_extract(model, photos, batch_size=5)
+    fast = extract_descriptors(model, photos, ExtractOptions(batch_size=8, num_workers=1)).descriptors
+    assert fast.shape == reference.shape == (24, 64) and fast.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, rtol=0, atol=1e-6)
     np.testing.assert_allclose(fast, reference, atol=1e-5)
     same_retrieval(reference, fast, tol=1e-5)
-    agreement = topk_agreement(reference, fast)  # its top-k similarities, sorted, are tie-proof
-    assert agreement["similarity_max_diff"] <= 1e-5 and 0.0 <= agreement["identical"] <= 1.0
 
 
 def test_bf16_autocast_stays_within_bf16_tolerance(model, photos):
-    fp32 = extract_descriptors(model, photos, num_workers=0).descriptors
-    bf16 = extract_descriptors(model, photos, num_workers=0, amp=True).descriptors
+    fp32 = extract_descriptors(model, photos, ExtractOptions(num_workers=0)).descriptors
+    bf16 = extract_descriptors(model, photos, ExtractOptions(num_workers=0, amp=True)).descriptors
     assert np.abs(bf16 - fp32).max() < 2e-2
     same_retrieval(fp32, bf16, 1, tol=2.0 ** -8)  # one bf16 rounding of a similarity near 1
 
@@ -104,8 +103,8 @@ def test_decoding_on_the_device_matches_pil_decoding(model, photos, tmp_path):
     exif[0x0112] = 3
     Image.open(photos[2]).rotate(180).save(rotated, quality=95, exif=exif.tobytes())
     paths = [*photos, png, grey, rotated]
-    pil = extract_descriptors(model, paths, batch_size=8, num_workers=0).descriptors
-    device = extract_descriptors(model, paths, batch_size=8, num_workers=2, decode_on_device=True).descriptors
+    pil = extract_descriptors(model, paths, ExtractOptions(batch_size=8, num_workers=0)).descriptors
+    device = extract_descriptors(model, paths, ExtractOptions(batch_size=8, num_workers=2, decode_on_device=True)).descriptors
     assert np.abs(device - pil).max() < 2e-2  # torch's antialiased bilinear resize vs PIL's
     same_retrieval(pil, device, 1, tol=1e-3)
     assert np.abs(device[24:] - pil[24:]).max() < 2e-2
@@ -117,9 +116,9 @@ def test_device_decoding_reports_bad_files_like_pil(model, photos, tmp_path):
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(ImageError, match="cut.jpg"):
-        extract_descriptors(model, [photos[0], truncated], num_workers=0, decode_on_device=True)
-    result = extract_descriptors(model, [photos[0], truncated, garbage, photos[1]], num_workers=0,
-                                 decode_on_device=True, skip_bad=True)
+        extract_descriptors(model, [photos[0], truncated], ExtractOptions(num_workers=0, decode_on_device=True))
+    result = extract_descriptors(model, [photos[0], truncated, garbage, photos[1]],
+                                 ExtractOptions(num_workers=0, decode_on_device=True, skip_bad=True))
     assert result.kept.tolist() == [0, 3] and [p for p, _ in result.skipped] == [truncated, garbage]
 
 
@@ -131,13 +130,14 @@ def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone(model):
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.eval()
     batch = torch.randint(0, 256, (4, 3, *SIZE), dtype=torch.uint8)
-    np.testing.assert_allclose(embed_batch(fast, batch, "cpu"), embed_batch(model, batch, "cpu"), atol=1e-5)
+    np.testing.assert_allclose(forward_batch(fast, batch), forward_batch(model, batch), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile needs a C++ compiler on the CPU")
 def test_compiled_extraction_gives_the_plain_descriptors_with_a_short_last_batch(model, photos):
-    plain = extract_descriptors(model, photos, batch_size=10, num_workers=0).descriptors
-    compiled = extract_descriptors(model, photos, batch_size=10, num_workers=0, compile=True).descriptors
+    plain = extract_descriptors(model, photos, ExtractOptions(batch_size=10, num_workers=0)).descriptors
+    compiled = extract_descriptors(model, photos, ExtractOptions(batch_size=10, num_workers=0, compile=True)).descriptors
     assert compiled.shape == plain.shape == (24, 64)  # batches of 10, 10 and 4 (padded to 10)
     assert np.abs(compiled - plain).max() < 1e-4
     same_retrieval(plain, compiled, tol=1e-4)
@@ -218,11 +218,11 @@ def test_rerank_orders_candidates_by_exact_similarity(vectors):
 
 @pytest.fixture(scope="module")
 def grown(model, photos):
-    """Descriptors of real images grown to 12k by the benchmark's perturbation (500 near-copies of each
-    image: a hard case where most neighbouring similarities differ by less than 1e-5), and 200 queries."""
-    base = extract_descriptors(model, photos, num_workers=0).descriptors
+    """Descriptors of real images grown to 12k near-copies (500 of each image, as `vpr bench` grows
+    databases: a hard case where most neighbouring similarities differ by less than 1e-5), and 200 queries."""
+    base = extract_descriptors(model, photos, ExtractOptions(num_workers=0)).descriptors
     rng = np.random.default_rng(0)
-    return replicate(base, 12000, rng), replicate(base, 200, rng)
+    return near_copies(base, 12000, rng), near_copies(base, 200, rng)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,9 @@ def written(model, grown, tmp_path_factory):
     return write
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])
+# The IVF-PQ tests share one index over 12k descriptors whose training takes ~5 s: all are marked slow, so
+# `-m "not slow"` skips the build (tests/test_bench.py still searches a small IVF-PQ index quickly).
+@pytest.mark.parametrize("kind", ["flat", pytest.param("ivfpq", marks=pytest.mark.slow), "hnsw"])
 def test_every_index_kind_returns_exact_similarities_of_its_rows_best_first(written, grown, kind):
     """Holds by construction for every kind, whatever the kernel: k distinct rows, each with the
     exact inner product (IVF-PQ re-ranks on the stored descriptors, HNSW stores full vectors), best
@@ -259,6 +261,7 @@ def test_every_index_kind_returns_exact_similarities_of_its_rows_best_first(writ
         np.testing.assert_allclose(sim, torch_search(db, queries, 5)[0], rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
 def test_ivfpq_probing_every_list_with_every_row_shortlisted_is_exact_search(written, grown):
     """With every list probed and a shortlist as long as the database, the re-ranked IVF-PQ answer is
     exact search on every CPU: PQ's compressed distances then only order a shortlist that holds
@@ -274,6 +277,7 @@ def test_ivfpq_probing_every_list_with_every_row_shortlisted_is_exact_search(wri
     assert_exact_top_k(db, queries, sim, idx, k)
 
 
+@pytest.mark.slow
 def test_ivfpq_returns_the_exact_top_k_of_its_compressed_shortlist(written, grown):
     """The IVF-PQ answer is the compressed index's shortlist re-ordered by exact inner products: its
     rows come from the shortlist, their similarities are the shortlist's best exact ones, and so at
@@ -289,6 +293,7 @@ def test_ivfpq_returns_the_exact_top_k_of_its_compressed_shortlist(written, grow
     assert np.all(sim >= raw - TOL)
 
 
+@pytest.mark.slow
 def test_ivfpq_nprobe_1_searches_only_the_nearest_list(written, grown):
     """`nprobe 1` reaches FAISS: every row returned comes from one inverted list, that of the query's
     nearest centroid (any centroid tied with it within TOL), and all of that list is found (up to k)."""
@@ -333,63 +338,3 @@ def test_faiss_indexes_stay_on_the_cpu_without_a_faiss_gpu(vectors):
     assert index_to_device(index, "cpu") is index
     if not torch.cuda.is_available():
         assert index_to_device(index, "cuda") is index
-
-
-def test_replicated_descriptors_are_unit_and_near_the_real_ones(vectors):
-    base = vectors[0][:50]
-    grown = replicate(base, 1000, np.random.default_rng(0))
-    assert grown.shape == (1000, 32) and np.allclose(np.linalg.norm(grown, axis=1), 1.0, atol=1e-5)
-    assert np.median((grown @ base.T).max(axis=1)) > 0.7  # each one lies near a real descriptor
-
-
-def test_bench_runs_end_to_end_on_tiny_sizes(tmp_path):
-    for split in ("test",):
-        write_places(tmp_path / "city" / "images" / split, 12, seed=3)
-    config = BenchConfig(
-        data=tmp_path / "city", model=ModelConfig(descriptor_dim=32, input_size=SIZE), batch_size=8, workers=0,
-        extract_images=16, jpeg_size=(60, 80), forward_batches=1, index_sizes=(600,), pca_dim=16,
-        num_queries=20, latency_queries=8, memory_images=(16,),
-    )
-    stages = []
-    rss_before = rss_bytes()
-    results = run_bench(config, stages.append)
-    extraction = results["extraction"]
-    fp32, amp = extraction["agreement_with_reference"]["fp32"], extraction["agreement_with_reference"]["amp"]
-    assert fp32["max_abs_diff"] < 1e-5 and fp32["top5_similarity_max_diff"] <= 1e-5
-    assert amp["max_abs_diff"] < 2e-2 and amp["top5_similarity_max_diff"] <= 2.0 ** -8  # not top5_identical: ties
-    assert set(extraction["pipeline"]) == {"fp32", "amp"}
-    reference = extraction["reference"]["images_per_s"]
-    for name, row in extraction["pipeline"].items():  # the figures a reader divides agree, up to their 2-decimal rounding
-        rate, seconds = row["images_per_s"], row["seconds"]
-        assert abs(rate * seconds - 16) <= 0.005 * (rate + seconds) + 1e-4
-        ratio = rate / reference
-        assert abs(extraction["speedup_vs_reference"][name] - ratio) <= 0.005 + ratio * (0.005 / rate + 0.005 / reference) + 1e-6
-    kinds = {(r["size"], r["kind"]) for r in results["search"]}
-    assert {(600, "flat"), (600, "hnsw"), (600, "torch")} <= kinds
-    for row in results["search"]:
-        assert row["queries"] == 20 and 0 <= row["p50_ms"] <= row["p95_ms"] and row["queries_per_s"] > 0
-        assert 0.0 <= row["recall1_vs_exact"] <= row["recall1_at10_vs_exact"] <= 1.0
-    by_kind = {r["kind"]: r for r in results["search"]}
-    assert by_kind["flat"]["recall1_vs_exact"] == 1.0  # flat is the exact reference itself
-    # torch vs flat: two exact searches, but another kernel may swap a near-tied top-1, so not recall@1;
-    # the exact top-1 falls out of torch's top-10 only if ten rows tie with it
-    assert by_kind["torch"]["recall1_at10_vs_exact"] == 1.0
-    assert set(results["query_latency"]["kinds"]) >= {"flat", "torch"}
-    for row in results["query_latency"]["kinds"].values():
-        assert 0 <= row["total_p50_ms"] <= row["total_p95_ms"]
-    (memory,) = results["build_index_memory"]["rows"]
-    assert memory["images"] == 16 and "error" not in memory and memory["seconds"] > 0, memory
-    assert memory["peak_mb"] is None or memory["peak_mb"] >= 0
-    assert results["build_index_memory"]["descriptor_bytes_per_image"] == 32 * 4
-    assert results["memory"]["peak_rss_mb"] >= round(rss_before / MB, 1) - 0.1  # a peak is at least what was held
-    assert "600 descriptors: searching flat" in stages
-
-
-@pytest.mark.parametrize("args,message", [(["--images", "1"], "--images"), (["--sizes", "50"], "--sizes 50"),
-                                          (["--device", "tpu"], "--device tpu")])
-def test_bench_rejects_bad_settings_with_a_usage_error(monkeypatch, capsys, tmp_path, args, message):
-    monkeypatch.setattr(sys, "argv", ["vpr", "bench", "--quick", "--out", str(tmp_path / "b.json"), *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "b.json").exists()

@@ -59,9 +59,14 @@ def test_other_seed_gives_another_city():
 def test_summary_progress_and_no_leftovers(tiny):
     root, summary, calls = tiny
     preset = PRESETS["tiny"]
-    assert summary["counts"] == {s: dict(zip(ROLES, preset.counts()[s])) for s in SPLITS}
-    assert (summary["width"], summary["height"]) == (preset.width, preset.height)
-    assert summary["seconds"] >= 0
+    assert summary["counts"] == {
+        "train": {"database": 120, "queries": 30}, "val": {"database": 40, "queries": 12},
+        "test": {"database": 40, "queries": 12},
+    } == {s: dict(zip(ROLES, preset.counts()[s])) for s in SPLITS}
+    assert {k: v for k, v in summary.items() if k not in ("counts", "seconds")} == {
+        "path": str(root), "preset": "tiny", "seed": 0, "width": 96, "height": 72, "total": 254,
+    }
+    assert len([p for p in root.rglob("*") if p.is_file()]) == 254 and isinstance(summary["seconds"], float)
     total = summary["total"]
     assert calls[-1] == (total, total) and [d for d, _ in calls] == list(range(1, total + 1))
     assert [p.name for p in root.parent.iterdir()] == [root.name]
@@ -95,12 +100,33 @@ def test_layout_names_and_disjoint_splits(tiny):
                 assert gap > 25.0, (a, b, gap)
 
 
-def test_every_query_has_a_positive_within_25m(tiny):
+def test_names_hold_the_planned_poses_and_every_query_sees_a_database_view(tiny):
+    """The ground truth in the names is where each image was rendered; the database has a position
+    every 8 m of street (2 m per image) with 4 headings (0, 90, 180, 270), and each query is a
+    database view moved at most 6 m along and 3 m across the street and turned at most 12 degrees
+    (so a positive within 25 m always)."""
     root, _, _ = tiny
+    preset = PRESETS["tiny"]
+    city = build_city(preset, 0)
+    plan = plan_poses(city, preset, 0)
     for split in SPLITS:
-        db, q = _poses(root, split, "database"), _poses(root, split, "queries")
-        nearest = np.linalg.norm(q[:, None] - db[None], axis=2).min(axis=1)
-        assert nearest.max() <= 10.0, split
+        poses = {}
+        for role in ROLES:
+            names = [parse_at_name(p.name) for p in sorted((root / "images" / split / role).iterdir())]
+            got = sorted((round(g.east, 2), round(g.north, 2), g.heading) for g in names)
+            planned = plan[(split, role)]
+            want = sorted((round(city.origin_east + float(x), 2), round(city.origin_north + float(y), 2), float(h))
+                          for x, y, h in zip(planned.x, planned.y, planned.heading))
+            assert got == want, (split, role)
+            poses[role] = np.array(got)
+        db, q = poses["database"], poses["queries"]
+        places, per_place = np.unique(db[:, :2], axis=0, return_counts=True)
+        assert len(places) == len(db) // 4 and set(per_place) == {4} and set(db[:, 2]) == {0.0, 90.0, 180.0, 270.0}
+        distance = np.linalg.norm(q[:, None, :2] - db[None, :, :2], axis=2)
+        turn = np.abs((q[:, None, 2] - db[None, :, 2] + 180.0) % 360.0 - 180.0)
+        seen = (distance <= math.hypot(6.0, 3.0) + 0.01) & (turn <= 12.0 + 0.05)
+        assert seen.any(axis=1).all(), split
+        assert distance.min(axis=1).max() <= 25.0
 
 
 def test_nearby_views_look_alike_distant_views_do_not():

@@ -103,6 +103,36 @@ def index_search(index, kind: str, database: np.ndarray, queries: np.ndarray, k:
     return rerank(database, queries, candidates, k)
 
 
+def search_by_kind(
+    kind: str, descriptors: np.ndarray, faiss_index, queries: np.ndarray, k: int, *, device: str = "cpu",
+    resident: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (similarities, indices) of an index of `kind` over `descriptors`, the way `vpr query` and
+    `vpr eval` search (`IndexBundle.search`) and `vpr bench` measures.
+
+    flat: exact search on the descriptors. ivfpq: a shortlist from the compressed `faiss_index`,
+    re-ranked with exact inner products. hnsw: the graph search. On CUDA: faiss-gpu clones when
+    installed (not hnsw), else exact fp16 torch search with the database kept on the device.
+    `resident` (device -> database tensor or GPU index) keeps those device copies between calls.
+    """
+    resident = {} if resident is None else resident
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu and (kind == "hnsw" or faiss_gpu_count() == 0):
+        if device not in resident:  # copy the database to the device once, not per query
+            resident[device] = search_database(descriptors, device, half=True)
+        return torch_search(resident[device], queries, k, device=device, half=True)
+    if kind == "flat" and not on_gpu:
+        return exact_search(descriptors, queries, k)
+    if on_gpu:
+        if device not in resident:
+            cpu_index = faiss_index if kind != "flat" else build_faiss_index(descriptors, "flat")
+            resident[device] = index_to_device(cpu_index, device)
+        return index_search(resident[device], kind, descriptors, queries, k)
+    if faiss_index is None:
+        raise DependencyError(f"a '{kind}' index needs FAISS: pip install -e '.[cpu]'")
+    return index_search(faiss_index, kind, descriptors, queries, k)
+
+
 def rerank(
     database: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int, query_chunk: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -26,8 +26,7 @@ from vpr.models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval.index import (
-    INDEX_KINDS, build_faiss_index, exact_search, faiss_available, faiss_gpu_count, index_search, index_to_device,
-    read_faiss_index, search_database, torch_search, write_faiss_index,
+    INDEX_KINDS, build_faiss_index, faiss_available, read_faiss_index, search_by_kind, write_faiss_index,
 )
 
 log = logging.getLogger(__name__)
@@ -106,23 +105,9 @@ class IndexBundle:
             raise IndexFormatError(f"{self.directory}: the index is empty; rebuild it from a folder with images")
         k = min(k, n)
         kind = self.manifest["index_kind"]
-        on_gpu = torch.device(device).type == "cuda"
-        if on_gpu and (kind == "hnsw" or faiss_gpu_count() == 0):
-            if device not in self.resident:  # copy the database to the device once, not per query
-                self.resident[device] = search_database(self.descriptors, device, half=True)
-            return torch_search(self.resident[device], queries, k, device=device, half=True)
-        if kind == "flat" and not on_gpu:
-            return exact_search(self.descriptors, queries, k)
-        if on_gpu:
-            if device not in self.resident:
-                cpu_index = self.faiss_index if kind != "flat" else build_faiss_index(self.descriptors, "flat")
-                self.resident[device] = index_to_device(cpu_index, device)
-            index = self.resident[device]
-        elif self.faiss_index is None:
+        if self.faiss_index is None and kind != "flat" and torch.device(device).type != "cuda":
             raise DependencyError(f"{self.directory}: a '{kind}' index needs FAISS: pip install -e '.[cpu]'")
-        else:
-            index = self.faiss_index
-        return index_search(index, kind, self.descriptors, queries, k)
+        return search_by_kind(kind, self.descriptors, self.faiss_index, queries, k, device=device, resident=self.resident)
 
 
 def project(raw: np.ndarray, model_pca: PCA | None, pca: PCA | None) -> np.ndarray:
