@@ -30,9 +30,6 @@ from vpr.models.inference import amp_dtype, compiled, forward_batch, inference_m
 from vpr.models.model import VPRModel
 from vpr.retrieval.cache import DescriptorCache
 
-__all__ = ["ExtractOptions", "Extraction", "ImageFiles", "Progress", "extract_descriptors", "file_key"]
-# `ImageFiles` is re-exported for vpr.training, which still imports it from here.
-
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
