@@ -64,7 +64,7 @@ def save_matches_figure(rows: list[tuple[Path, list[tuple[Path, str, bool | None
             try:
                 tiles.append(_tile(path, caption, border))
             except ImageError as exc:
-                log.warning("%s; drawn as a grey 'missing' tile in %s", exc, out_png)
+                log.info("%s; drawn as a grey 'missing' tile in %s", exc, out_png)
                 missing.append((Path(path), str(exc)))
                 tiles.append(_tile(path, f"{caption} missing", border, img=_placeholder()))
         rendered.append(tiles)
