@@ -16,7 +16,7 @@ from vpr.bench.config import BenchConfig, Stage, extract_options
 from vpr.bench.measure import MB, measure_memory
 from vpr.data.datasets import GeoImageSet
 from vpr.models.model import ModelConfig, VPRModel, build_model
-from vpr.retrieval.pipeline import build_index
+from vpr.retrieval.pipeline import build_index, cache_dir_for
 
 
 def _measure_build(config: ModelConfig, seed: int, paths: list[Path], workdir: Path, options: dict, results) -> None:
@@ -27,7 +27,7 @@ def _measure_build(config: ModelConfig, seed: int, paths: list[Path], workdir: P
         with measure_memory() as memory:
             start = time.perf_counter()
             out = workdir.with_name(workdir.name + "-index")  # beside the image folder: an output never lies inside its input
-            build_index(images, out, model=model, cache=out.with_name(out.name + ".cache"), **options)
+            build_index(images, out, model=model, cache=cache_dir_for(out), **options)
             seconds = time.perf_counter() - start
         results.put({"seconds": round(seconds, 2), "peak_mb": memory.peak_mb})
     except Exception as exc:  # reported by the parent, which cannot see the child's traceback
