@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from vpr import api
 from vpr.errors import UsageError
 from vpr.retrieval.extract import ExtractOptions
 
@@ -111,14 +112,11 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; a named GPU must exist."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"--device {device}: use auto, cpu, cuda or cuda:N")
-    return device
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; a named GPU must exist (errors name --device)."""
+    try:
+        return str(api.resolve_device(device))
+    except UsageError as exc:
+        raise UsageError(f"--{exc}") from None
 
 
 AMP_HELP = ("Run the model under bf16 autocast (fp16 on GPUs without bf16): about 2x faster on GPUs and on CPUs with "

@@ -20,6 +20,14 @@ class ImageError(VPRError):
     """An image file that is missing, empty, corrupt or not an image."""
 
 
+class NotAnImage(ImageError):
+    """Bytes that no image decoder recognises (an HTTP server answers 415)."""
+
+
+class ImageTooLarge(ImageError):
+    """An image with more pixels than allowed (a decompression bomb, or over a server's limit)."""
+
+
 class LabelError(VPRError):
     """Missing, malformed or inconsistent coordinates, headings or ground truth."""
 

@@ -11,12 +11,13 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vpr.errors import ImageError
+from vpr.errors import ImageError, ImageTooLarge, NotAnImage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 EXIF_ORIENTATION = 0x0112
@@ -27,21 +28,35 @@ def load_rgb(path: Path) -> Image.Image:
     """Open an image as an upright 8-bit RGB PIL image, or raise `ImageError` naming the file."""
     path = Path(path)
     _check_file(path)
+    return decode_rgb(path, str(path), advice="; re-copy or remove it, or use --skip-bad")
+
+
+def decode_rgb(source: Path | BinaryIO, name: str, max_pixels: int | None = None, advice: str = "") -> Image.Image:
+    """An image file (a path or open bytes) as an upright 8-bit RGB PIL image. Raises `NotAnImage`,
+    `ImageTooLarge` (over `max_pixels`, default `MAX_PIXELS`) or `ImageError` (corrupt), naming `name`
+    and ending with `advice`."""
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise Image.DecompressionBombError(f"{img.width}x{img.height}")
+            with Image.open(source) as img:
+                if img.width * img.height > max_pixels:
+                    raise ImageTooLarge(f"{name}: image too large ({img.width}x{img.height} pixels is over the limit "
+                                        f"of {max_pixels:,}); downscale it")
                 img.load()
-                upright = ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
-                return _to_rgb(upright)
+                return upright_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: image too large ({exc}); downscale it below {MAX_PIXELS // 1_000_000} Mpixels") from exc
+        raise ImageTooLarge(f"{name}: image too large ({exc}); downscale it") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{path}: not an image file PIL can read; remove it or use --skip-bad") from exc
+        raise NotAnImage(f"{name}: not an image file PIL can read (JPEG, PNG, WebP, BMP or TIFF expected){advice}") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{path}: corrupt or truncated image ({str(exc)[:100]}); re-copy it or use --skip-bad") from exc
+        raise ImageError(f"{name}: corrupt or truncated image ({str(exc)[:100]}){advice}") from exc
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """Turn an image upright by its EXIF orientation and convert it to 8-bit RGB."""
+    upright = ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
+    return to_rgb(upright)
 
 
 def _check_file(path: Path) -> None:
@@ -64,7 +79,7 @@ def _check_file(path: Path) -> None:
         raise ImageError(f"{path}: empty file (0 bytes); re-copy or remove it")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB; transparency is composited on black.
 
     Integer and float grey images are scaled to 0..255 by this rule: 16-bit modes (`I;16*`) map
