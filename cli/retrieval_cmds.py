@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -12,18 +12,28 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from cli.answer_options import (
+    CAUSAL, POSITION_K, POSITION_RADIUS, QE, QE_ALPHA, RERANK, RERANK_K, SEQUENCE, SPEEDS, WINDOW, answer_options,
+)
 from cli.common import (
     AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, INT32_MAX, MAX_BATCH, MAX_CLUSTERS, MAX_DIM, MAX_EF_SEARCH, MAX_WORKERS,
-    GPU_DECODE_HELP, NPROBE_HELP, POSITIVE, check_output_file, console, err_console, extract_options, parse_int_list,
-    parse_size, print_json, progress_bar,
+    GPU_DECODE_HELP, NPROBE_HELP, POSITIVE, check_amp, check_output_file, console, err_console, extract_options, parse_int_list,
+    parse_size, print_json, progress_bar, resolve_device,
 )
+from vpr.api import Index, QueryResult
 from vpr.data.datasets import load_image_set
-from vpr.data.geo import utm_to_latlon
 from vpr.errors import UsageError
 from vpr.evaluation.evaluate import evaluate
-from vpr.evaluation.viz import save_matches_figure
+from vpr.evaluation.predictions import check_descriptors_path, check_predictions_path, prediction_records
+from vpr.evaluation.predictions import save_descriptors as save_descriptors_file
+from vpr.evaluation.predictions import save_predictions as save_predictions_file
+from vpr.evaluation.viz import save_matches_figure, save_positions_map
 from vpr.models.model import ModelConfig
-from vpr.retrieval.pipeline import Match, build_index, cache_dir_for, describe, load_model, retrieve
+from vpr.retrieval.answer import AnswerOptions
+from vpr.retrieval.expansion import Expansion
+from vpr.retrieval.local_features import LocalFeatureConfig
+from vpr.retrieval.pipeline import build_index, cache_dir_for, load_model
+from vpr.retrieval.rerank import draw_inlier_matches
 from vpr.retrieval.store import load_index
 
 DEFAULT_INDEX = Path("indexes/default")
@@ -32,12 +42,13 @@ DEFAULT_INDEX = Path("indexes/default")
 def build_index_cmd(
     database: Path = typer.Argument(..., help="Folder of database images (`@utm_east@utm_north@...` names or unlabelled), or a CSV manifest path,lat,lon[,heading]."),
     out: Path = typer.Option(DEFAULT_INDEX, "--out", "-o", help="Index directory to write (replaced atomically if it exists)."),
-    backbone: str = typer.Option("resnet18", "--model", "--backbone", help="Backbone when no checkpoint is given: resnet18, resnet50, resnet101, vgg16."),
-    head: str = typer.Option("cosplace", "--head", help="Head when no checkpoint is given: cosplace (GeM + FC) or netvlad."),
+    backbone: str = typer.Option("resnet18", "--model", "--backbone", help="Backbone when no checkpoint is given: resnet18, resnet50, resnet101, vgg16, or pixels (no weights: grey thumbnails, with --head patchnorm)."),
+    head: str = typer.Option("cosplace", "--head", help="Head when no checkpoint is given: cosplace (GeM + FC), netvlad, or patchnorm (SeqSLAM's patch-normalised thumbnail, with --model pixels)."),
     dim: int = typer.Option(512, "--dim", min=1, max=MAX_DIM, help="CosPlace descriptor size when no checkpoint is given."),
     clusters: int = typer.Option(64, "--clusters", min=2, max=MAX_CLUSTERS, help="NetVLAD cluster count when no checkpoint is given."),
     layer: int = typer.Option(4, "--layer", min=3, max=4, help="ResNet stage to cut after (4, or 3)."),
-    resize: Optional[str] = typer.Option(None, "--resize", help="Input size HEIGHTxWIDTH: 240x320 for a new model by default; with --checkpoint it overrides the stored size (published checkpoints default to 480x640)."),
+    patch: int = typer.Option(8, "--patch", min=1, max=MAX_DIM, help="patchnorm's patch size P (P x P tiles normalised to zero mean, unit variance)."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="Input size HEIGHTxWIDTH: 240x320 for a new model by default (32x64 for --model pixels); with --checkpoint it overrides the stored size (published checkpoints default to 480x640)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="torchvision ImageNet weights: a name (IMAGENET1K_V1: downloaded once into the torch hub cache, offline after that) or a local .pth file."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A vpr checkpoint (from `vpr train`) or a published CosPlace/EigenPlaces/NetVLAD/benchmark .pth (see `vpr models`); its architecture overrides the model options."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Checkpoint layout: auto (default: detected from the keys), vpr, cosplace (also EigenPlaces), netvlad (pytorch-NetVlad, Patch-NetVLAD) or benchmark."),
@@ -52,6 +63,11 @@ def build_index_cmd(
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help=GPU_DECODE_HELP),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache/ so an interrupted or repeated build resumes."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT/skipped.txt) instead of stopping at the first."),
+    dba: int = typer.Option(0, "--dba", min=0, max=MAX_BATCH, help="Database-side augmentation: replace each database descriptor by its alpha-weighted average with its N nearest database neighbours; 0 = off."),
+    dba_alpha: float = typer.Option(3.0, "--dba-alpha", min=0.0, max=100.0, help="DBA's similarity exponent (0 = plain average)."),
+    local_features: bool = typer.Option(False, "--local-features", help="Also extract local features (OpenCV SIFT, or --local-method orb) into the index, for `query/eval --rerank local`."),
+    local_method: str = typer.Option("sift", "--local-method", help="With --local-features: sift (default) or orb (faster, binary)."),
+    max_keypoints: int = typer.Option(1000, "--max-keypoints", min=1, max=100_000, help="With --local-features: the strongest keypoints kept per image."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build a self-contained index (model, PCA, FAISS index, database metadata) from database images."""
@@ -62,8 +78,13 @@ def build_index_cmd(
     elif fmt is not None:
         raise UsageError("--format describes a --checkpoint file; give --checkpoint FILE or drop --format")
     else:
-        config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer, input_size=parse_size(resize or "240x320"))
+        default_size = "32x64" if backbone == "pixels" else "240x320"
+        config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer,
+                             patch_size=patch, input_size=parse_size(resize or default_size))
         model, model_pca = load_model(None, config, pretrained)
+    if not local_features and (local_method != "sift" or max_keypoints != 1000):
+        raise UsageError("--local-method and --max-keypoints describe --local-features; add --local-features")
+    features = LocalFeatureConfig(method=local_method, max_keypoints=max_keypoints) if local_features else None
     options = extract_options(device, batch_size=batch_size, workers=workers, amp=amp, compile_model=compile_model,
                               gpu_decode=gpu_decode, skip_bad=skip_bad)
     images = load_image_set(database)
@@ -72,7 +93,7 @@ def build_index_cmd(
     with progress_bar(f"indexing {len(images)} images", enabled=not json_out) as progress:
         report = build_index(
             images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
-            options=options, cache=cache_path, progress=progress,
+            options=options, cache=cache_path, progress=progress, dba=Expansion(dba, dba_alpha), local_features=features,
         )
     seconds = time.perf_counter() - start
     skipped_file = report.out_dir / "skipped.txt"
@@ -92,62 +113,90 @@ def build_index_cmd(
         console.print(f"skipped files are listed in {skipped_file}")
 
 
-def _match_json(match: Match, zone: tuple[int, str] | None) -> dict:
-    data = {"rank": match.rank, "path": str(match.path), "distance": round(match.distance, 6),
-            "similarity": round(match.similarity, 6), "utm_east": None, "utm_north": None,
-            "lat": None, "lon": None, "heading": match.heading}
-    if match.utm is not None:
-        data["utm_east"], data["utm_north"] = match.utm
-        if zone is not None:
-            data["lat"], data["lon"] = utm_to_latlon(match.utm[0], match.utm[1], zone[0], zone[1])
-    return data
-
-
 def query_cmd(
-    images: list[Path] = typer.Argument(..., help="Query image(s)."),
+    images: list[Path] = typer.Argument(..., help="Query image(s), or folders of frames (their images in file-name order)."),
     index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i", help="Index directory from `vpr build-index`."),
     k: int = typer.Option(5, "-k", "--top-k", max=INT32_MAX, help="Number of matches per query."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, max=INT32_MAX, help=NPROBE_HELP),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, max=MAX_EF_SEARCH, help=EF_SEARCH_HELP),
+    qe: int = QE, qe_alpha: float = QE_ALPHA, sequence: Optional[int] = SEQUENCE, causal: bool = CAUSAL,
+    speeds: str = SPEEDS, window: int = WINDOW, rerank: Optional[str] = RERANK, rerank_k: int = RERANK_K,
+    position_k: int = POSITION_K, position_radius: float = POSITION_RADIUS,
     json_out: bool = typer.Option(False, "--json", help="Print matches as JSON."),
-    viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG of each query beside its matches."),
+    viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG of each query beside its matches (with --rerank local, also VIZ-inliers-N.png: the inlier matches of query N with its top match)."),
 ) -> None:
-    """Find where photos were taken: print the top-k database matches with distance and position."""
+    """Find where photos were taken: print the top-k database matches with distance and position, and the
+    estimated position with its confidence."""
     if k < 1:
         raise UsageError(f"-k {k}: must be at least 1")
+    answering = answer_options(qe=qe, qe_alpha=qe_alpha, sequence=sequence, causal=causal, speeds=speeds, window=window,
+                               rerank=rerank, rerank_k=rerank_k, position_k=position_k, position_radius=position_radius)
     check_output_file(viz, "--viz")
-    bundle = load_index(index)
-    bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
-    options = extract_options(device, workers=0, amp=amp)
-    results = retrieve(bundle, describe(bundle, list(images), options), k, device=options.device)
-    zone = bundle.database.zone
+    images = query_frames(images)
+    dev = resolve_device(device)
+    check_amp(amp, dev)
+    searcher = Index.load(index, device=dev, amp=amp, nprobe=nprobe, ef_search=ef_search, options=answering)
+    results = searcher.query(images, k)
     if json_out:
-        print_json([{"query": str(q), "matches": [_match_json(m, zone) for m in ms]} for q, ms in zip(images, results)])
+        print_json([r.to_dict() for r in results])
     else:
-        for query, matches in zip(images, results):
-            table = Table(title=Text(str(query)), title_justify="left")
-            for column in ("rank", "file", "distance", "utm east", "utm north", "lat, lon"):
-                table.add_column(column, overflow="fold")  # a narrow terminal folds file names, never cuts them to "…"
-            for m in matches:
-                data = _match_json(m, zone)
-                position = ("", "") if m.utm is None else (f"{m.utm[0]:.1f}", f"{m.utm[1]:.1f}")
-                latlon = "" if data["lat"] is None else f"{data['lat']:.6f}, {data['lon']:.6f}"
-                table.add_row(str(m.rank), Text(m.path.name), f"{m.distance:.4f}", *position, latlon)
-            console.print(table)
-        if k > len(bundle.database):
-            err_console.print(f"note: -k {k} is larger than the database ({len(bundle.database)} images); showed all")
+        for result in results:
+            _print_result(result, answering)
+        if k > len(searcher):
+            err_console.print(f"note: -k {k} is larger than the database ({len(searcher)} images); showed all")
     if viz is None:
         return
-    rows = [(q, [(m.path, f"#{m.rank} d={m.distance:.3f}", None) for m in matches]) for q, matches in zip(images, results)]
+    rows = [(q, [(m.path, f"#{m.rank} d={m.distance:.3f}", None) for m in r.matches]) for q, r in zip(images, results)]
     figure = save_matches_figure(rows, viz)  # after the results: an unwritable --viz loses no answer
     if figure.missing:
         count = len(figure.missing)
         err_console.print(f"note: {count} database image{'s' if count > 1 else ''} unreadable, drawn as grey 'missing' "
                           f"tiles in {viz}; first: {figure.missing[0][1]}", soft_wrap=True)
+    written = [viz]
+    for n, (query, result) in enumerate(zip(images, results), start=1):
+        if result.inlier_pairs is not None:
+            written.append(draw_inlier_matches(query, result.matches[0].path, result.inlier_pairs, inliers_png(viz, n)))
     if not json_out:
-        console.print(f"visualisation written to {viz}")
+        console.print(f"visualisation written to {', '.join(str(p) for p in written)}")
+
+
+def query_frames(arguments: list[Path]) -> list[Path]:
+    """The query images: files as given, folders expanded to their images in frame (file-name) order."""
+    images: list[Path] = []
+    for argument in arguments:
+        if Path(argument).is_dir():
+            frames = load_image_set(argument)
+            images.extend(frames.paths[i] for i in frames.frame_order())
+        else:
+            images.append(Path(argument))
+    return images
+
+
+def inliers_png(viz: Path, n: int) -> Path:
+    """Where `--viz VIZ` draws query n's inlier matches: VIZ-inliers-N.png beside it."""
+    return viz.with_name(f"{viz.stem}-inliers-{n}.png")
+
+
+def _print_result(result: QueryResult, answering: AnswerOptions) -> None:
+    """One query's matches as a table, its estimated position underneath."""
+    table = Table(title=Text(result.query), title_justify="left")
+    columns = ["rank", "file", "distance", *(["inliers"] if answering.rerank else []),
+               *(["seq score"] if answering.sequence else []), "utm east", "utm north", "lat, lon"]
+    for column in columns:
+        table.add_column(column, overflow="fold")  # a narrow terminal folds file names, never cuts them to "…"
+    for m in result.matches:
+        place = ("", "") if m.utm_east is None else (f"{m.utm_east:.1f}", f"{m.utm_north:.1f}")
+        latlon = "" if m.lat is None else f"{m.lat:.6f}, {m.lon:.6f}"
+        extra = ([str(m.inliers)] if answering.rerank else []) + ([f"{m.score:.3f}"] if answering.sequence else [])
+        table.add_row(str(m.rank), Text(m.path.name), f"{m.distance:.4f}", *extra, *place, latlon)
+    console.print(table)
+    p = result.position
+    if p is not None:
+        latlon = "" if p.lat is None else f" ({p.lat:.6f}, {p.lon:.6f})"
+        console.print(f"estimated position: utm {p.utm_east:.1f}, {p.utm_north:.1f}{latlon}, "
+                      f"confidence {p.confidence:.2f} ({p.support} matches agree)")
 
 
 def eval_cmd(
@@ -163,29 +212,81 @@ def eval_cmd(
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help=GPU_DECODE_HELP),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, max=INT32_MAX, help=NPROBE_HELP),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, max=MAX_EF_SEARCH, help=EF_SEARCH_HELP),
+    qe: int = QE, qe_alpha: float = QE_ALPHA, sequence: Optional[int] = SEQUENCE, causal: bool = CAUSAL,
+    speeds: str = SPEEDS, window: int = WINDOW, rerank: Optional[str] = RERANK, rerank_k: int = RERANK_K,
+    position_k: int = POSITION_K, position_radius: float = POSITION_RADIUS,
+    save_predictions: Optional[Path] = typer.Option(None, "--save-predictions", help="Write each query's top-k (similarity, metres, positive?), position estimate and error to a .csv or .json file."),
+    save_descriptors: Optional[Path] = typer.Option(None, "--save-descriptors", help="Write the query descriptors (index space) to a .h5 file."),
+    viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG map of database positions with each query's true and estimated position."),
     json_out: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
 ) -> None:
-    """Recall@N of an index on labelled queries (standard protocol: hit = a positive in the top N)."""
+    """Recall@N of an index on labelled queries (standard protocol: hit = a positive in the top N), and the
+    localisation error of the position estimate."""
     ns = parse_int_list(recall, "--recall")
     if not (math.isfinite(threshold) and threshold > 0):  # the option's callback refuses these first; kept for direct calls
         raise UsageError(f"--threshold {threshold}: must be a positive number of metres, e.g. 25")
     if gt is not None and not gt.is_file():
         raise UsageError(f"--gt {gt}: file not found")
+    answering = answer_options(qe=qe, qe_alpha=qe_alpha, sequence=sequence, causal=causal, speeds=speeds, window=window,
+                               rerank=rerank, rerank_k=rerank_k, position_k=position_k, position_radius=position_radius)
+    for path, check in ((save_predictions, check_predictions_path), (save_descriptors, check_descriptors_path)):
+        if path is not None:
+            check(path)
+    check_output_file(viz, "--viz")
     bundle = load_index(index)
     bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
     query_set = load_image_set(queries)
     options = extract_options(device, workers=workers, amp=amp, compile_model=compile_model, gpu_decode=gpu_decode)
     with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out) as progress:
-        report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, options=options, progress=progress)
+        report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, options=options,
+                          answer_options=answering, progress=progress)
     summary = {
         "index": str(index), "queries": report.num_queries, "queries_with_positives": report.num_with_positives,
         "database": len(bundle.database), "threshold_m": None if gt else threshold, "ground_truth": str(gt) if gt else None,
         "recall": {f"R@{n}": round(v, 2) for n, v in report.recalls.items()},
+        "localization": report.localization, "confidence_precision": report.confidence,
+        "answering": answering_summary(answering),
     }
+    if save_predictions is not None:
+        save_predictions_file(prediction_records(report, query_set, bundle.database), save_predictions, summary)
+    if save_descriptors is not None:
+        save_descriptors_file(report.descriptors, query_set.paths, save_descriptors)
+    if viz is not None:
+        if bundle.database.utm is None:
+            raise UsageError(f"--viz draws positions, but {index} holds no coordinates; drop --viz")
+        save_positions_map(bundle.database.utm, query_set.utm, report.answers.estimate.utm, viz)
     if json_out:
         print_json(summary)
         return
     print_recall_table(summary)
+    print_localization(summary)
+    for path, what in ((save_predictions, "predictions"), (save_descriptors, "query descriptors"), (viz, "position map")):
+        if path is not None:
+            console.print(f"{what} written to {path}")
+
+
+def answering_summary(options: AnswerOptions) -> dict:
+    """The answering settings in a run's JSON summary (what produced these numbers)."""
+    return {
+        "qe": asdict(options.qe) if options.qe.n else None,
+        "sequence": asdict(options.sequence) if options.sequence is not None else None,
+        "rerank": asdict(options.rerank) if options.rerank is not None else None,
+        "position": {"top_k": options.position_k, "radius_m": options.position_radius},
+    }
+
+
+def print_localization(summary: dict) -> None:
+    """The position estimate's error and the confidence's precision, when the run measured them."""
+    loc = summary["localization"]
+    if loc is not None:
+        within = ", ".join(f"{k}: {v:.1f}%" for k, v in loc["within"].items())
+        median = "-" if loc["median_m"] is None else f"{loc['median_m']:.1f} m"
+        p90 = "-" if loc["p90_m"] is None else f"{loc['p90_m']:.1f} m"
+        console.print(f"position error: median {median}, 90th percentile {p90}; within {within}")
+    precision = summary["confidence_precision"]
+    if any(v is not None for v in precision.values()):
+        shown = ", ".join(f"{k}: {'-' if v is None else f'{v:.1f}%'}" for k, v in precision.items())
+        console.print(f"top-1 precision by confidence threshold (recall of correct top-1s): {shown}")
 
 
 def print_recall_table(summary: dict, title: str = "recall") -> None:

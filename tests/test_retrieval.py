@@ -14,7 +14,8 @@ from vpr.evaluation.evaluate import evaluate
 from vpr.evaluation.recall import recall_at_n
 from vpr.retrieval.extract import ExtractOptions, extract_descriptors
 from vpr.retrieval.index import build_faiss_index, faiss_search, torch_search, write_faiss_index
-from vpr.retrieval.pipeline import build_index, describe, retrieve
+from vpr.api import Index
+from vpr.retrieval.pipeline import build_index, describe
 from vpr.retrieval.store import load_index
 
 OPTIONS = ExtractOptions(num_workers=0)  # the machine's cores are shared: decode in the main process
@@ -30,12 +31,12 @@ def built(places, tmp_path_factory, tiny_config):
 
 
 def test_each_query_retrieves_its_own_place_first(built, places):
-    bundle = load_index(built)
+    index = Index.load(built, device="cpu")
     queries = load_image_set(places / "queries")
-    results = retrieve(bundle, describe(bundle, queries.paths, OPTIONS), k=3)
-    for query, matches in zip(queries.paths, results):
-        assert matches[0].utm is not None
-        assert abs(matches[0].utm[0] - (float(query.name.split("@")[1]) - 3.0)) < 1e-6
+    for query, result in zip(queries.paths, index.query(queries.paths, k=3)):
+        matches = result.matches
+        assert matches[0].utm_east is not None
+        assert abs(matches[0].utm_east - (float(query.name.split("@")[1]) - 3.0)) < 1e-6
         assert matches[0].distance <= matches[1].distance
 
 

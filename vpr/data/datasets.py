@@ -16,6 +16,7 @@ import csv
 import io
 import math
 import os
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class GeoImageSet:
     heading: np.ndarray | None = None  # N float64 degrees in [0, 360), NaN where unknown
     zone: tuple[int, str] | None = None
     source: Path | None = None
+    time: np.ndarray | None = None  # N float64: a manifest's timestamp or frame column, the order of a sequence
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -63,8 +65,21 @@ class GeoImageSet:
             paths=[self.paths[i] for i in idx],
             utm=None if self.utm is None else self.utm[idx],
             heading=None if self.heading is None else self.heading[idx],
-            zone=self.zone, source=self.source,
+            zone=self.zone, source=self.source, time=None if self.time is None else self.time[idx],
         )
+
+    def frame_order(self) -> np.ndarray:
+        """Indices in capture order, for sequence matching: by the manifest's timestamp or frame column
+        when it has one, else by file name with numbers compared as numbers (frame-9 before frame-10)."""
+        if self.time is not None:
+            return np.argsort(self.time, kind="stable")
+        keys = [_natural_key(str(path)) for path in self.paths]
+        return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+
+
+def _natural_key(text: str) -> list:
+    """Sort key that compares runs of digits by value: 'img-9' < 'img-10'."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part]
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -226,7 +241,8 @@ def load_manifest(csv_path: Path) -> GeoImageSet:
         )
     if not cell_rows:
         raise UsageError(f"{csv_path}: the manifest has no rows")
-    paths, coords, headings, zones = [], [], [], set()
+    time_column = next((name for name in ("timestamp", "frame") if name in columns), None)
+    paths, coords, headings, zones, times = [], [], [], set(), []
     for line, cells in cell_rows:
         where = f"{csv_path}:{line}"
         _extra_cells(cells, columns, where, "quote values that contain commas, and write decimals with '.'")
@@ -255,9 +271,12 @@ def load_manifest(csv_path: Path) -> GeoImageSet:
                 raise LabelError(f"{where}: heading {heading} is outside 0..360 degrees; fix the row")
             heading %= 360.0
         headings.append(heading)
+        if time_column is not None:
+            times.append(_cell_float(row, time_column, where))
     return GeoImageSet(
         paths=paths, utm=np.array(coords, dtype=np.float64), heading=np.array(headings, dtype=np.float64),
         zone=_one_zone(zones, f"{csv_path}: rows", "the manifest"), source=csv_path,
+        time=np.array(times, dtype=np.float64) if time_column is not None else None,
     )
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from vpr.data.datasets import GeoImageSet, load_ground_truth, positives_within
 from vpr.errors import LabelError
+from vpr.evaluation.localization import error_summary, localization_errors, precision_at_recall
 from vpr.evaluation.recall import recall_at_n
+from vpr.retrieval.answer import AnswerOptions, Answers, answer
 from vpr.retrieval.extract import ExtractOptions, Progress
 from vpr.retrieval.pipeline import describe
 from vpr.retrieval.store import IndexBundle
@@ -17,14 +19,19 @@ from vpr.retrieval.store import IndexBundle
 
 @dataclass
 class EvalReport:
-    """Recall@N per N (percent), how many queries were evaluated and how many have a positive."""
+    """Recall@N per N (percent), counts, and per query: the answers, positives, descriptors and, when
+    the queries have coordinates, the position estimate's error (metres)."""
 
     recalls: dict[int, float]
     num_queries: int
     num_with_positives: int
     predictions: np.ndarray
     positives: list[np.ndarray]
-
+    answers: Answers
+    descriptors: np.ndarray
+    errors: np.ndarray | None = None
+    localization: dict | None = None  # median / p90 error and share within 5/10/25/50 m
+    confidence: dict = field(default_factory=dict)  # precision of a correct top-1 at 50/80/100% recall
 
 def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | None, threshold: float) -> list[np.ndarray]:
     """Positives per query: from the ground-truth file if given, else database images within `threshold` m."""
@@ -40,13 +47,23 @@ def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | Non
 
 def evaluate(
     bundle: IndexBundle, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5, 10, 20), gt: Path | None = None,
-    threshold: float = 25.0, options: ExtractOptions, progress: Progress | None = None,
+    threshold: float = 25.0, options: ExtractOptions, answer_options: AnswerOptions = AnswerOptions(),
+    progress: Progress | None = None,
 ) -> EvalReport:
-    """Recall@N of `bundle` on `queries`: descriptors as `options` says, searched on `options.device`."""
+    """Recall@N of `bundle` on `queries` (answered as `answer_options` says), the localisation error
+    of the position estimate, and how well its confidence separates right from wrong top-1s."""
     positives = query_positives(bundle, queries, gt=gt, threshold=threshold)
     descriptors = describe(bundle, queries.paths, options, progress)
-    _, predictions = bundle.search(descriptors, max(ns), device=options.device)
-    return EvalReport(
+    answers = answer(bundle, descriptors, max(ns), answer_options, query_paths=queries.paths,
+                     query_order=queries.frame_order(), device=str(options.device))
+    predictions = answers.indices
+    correct = np.array([len(p) > 0 and predictions[q, 0] in p for q, p in enumerate(positives)], dtype=bool)
+    report = EvalReport(
         recalls=recall_at_n(predictions, positives, ns), num_queries=len(queries),
         num_with_positives=int(sum(len(p) > 0 for p in positives)), predictions=predictions, positives=positives,
+        answers=answers, descriptors=descriptors, confidence=precision_at_recall(answers.estimate.confidence, correct),
     )
+    if queries.utm is not None and bundle.database.utm is not None:
+        report.errors = localization_errors(answers.estimate.utm, queries.utm)
+        report.localization = error_summary(report.errors)
+    return report

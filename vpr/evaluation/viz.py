@@ -1,4 +1,5 @@
-"""Pictures of a query beside its top matches, green where the match is a true positive."""
+"""Pictures of a query beside its top matches (green where the match is a true positive), and a map of
+estimated against true query positions."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from vpr.data.images import load_rgb
@@ -81,3 +83,47 @@ def save_matches_figure(rows: list[tuple[Path, list[tuple[Path, str, bool | None
     out_png = Path(out_png)
     save_png(sheet, out_png, "--viz")
     return MatchesFigure(out_png, missing)
+
+
+MAP_SIZE, MAP_MARGIN = 900, 30
+DATABASE_DOT, TRUE_DOT, ESTIMATE_DOT = (170, 170, 170), (40, 170, 60), (200, 50, 40)
+
+
+def save_positions_map(database_utm: np.ndarray, query_utm: np.ndarray | None, estimate_utm: np.ndarray,
+                       out_png: Path, option: str = "--viz") -> Path:
+    """A top-down map in UTM metres (north up): database positions grey, true query positions green,
+    estimates red, each estimate joined to its truth by a line whose length is the error."""
+    points = [database_utm, estimate_utm[np.isfinite(estimate_utm).all(axis=1)]]
+    if query_utm is not None:
+        points.append(query_utm)
+    everything = np.concatenate(points)
+    low, high = everything.min(axis=0), everything.max(axis=0)
+    scale = (MAP_SIZE - 2 * MAP_MARGIN) / max(float((high - low).max()), 1.0)
+    canvas = Image.new("RGB", (MAP_SIZE, MAP_SIZE + CAPTION), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+
+    def xy(p: np.ndarray) -> tuple[float, float]:
+        return MAP_MARGIN + (p[0] - low[0]) * scale, MAP_SIZE - MAP_MARGIN - (p[1] - low[1]) * scale
+
+    def dot(p: np.ndarray, colour: tuple[int, int, int], r: float) -> None:
+        x, y = xy(p)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+
+    for p in database_utm:
+        dot(p, DATABASE_DOT, 1.5)
+    for q, estimate in enumerate(estimate_utm):
+        if query_utm is not None and np.isfinite(estimate).all():
+            draw.line((*xy(query_utm[q]), *xy(estimate)), fill=(230, 150, 140), width=1)
+    if query_utm is not None:
+        for p in query_utm:
+            dot(p, TRUE_DOT, 2.5)
+    for estimate in estimate_utm:
+        if np.isfinite(estimate).all():
+            dot(estimate, ESTIMATE_DOT, 2.5)
+    metres = 10 ** np.floor(np.log10(max((high - low).max(), 1.0) / 2))
+    x0, y0 = MAP_MARGIN, MAP_SIZE - 10
+    draw.line((x0, y0, x0 + metres * scale, y0), fill=(0, 0, 0), width=2)
+    draw.text((x0 + metres * scale + 6, y0 - 6), f"{metres:g} m", fill=(0, 0, 0))
+    draw.text((6, MAP_SIZE + 2), "grey: database   green: true query position   red: estimate (line = error)", fill=(0, 0, 0))
+    save_png(canvas, Path(out_png), option)
+    return Path(out_png)

@@ -21,7 +21,7 @@ from vpr.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet152", "vgg16")
+BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet152", "vgg16", "pixels")
 RESNET_CHANNELS = {
     "resnet18": (256, 512), "resnet50": (1024, 2048), "resnet101": (1024, 2048), "resnet152": (1024, 2048),
 }
@@ -31,15 +31,18 @@ DESCRIPTIONS = {
     "resnet101": "ResNet-101 trunk (torchvision), cut after layer4 or layer3",
     "resnet152": "ResNet-152 trunk (torchvision), cut after layer4 or layer3",
     "vgg16": "VGG-16 features up to conv5_3, before its ReLU (the NetVLAD paper's and published models' cut)",
+    "pixels": "no weights: the resized image in grey (SeqSLAM's front end; pair it with --head patchnorm)",
 }
 
 
 def backbone_channels(name: str, layer: int = 4) -> int:
     """Number of channels of the feature map a backbone produces (validates name and layer)."""
-    if layer not in (3, 4) or (name == "vgg16" and layer != 4):
+    if layer not in (3, 4) or (name in ("vgg16", "pixels") and layer != 4):
         raise UsageError(f"--layer {layer} is not available for {name}; use 4 (or 3 for ResNets)")
     if name == "vgg16":
         return 512
+    if name == "pixels":
+        return 1
     if name in RESNET_CHANNELS:
         return RESNET_CHANNELS[name][layer - 3]
     raise UsageError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
@@ -123,6 +126,17 @@ def _torchvision_model(name: str, weights: str | Path | None) -> nn.Module:
     return model
 
 
+class Grey(nn.Module):
+    """Images in [0, 1] (N x 3 x H x W) -> luminance (N x 1 x H x W), ITU-R BT.601 weights as PIL's "L"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weights", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.weights).sum(dim=1, keepdim=True)
+
+
 def build_backbone(name: str, layer: int = 4, pretrained: str | Path | None = None) -> nn.Module:
     """Return the convolutional trunk of `name`, mapping images to a C x H' x W' feature map.
 
@@ -131,6 +145,10 @@ def build_backbone(name: str, layer: int = 4, pretrained: str | Path | None = No
     ImageNet state dict.
     """
     backbone_channels(name, layer)
+    if name == "pixels":
+        if pretrained is not None:
+            raise UsageError("--pretrained: the pixels backbone has no weights; drop --pretrained")
+        return Grey()
     model = _torchvision_model(name, pretrained)
     if name == "vgg16":
         return nn.Sequential(*list(model.features.children())[:-2])  # drop conv5_3's ReLU and the last max-pool

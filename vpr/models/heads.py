@@ -82,3 +82,31 @@ class NetVLAD(nn.Module):
         vlad = vlad - self.centroids.unsqueeze(0) * soft_assign.sum(dim=2, keepdim=True)
         vlad = F.normalize(vlad, p=2.0, dim=2)  # intra-normalisation
         return F.normalize(vlad.flatten(1), p=2.0, dim=1)
+
+
+class PatchNorm(nn.Module):
+    """SeqSLAM's patch normalisation of a grey thumbnail (N x 1 x H x W) -> N x HW, L2-normalised.
+
+    Patches are P x P tiles (edge tiles smaller when P does not divide H or W); a flat patch
+    (std below `eps`) becomes zeros, as a featureless region carries no place information.
+    """
+
+    def __init__(self, patch_size: int = 8, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        p = self.patch_size
+        rows, cols = -(-h // p), -(-w // p)
+        padded = F.pad(x.float(), (0, cols * p - w, 0, rows * p - h))
+        valid = F.pad(torch.ones_like(x, dtype=torch.float32), (0, cols * p - w, 0, rows * p - h))
+        tiles = padded.view(n, rows, p, cols, p).transpose(2, 3)  # N x rows x cols x P x P
+        mask = valid.view(n, rows, p, cols, p).transpose(2, 3)
+        count = mask.sum(dim=(-2, -1), keepdim=True)
+        mean = tiles.sum(dim=(-2, -1), keepdim=True) / count
+        std = (((tiles - mean) * mask) ** 2).sum(dim=(-2, -1), keepdim=True).div(count).sqrt()
+        normalised = torch.where(std > self.eps, (tiles - mean) / std.clamp(min=self.eps), torch.zeros_like(tiles)) * mask
+        image = normalised.transpose(2, 3).reshape(n, rows * p, cols * p)[:, :h, :w]
+        return F.normalize(image.flatten(1), p=2.0, dim=1)

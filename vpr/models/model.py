@@ -9,9 +9,9 @@ from torch import nn
 
 from vpr.errors import UsageError
 from vpr.models.backbones import backbone_channels, build_backbone
-from vpr.models.heads import CosPlaceHead, NetVLAD
+from vpr.models.heads import CosPlaceHead, NetVLAD, PatchNorm
 
-HEADS = ("cosplace", "netvlad")
+HEADS = ("cosplace", "netvlad", "patchnorm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -25,6 +25,7 @@ class ModelConfig:
     layer: int = 4
     descriptor_dim: int = 512  # CosPlace output size; NetVLAD's is num_clusters * channels
     num_clusters: int = 64
+    patch_size: int = 8  # patchnorm's P x P tiles
     input_size: tuple[int, int] = (240, 320)  # (height, width) images are resized to
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -33,9 +34,17 @@ class ModelConfig:
         if self.head not in HEADS:
             raise UsageError(f"unknown head '{self.head}'; choose one of {', '.join(HEADS)}")
         backbone_channels(self.backbone, self.layer)  # validates backbone and layer
+        if (self.backbone == "pixels") != (self.head == "patchnorm"):
+            raise UsageError("the pixels backbone and the patchnorm head go together: --model pixels --head patchnorm")
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        if self.head == "patchnorm":
+            if not 1 <= self.patch_size <= min(self.input_size):
+                raise UsageError(f"--patch {self.patch_size}: must be between 1 and the thumbnail's shorter side {min(self.input_size)}")
+            object.__setattr__(self, "descriptor_dim", self.input_size[0] * self.input_size[1])
+            object.__setattr__(self, "mean", (0.0, 0.0, 0.0))  # the grey backbone reads pixels in [0, 1]
+            object.__setattr__(self, "std", (1.0, 1.0, 1.0))
         if self.head == "netvlad":
             object.__setattr__(self, "descriptor_dim", self.num_clusters * self.channels)
-        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -67,6 +76,8 @@ class VPRModel(nn.Module):
         self.backbone = build_backbone(config.backbone, config.layer, pretrained)
         if config.head == "cosplace":
             self.head: nn.Module = CosPlaceHead(config.channels, config.descriptor_dim)
+        elif config.head == "patchnorm":
+            self.head = PatchNorm(config.patch_size)
         else:
             self.head = NetVLAD(config.channels, config.num_clusters)
 

@@ -1,14 +1,15 @@
-"""The retrieval stages a user runs: build an index from a database, query it with images."""
+"""The retrieval stages a user runs: build an index from a database, describe query images in its space
+(`vpr.retrieval.answer` answers them)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import torch
 
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import UsageError
@@ -16,8 +17,11 @@ from vpr.fileio import check_replaceable_dir, check_separate, output_lock
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
+from vpr.retrieval.expansion import Expansion, augment_database
 from vpr.retrieval.extract import ExtractOptions, Progress, extract_descriptors
-from vpr.retrieval.index import similarity_to_distance
+from vpr.retrieval.local_features import (
+    LOCAL_FEATURES_FILE, LocalFeatureConfig, extract_local_features, require_opencv, write_local_features,
+)
 from vpr.retrieval.store import IndexBundle, check_index_kind, foreign_files, project, write_index
 
 log = logging.getLogger(__name__)
@@ -56,9 +60,12 @@ def build_index(
     options: ExtractOptions,
     cache: Path | None = None,
     progress: Progress | None = None,
+    dba: Expansion = Expansion(),
+    local_features: LocalFeatureConfig | None = None,
 ) -> BuildReport:
     """Extract database descriptors as `options` says (`options.skip_bad` leaves unreadable images
-    out), fit the optional PCA, and write a self-contained index directory.
+    out), fit the optional PCA, augment them (`dba`), extract `local_features` for `--rerank local`,
+    and write a self-contained index directory.
 
     Every check on the output runs before any work: `out_dir` (and `cache`) must lie outside the
     database's folders and be new, empty or a vpr index; one process writes `out_dir` at a time.
@@ -72,6 +79,8 @@ def build_index(
     if cache is not None:
         check_separate(cache, inputs, "--out's descriptor cache")
     check_replaceable_dir(out_dir, foreign_files, "--out")
+    if local_features is not None:
+        require_opencv()  # before hours of extraction, not after
     with output_lock(out_dir):
         extraction = extract_descriptors(model, database.paths, options, cache=cache, progress=progress)
         if len(extraction.kept) == 0:
@@ -79,12 +88,27 @@ def build_index(
         kept = database.subset(extraction.kept)
         descriptors = project(extraction.descriptors, model_pca, None)
         pca = fit_pca(descriptors, pca_dim, whiten=pca_whiten) if pca_dim else None
-        descriptors = project(descriptors, None, pca)
+        descriptors = augment_database(project(descriptors, None, pca), dba)
+        extras = _index_extras(kept, dba, local_features, progress)
         write_index(
             out_dir, model=model.cpu(), model_pca=model_pca, pca=pca, database=kept, descriptors=descriptors,
-            kind=kind, source=str(database.source), skipped=extraction.skipped,
+            kind=kind, source=str(database.source), skipped=extraction.skipped, extras=extras,
         )
     return BuildReport(out_dir, len(kept), descriptors.shape[1], extraction.reused, extraction.skipped)
+
+
+def _index_extras(database: GeoImageSet, dba: Expansion, local_features: LocalFeatureConfig | None,
+                  progress: Progress | None) -> Callable[[Path], dict]:
+    """What `write_index` adds to the index: the DBA settings, and the local features file when asked."""
+    def write(directory: Path) -> dict:
+        entries: dict = {"dba": {"n": dba.n, "alpha": dba.alpha} if dba.n else None, "local_features": None}
+        if local_features is not None:
+            features = extract_local_features(database.paths, local_features, progress=progress)
+            write_local_features(directory / LOCAL_FEATURES_FILE, features)
+            entries["local_features"] = asdict(local_features)
+        return entries
+
+    return write
 
 
 def cache_dir_for(out_dir: Path) -> Path:
@@ -99,41 +123,9 @@ def input_folders(images: GeoImageSet) -> list[Path]:
     return ([images.source] if images.source is not None else []) + parents
 
 
-@dataclass
-class Match:
-    """One retrieved database image."""
-
-    rank: int
-    index: int
-    path: Path
-    similarity: float
-    distance: float
-    utm: tuple[float, float] | None
-    heading: float | None
-
-
 def describe(bundle: IndexBundle, paths: list[Path], options: ExtractOptions,
              progress: Progress | None = None) -> np.ndarray:
     """Query descriptors in the index's space (model forward, then the index's projections), one row
     per path: an unreadable query raises its `ImageError` whatever `options.skip_bad` says."""
     extraction = extract_descriptors(bundle.model, paths, replace(options, skip_bad=False), progress=progress)
     return bundle.project(extraction.descriptors)
-
-
-def retrieve(bundle: IndexBundle, descriptors: np.ndarray, k: int,
-             device: torch.device | str = "cpu") -> list[list[Match]]:
-    """Top-k matches for each query descriptor, searched on `device`."""
-    similarities, indices = bundle.search(descriptors, k, device=device)
-    distances = similarity_to_distance(similarities)
-    db = bundle.database
-    results = []
-    for sims, idxs, dists in zip(similarities, indices, distances):
-        results.append([
-            Match(
-                rank=r + 1, index=int(i), path=db.paths[i], similarity=float(s), distance=float(d),
-                utm=None if db.utm is None else (float(db.utm[i, 0]), float(db.utm[i, 1])),
-                heading=None if db.heading is None or np.isnan(db.heading[i]) else float(db.heading[i]),
-            )
-            for r, (s, i, d) in enumerate(zip(sims, idxs, dists)) if i >= 0
-        ])
-    return results

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -28,13 +29,14 @@ from vpr.models.pca import PCA
 from vpr.retrieval.index import (
     INDEX_KINDS, build_faiss_index, faiss_available, read_faiss_index, search_by_kind, write_faiss_index,
 )
+from vpr.retrieval.local_features import LOCAL_FEATURES_FILE
 
 log = logging.getLogger(__name__)
 FORMAT = "vpr-index"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("manifest.json", "model.pt", "database.h5")
 MAX_SEARCH_PARAM = 1 << 20  # nprobe / efSearch: FAISS takes C ints; larger values search everything anyway
-INDEX_FILES = frozenset((*REQUIRED_FILES, "pca.h5", "index.faiss", "skipped.txt", MARKER))
+INDEX_FILES = frozenset((*REQUIRED_FILES, "pca.h5", "index.faiss", "skipped.txt", LOCAL_FEATURES_FILE, MARKER))
 
 
 def foreign_files(directory: Path) -> list[str]:
@@ -140,11 +142,13 @@ def refuse_non_finite(descriptors: np.ndarray, where: Path) -> None:
 def write_index(
     out_dir: Path, *, model: VPRModel, model_pca: PCA | None, pca: PCA | None, database: GeoImageSet,
     descriptors: np.ndarray, kind: str, source: str, skipped: list[tuple[Path, str]] = (),
+    extras: Callable[[Path], dict] | None = None,
 ) -> Path:
     """Write a complete index directory atomically (marked temporary sibling, then rename).
 
     The caller holds `output_lock(out_dir)`; an existing `out_dir` must be empty or a vpr index.
-    Unreadable database images that were skipped are listed in `skipped.txt`.
+    Unreadable database images that were skipped are listed in `skipped.txt`. `extras` writes more
+    files into the temporary directory (local features) and returns entries for the manifest.
     """
     check_index_kind(kind)
     refuse_non_finite(descriptors, Path(out_dir))
@@ -162,6 +166,8 @@ def write_index(
             if database.utm is not None:
                 f.create_dataset("utm", data=np.asarray(database.utm, dtype=np.float64))
                 f.create_dataset("heading", data=np.asarray(database.heading, dtype=np.float64))
+            if database.time is not None:
+                f.create_dataset("time", data=np.asarray(database.time, dtype=np.float64))
             f.create_dataset("descriptors", data=np.asarray(descriptors, dtype=np.float32), chunks=True)
         if kind != "flat":  # a flat index is searched on database.h5's descriptors: no second copy
             write_faiss_index(build_faiss_index(descriptors, kind), tmp / "index.faiss")
@@ -180,6 +186,7 @@ def write_index(
             "count": int(descriptors.shape[0]),
             "zone": None if database.zone is None else list(database.zone),
             "source": source,
+            **(extras(tmp) if extras is not None else {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Path(out_dir)
@@ -231,6 +238,7 @@ def _read_database(path: Path, manifest: dict) -> tuple[GeoImageSet, np.ndarray]
             descriptors = f["descriptors"][:]
             utm = f["utm"][:] if "utm" in f else None
             heading = f["heading"][:] if "heading" in f else None
+            time = f["time"][:] if "time" in f else None
     except (OSError, KeyError) as exc:
         raise IndexFormatError(f"{path}: unreadable or missing datasets ({exc}); rebuild the index") from exc
     if len(paths) != count or descriptors.shape != (count, dim) or descriptors.dtype != np.float32:
@@ -240,8 +248,10 @@ def _read_database(path: Path, manifest: dict) -> tuple[GeoImageSet, np.ndarray]
         )
     if utm is not None and (utm.shape != (count, 2) or heading is None or heading.shape != (count,)):
         raise IndexFormatError(f"{path}: utm/heading shapes do not match {count} images; rebuild the index")
+    if time is not None and time.shape != (count,):
+        raise IndexFormatError(f"{path}: time has shape {time.shape}, not ({count},); rebuild the index")
     zone = tuple(manifest["zone"]) if manifest.get("zone") else None
-    return GeoImageSet(paths=paths, utm=utm, heading=heading, zone=zone, source=path), descriptors
+    return GeoImageSet(paths=paths, utm=utm, heading=heading, zone=zone, source=path, time=time), descriptors
 
 
 def load_index(directory: Path) -> IndexBundle:

@@ -63,6 +63,9 @@ class TrainConfig:
         for name, value in counts.items():
             if value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+        if self.backbone == "pixels":
+            raise UsageError("--backbone pixels has no weights to train; index with it directly: "
+                             "vpr build-index DB --model pixels --head patchnorm")
         if self.workers < 0:
             raise UsageError(f"--workers {self.workers}: must be 0 or more")
         if self.lr is not None and not self.lr > 0:
