@@ -3,6 +3,7 @@ expansion and database-side augmentation, per-query predictions, and the weightl
 
 import csv
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -149,10 +150,8 @@ def test_the_pixels_backbone_needs_the_patchnorm_head(monkeypatch, capsys, place
 
 
 @pytest.fixture(scope="module")
-def place_index(places, tmp_path_factory, tiny_config):
-    out = tmp_path_factory.mktemp("answer") / "idx"
-    build_index(load_image_set(places / "database"), out, model=build_model(tiny_config, seed=0), options=OPTIONS)
-    return out
+def place_index(places_index):
+    return places_index
 
 
 def test_eval_reports_localisation_and_saves_per_query_results(monkeypatch, capsys, places, place_index, tmp_path):
@@ -266,3 +265,45 @@ def test_rerank_needs_an_index_with_local_features(monkeypatch, capsys, places, 
     query = sorted((places / "queries").iterdir())[0]
     code, _, err = run_cli(monkeypatch, capsys, "query", query, "--index", place_index, "--rerank", "local")
     assert code == 2 and "--local-features" in err
+
+
+@pytest.fixture(scope="module")
+def aliased_route(tmp_path_factory):
+    """A 40-frame route past 5 look-alike scenes in a random order, travelled twice (queries perturbed):
+    single frames cannot tell repeats of a scene apart, sequences of frames can."""
+    from PIL import Image
+
+    from tests.conftest import perturb, place_image
+
+    rng = np.random.default_rng(3)
+    scenes = [place_image(rng) for _ in range(5)]
+    order = rng.integers(0, 5, size=40)
+    root = tmp_path_factory.mktemp("route")
+    for folder in ("db", "q"):
+        (root / folder).mkdir()
+    for i, s in enumerate(order):
+        Image.fromarray(perturb(scenes[s], rng, noise=4.0)).save(root / "db" / f"f{i}.png")
+        Image.fromarray(perturb(scenes[s], rng, noise=4.0)).save(root / "q" / f"f{i}.png")
+    (root / "gt.csv").write_text("query,positives\n" + "".join(f"f{i}.png,f{i}.png\n" for i in range(40)))
+    return root
+
+
+def test_sequences_tell_apart_what_single_frames_cannot(monkeypatch, capsys, aliased_route, tmp_path):
+    out = tmp_path / "idx"
+    code, _, err = run_cli(monkeypatch, capsys, "build-index", aliased_route / "db", "--out", out,
+                           "--resize", "48x64", "--dim", "64", "--workers", "0")
+    assert code == 0, err
+    recall = {}
+    for length in (1, 9):
+        code, text, err = run_cli(monkeypatch, capsys, "eval", aliased_route / "q", "--index", out, "--gt",
+                                  aliased_route / "gt.csv", "--workers", "0", "--sequence", length, "--json")
+        assert code == 0, err
+        recall[length] = json.loads(text)["recall"]["R@1"]
+    assert recall[1] < 50 and recall[9] == 100.0  # file-name order f0, f1, ... f10 (not f1, f10, f11)
+    code, text, err = run_cli(monkeypatch, capsys, "query", aliased_route / "q", "--index", out, "--sequence", 9,
+                              "--causal", "--json")
+    assert code == 0, err
+    results = json.loads(text)
+    assert [Path(r["query"]).name for r in results[:3]] == ["f0.png", "f1.png", "f2.png"]
+    tops = [Path(r["matches"][0]["path"]).name for r in results]
+    assert tops[8:] == [f"f{i}.png" for i in range(8, 40)]  # once 9 frames have been seen

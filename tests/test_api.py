@@ -18,11 +18,8 @@ MATCH_KEYS = ["rank", "id", "path", "distance", "similarity", "utm_east", "utm_n
 
 
 @pytest.fixture(scope="module")
-def index_dir(places, tmp_path_factory, tiny_config):
-    out = tmp_path_factory.mktemp("api") / "places"
-    model, _ = load_model(config=tiny_config)
-    build_index(places / "database", out, model=model, device="cpu", workers=0, cache=False)
-    return out
+def index_dir(places_index):
+    return places_index
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import run_cli
-from vpr.api import Index, build_index, load_model
+from vpr.api import Index
 from vpr.data.datasets import load_image_set
 from vpr.serve import ServeConfig, create_app, is_loopback
 from vpr.serve.app import STATIC
@@ -24,11 +24,8 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def index_dir(places, tmp_path_factory, tiny_config):
-    out = tmp_path_factory.mktemp("serve") / "places"
-    model, _ = load_model(config=tiny_config)
-    build_index(places / "database", out, model=model, device="cpu", workers=0, cache=False)
-    return out
+def index_dir(places_index):
+    return places_index
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from vpr.errors import UsageError
 
 log = logging.getLogger(__name__)
+DEFAULT_WINDOW = 11
 EPS = 1e-6  # keeps Z finite where a window's similarities are all equal (e.g. black frames)
+
+
+def default_window(length: int) -> int:
+    """The contrast window when the user gives none: 11 frames (best on Nordland for L >= 5), off for
+    single frames (L = 1), where it lifts isolated outliers over the true match."""
+    return 1 if length == 1 else DEFAULT_WINDOW
 
 
 def speed_range(low: float, high: float, steps: int) -> tuple[float, ...]:
@@ -52,7 +59,7 @@ class SequenceOptions:
 
     length: int = 10
     speeds: tuple[float, ...] = (1.0,)
-    window: int = 21
+    window: int = 11
     causal: bool = False
     k: int = 1
 
