@@ -15,14 +15,15 @@ def localization_errors(estimate_utm: np.ndarray, query_utm: np.ndarray) -> np.n
 
 
 def error_summary(errors: np.ndarray) -> dict:
-    """Median and 90th percentile error (m) and the share of queries (percent) within 5/10/25/50 m."""
+    """Median and 90th percentile error (m) and the share of queries (percent) within 5/10/25/50 m,
+    to 0.01."""
     if len(errors) == 0:
         return {"median_m": None, "p90_m": None, "within": {f"{m}m": None for m in WITHIN_METRES}}
     median, p90 = np.percentile(errors, [50, 90], method="inverted_cdf")  # p% of queries lie within it; inf: too few estimates
     return {
-        "median_m": float(median) if np.isfinite(median) else None,
-        "p90_m": float(p90) if np.isfinite(p90) else None,
-        "within": {f"{m}m": float(100.0 * np.mean(errors <= m)) for m in WITHIN_METRES},
+        "median_m": round(float(median), 2) if np.isfinite(median) else None,
+        "p90_m": round(float(p90), 2) if np.isfinite(p90) else None,
+        "within": {f"{m}m": round(float(100.0 * np.mean(errors <= m)), 2) for m in WITHIN_METRES},
     }
 
 
@@ -41,5 +42,5 @@ def precision_at_recall(confidence: np.ndarray, correct: np.ndarray, recalls: tu
     out = {}
     for r in recalls:
         reach = ends[hits[ends] >= np.ceil(total * r / 100.0)]
-        out[f"P@R{r}"] = float(100.0 * hits[reach[0]] / accepted[reach[0]])
+        out[f"P@R{r}"] = round(float(100.0 * hits[reach[0]] / accepted[reach[0]]), 2)
     return out

@@ -99,11 +99,12 @@ def save_positions_map(database_utm: np.ndarray, query_utm: np.ndarray | None, e
     everything = np.concatenate(points)
     low, high = everything.min(axis=0), everything.max(axis=0)
     scale = (MAP_SIZE - 2 * MAP_MARGIN) / max(float((high - low).max()), 1.0)
-    canvas = Image.new("RGB", (MAP_SIZE, MAP_SIZE + CAPTION), (255, 255, 255))
+    width, height = (int(round(float(v) * scale)) + 2 * MAP_MARGIN for v in (high - low))
+    canvas = Image.new("RGB", (max(width, 420), height + CAPTION), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
 
     def xy(p: np.ndarray) -> tuple[float, float]:
-        return MAP_MARGIN + (p[0] - low[0]) * scale, MAP_SIZE - MAP_MARGIN - (p[1] - low[1]) * scale
+        return MAP_MARGIN + (p[0] - low[0]) * scale, height - MAP_MARGIN - (p[1] - low[1]) * scale
 
     def dot(p: np.ndarray, colour: tuple[int, int, int], r: float) -> None:
         x, y = xy(p)
@@ -121,9 +122,9 @@ def save_positions_map(database_utm: np.ndarray, query_utm: np.ndarray | None, e
         if np.isfinite(estimate).all():
             dot(estimate, ESTIMATE_DOT, 2.5)
     metres = 10 ** np.floor(np.log10(max((high - low).max(), 1.0) / 2))
-    x0, y0 = MAP_MARGIN, MAP_SIZE - 10
+    x0, y0 = MAP_MARGIN, height - 10
     draw.line((x0, y0, x0 + metres * scale, y0), fill=(0, 0, 0), width=2)
     draw.text((x0 + metres * scale + 6, y0 - 6), f"{metres:g} m", fill=(0, 0, 0))
-    draw.text((6, MAP_SIZE + 2), "grey: database   green: true query position   red: estimate (line = error)", fill=(0, 0, 0))
+    draw.text((6, height + 2), "grey: database   green: true query position   red: estimate (line = error)", fill=(0, 0, 0))
     save_png(canvas, Path(out_png), option)
     return Path(out_png)
