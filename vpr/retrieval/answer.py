@@ -61,20 +61,21 @@ def answer(bundle: IndexBundle, descriptors: np.ndarray, k: int, options: Answer
         if query_paths is None:
             raise UsageError("--rerank local needs the query images")
         indices, similarities, scores, inliers, pairs = _rerank(bundle, query_paths, indices, similarities, scores, options.rerank, k)
-    estimate = estimate_positions(_position_weights(similarities, inliers, options), indices, bundle.database.utm,
+    estimate = estimate_positions(_position_weights(scores, inliers, options), indices, bundle.database.utm,
                                   top_k=options.position_k, radius=options.position_radius)
     return Answers(indices[:, :k], similarities[:, :k], scores[:, :k], None if inliers is None else inliers[:, :k],
                    estimate, pairs)
 
 
-def _position_weights(similarities: np.ndarray, inliers: np.ndarray | None, options: AnswerOptions) -> np.ndarray:
-    """What the position estimate weighs matches by: the similarity, or for a query whose re-ranking
-    verified a match, the inlier count relative to its best (so the verified order decides)."""
+def _position_weights(scores: np.ndarray, inliers: np.ndarray | None, options: AnswerOptions) -> np.ndarray:
+    """What the position estimate weighs matches by: the score that ranked them (similarity, or the
+    sequence score), or for a query whose re-ranking verified a match, the inlier count relative to
+    its best (so the verified order decides)."""
     if inliers is None:
-        return similarities
+        return scores
     best = inliers.max(axis=1, keepdims=True)
     verified = best >= options.rerank.min_inliers
-    return np.where(verified, inliers / np.maximum(best, 1), similarities)
+    return np.where(verified, inliers / np.maximum(best, 1), scores)
 
 
 def _similarities(queries: np.ndarray, database: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -98,8 +99,10 @@ def _sequence_search(bundle: IndexBundle, queries: np.ndarray, k: int, options: 
 
 
 def _rerank(bundle: IndexBundle, query_paths: list[Path], indices: np.ndarray, similarities: np.ndarray,
-            scores: np.ndarray, options: RerankOptions, k: int):
-    """Geometric verification of each query's top `options.k` against the index's stored local features."""
+            scores: np.ndarray, options: RerankOptions, k: int,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[np.ndarray]]]:
+    """Geometric verification of each query's top `options.k` against the index's stored local features:
+    the rows reordered in place (indices, similarities, scores), inlier counts and each match's inlier pairs."""
     path = bundle.directory / LOCAL_FEATURES_FILE
     if not path.is_file():
         raise UsageError(f"{bundle.directory}: the index has no local features for --rerank local; "
@@ -110,7 +113,7 @@ def _rerank(bundle: IndexBundle, query_paths: list[Path], indices: np.ndarray, s
         for q, query_path in enumerate(query_paths):
             top = min(options.k, int((indices[q] >= 0).sum()))
             features = extract_image_features(Path(query_path), store.config)
-            result = rerank_shortlist(features, indices[q, :top], similarities[q, :top], store, options)
+            result = rerank_shortlist(features, indices[q, :top], scores[q, :top], store, options)
             indices[q, :top], inliers[q, :top] = result.ids, result.inliers
             similarities[q, :top], scores[q, :top] = similarities[q, :top][result.order], scores[q, :top][result.order]
             all_pairs.append(result.pairs[:k])
