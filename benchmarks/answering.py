@@ -95,6 +95,8 @@ def variants(dataset: Dataset) -> dict[str, tuple[str, AnswerOptions]]:
     if dataset.ordered:
         for length in LENGTHS:
             out[f"seq L={length}"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=length, window=default_window(length))))
+        for length in LENGTHS[1:]:
+            out[f"seq L={length} window off"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=length, window=1)))
         out["seq L=10 causal"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=10, causal=True)))
         out["seq L=10 speeds 0.8-1.25 x5"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=10, speeds=speed_range(0.8, 1.25, 5))))
     return out
