@@ -107,7 +107,8 @@ def test_sigint_during_build_index_exits_130_with_one_line(tmp_path):
     command = [str(VPR), "build-index", str(tmp_path / "database"), "--out", str(out), "--resize", "240x320",
                "--dim", "64", "--workers", "0", "--batch-size", "1", "--device", "cpu"]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,  # Ctrl-C's default action, even when pytest
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # runs as a background job
     cache = tmp_path / "idx.cache"
     deadline = time.monotonic() + 240
     while not (cache / MARKER).exists() and process.poll() is None and time.monotonic() < deadline:
