@@ -1,0 +1,100 @@
+"""Rank, world size, sharding and gathering for runs under `torchrun`: the one place that reads its
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and talks to `torch.distributed`.
+
+A plain `python`/`vpr` process is rank 0 of a world of 1, and every function here is then a no-op,
+so callers never branch on whether they run distributed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vpr.errors import UsageError
+
+log = logging.getLogger(__name__)
+DEFAULT_TIMEOUT_S = 600  # a collective waits this long for a dead or stuck rank before failing
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device | str = "cpu", timeout_s: float | None = None) -> None:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on the CPU); no-op outside torchrun or when joined.
+
+    `timeout_s` (default $VPR_DIST_TIMEOUT or 600) bounds every collective, so a rank that dies stops
+    the others with an error instead of a hang.
+    """
+    if not launched() or dist.is_initialized():
+        return
+    missing = [key for key in ("RANK", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+    if missing:
+        raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start distributed runs with torchrun")
+    timeout_s = timeout_s or float(os.environ.get("VPR_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("rank %d of %d joined (%s)", rank(), world_size(), backend)
+
+
+def rank() -> int:
+    """This process's rank (0 outside torchrun)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """How many processes share the work (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's rank on its node: the CUDA device it should use."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Whether this process writes outputs and prints (rank 0)."""
+    return rank() == 0
+
+
+def shard(count: int) -> np.ndarray:
+    """The item indices this rank handles: a contiguous block, blocks in rank order, sizes within one."""
+    bounds = np.linspace(0, count, world_size() + 1).round().astype(np.int64)
+    return np.arange(bounds[rank()], bounds[rank() + 1], dtype=np.int64)
+
+
+def barrier() -> None:
+    """Wait for every rank (bounded by the group's timeout)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-item list outside torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a command)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
