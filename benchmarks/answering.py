@@ -39,7 +39,7 @@ from vpr.retrieval.extract import ExtractOptions
 from vpr.retrieval.local_features import LocalFeatureConfig
 from vpr.retrieval.pipeline import build_index, cache_dir_for, describe
 from vpr.retrieval.rerank import RerankOptions
-from vpr.retrieval.sequence import SequenceOptions, default_window, speed_range
+from vpr.retrieval.sequence import SequenceOptions, speed_range
 from vpr.retrieval.store import load_index
 
 NS = (1, 5, 10)
@@ -93,10 +93,10 @@ def variants(dataset: Dataset) -> dict[str, tuple[str, AnswerOptions]]:
         "rerank orb": ("orb", AnswerOptions(rerank=RerankOptions())),
     }
     if dataset.ordered:
-        for length in LENGTHS:
-            out[f"seq L={length}"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=length, window=default_window(length))))
+        for length in LENGTHS:  # the defaults: speed 1, no contrast normalisation
+            out[f"seq L={length}"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=length)))
         for length in LENGTHS[1:]:
-            out[f"seq L={length} window off"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=length, window=1)))
+            out[f"seq L={length} window 11"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=length, window=11)))
         out["seq L=10 causal"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=10, causal=True)))
         out["seq L=10 speeds 0.8-1.25 x5"] = ("plain", AnswerOptions(sequence=SequenceOptions(length=10, speeds=speed_range(0.8, 1.25, 5))))
     return out

@@ -13,7 +13,7 @@ from vpr.retrieval.answer import AnswerOptions
 from vpr.retrieval.expansion import Expansion
 from vpr.retrieval.localize import DEFAULT_RADIUS, DEFAULT_TOP_K
 from vpr.retrieval.rerank import RerankOptions
-from vpr.retrieval.sequence import SequenceOptions, default_window, speed_range
+from vpr.retrieval.sequence import SequenceOptions, speed_range
 
 MAX_SEQUENCE = 10_000
 QE = typer.Option(0, "--qe", min=0, max=MAX_BATCH, help="Query expansion: average each query with its top N matches (alpha-QE) and search again; 0 = off.")
@@ -21,7 +21,7 @@ QE_ALPHA = typer.Option(3.0, "--qe-alpha", min=0.0, max=100.0, help="alpha-QE's 
 SEQUENCE = typer.Option(None, "--sequence", min=1, max=MAX_SEQUENCE, help="Match sequences of L frames (SeqSLAM) instead of single images: queries and database in capture order (file-name order, or a manifest's timestamp/frame column).")
 CAUSAL = typer.Option(False, "--causal", help="With --sequence: online mode, each frame uses only itself and the L-1 frames before it.")
 SPEEDS = typer.Option("1", "--seq-speeds", help="With --sequence: relative speeds tried, database frames per query frame: one speed (1: both traversals at the same pace) or MIN:MAX:STEPS, e.g. 0.8:1.25:5 when the pace varies.")
-WINDOW = typer.Option(None, "--seq-window", min=1, max=MAX_SEQUENCE, help="With --sequence: local contrast normalisation window along the database (frames; 1 = off). Default: 11, off for --sequence 1. It lifts sharp matches (Nordland at 1 fps: +18 points) but hurts traversals where a place spans several frames and descriptors whose similarities are nearly flat (random-init models): try 1 there.")
+WINDOW = typer.Option(1, "--seq-window", min=1, max=MAX_SEQUENCE, help="With --sequence: SeqSLAM's local contrast normalisation along the database over W frames (1 = off, the default). W = 11 lifts SeqSLAM thumbnails on sparsely sampled traversals (Nordland: +18 points at L = 10) but ruins matching where a place spans several frames or similarities are nearly flat (random-init models).")
 RERANK = typer.Option(None, "--rerank", help="local: verify the top --rerank-k matches with local features + RANSAC and reorder by inliers (index built with --local-features).")
 RERANK_K = typer.Option(100, "--rerank-k", min=1, max=MAX_BATCH, help="With --rerank local: candidates verified per query.")
 POSITION_K = typer.Option(DEFAULT_TOP_K, "--position-k", min=1, max=MAX_BATCH, help="Matches the position estimate looks at (densest cluster, similarity-weighted).")
@@ -46,19 +46,19 @@ def parse_speeds(text: str) -> tuple[float, float, int]:
     return low, high, steps
 
 
-def answer_options(*, qe: int, qe_alpha: float, sequence: Optional[int], causal: bool, speeds: str, window: Optional[int],
+def answer_options(*, qe: int, qe_alpha: float, sequence: Optional[int], causal: bool, speeds: str, window: int,
                    rerank: Optional[str], rerank_k: int, position_k: int, position_radius: float) -> AnswerOptions:
     """The `AnswerOptions` the command line asks for; option combinations that mean nothing are refused."""
     if rerank not in (None, "local"):
         raise UsageError(f"--rerank {rerank}: the only re-ranking is 'local' (local features + RANSAC)")
-    if sequence is None and (causal or speeds != SPEEDS.default or window is not None):
+    if sequence is None and (causal or speeds != SPEEDS.default or window != WINDOW.default):
         raise UsageError("--causal, --seq-speeds and --seq-window describe sequence matching; add --sequence L")
     if rerank is None and rerank_k != RERANK_K.default:
         raise UsageError("--rerank-k sets how many matches --rerank local verifies; add --rerank local")
     sequence_options = None
     if sequence is not None:
         sequence_options = SequenceOptions(length=sequence, speeds=speed_range(*parse_speeds(speeds)),
-                                           window=default_window(sequence) if window is None else window, causal=causal)
+                                           window=window, causal=causal)
     return AnswerOptions(
         qe=Expansion(qe, qe_alpha), sequence=sequence_options,
         rerank=RerankOptions(k=rerank_k) if rerank == "local" else None,

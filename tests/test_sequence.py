@@ -53,11 +53,9 @@ def plain_scores(queries, database, options: SequenceOptions) -> np.ndarray:
     for v in options.speeds:
         for i in range(n):
             for j in range(m):
-                frames = [
-                    z[i + t, j + math.floor(v * t + 0.5)] for t in range(first, first + options.length)
-                    if 0 <= i + t < n and 0 <= j + math.floor(v * t + 0.5) < m
-                ]
-                best[i, j] = max(best[i, j], np.mean(frames))
+                steps = [t for t in range(first, first + options.length) if 0 <= i + t < n]
+                frames = [z[i + t, j + math.floor(v * t + 0.5)] for t in steps if 0 <= j + math.floor(v * t + 0.5) < m]
+                best[i, j] = max(best[i, j], sum(frames) / len(steps))  # off the database: 0 for that frame
     return best
 
 

@@ -11,9 +11,11 @@ Query frames q_1..q_n and database frames d_1..d_m are unit descriptors in trave
 3. Straight-line path score of query i at database frame j with speed v (database frames per
    query frame), over the offsets T (causal: t = -(L-1)..0, the last L frames as they arrive;
    centred: t = -(L // 2)..L - 1 - L // 2), keeping only the frames that exist:
-       P_v[i, j] = mean_{t in T, 0 <= i+t < n, 0 <= j + r(v t) < m} Z[i + t, j + r(v t)],
-   where r(x) = floor(x + 1/2) rounds to the nearest frame. A path that runs off either sequence is
-   scored over its remaining frames (at least the frame (i, j) itself).
+       P_v[i, j] = 1/|T_i| sum_{t in T_i, 0 <= j + r(v t) < m} Z[i + t, j + r(v t)],  T_i = {t in T: 0 <= i+t < n},
+   where r(x) = floor(x + 1/2) rounds to the nearest frame. At the ends of the query traversal the
+   mean runs over the query frames that exist (the same for every j); a path that runs off the
+   database scores 0 for its missing frames, so a lone frame at the database's edge cannot beat a
+   whole matching sequence.
 4. Speed search: P[i, j] = max_v P_v[i, j]; each query returns the k database frames with the
    largest P, best first, like a FAISS search.
 
@@ -35,14 +37,7 @@ import torch.nn.functional as F
 from vpr.errors import UsageError
 
 log = logging.getLogger(__name__)
-DEFAULT_WINDOW = 11
 EPS = 1e-6  # keeps Z finite where a window's similarities are all equal (e.g. black frames)
-
-
-def default_window(length: int) -> int:
-    """The contrast window when the user gives none: 11 frames (best on Nordland for L >= 5), off for
-    single frames (L = 1), where it lifts isolated outliers over the true match."""
-    return 1 if length == 1 else DEFAULT_WINDOW
 
 
 def speed_range(low: float, high: float, steps: int) -> tuple[float, ...]:
@@ -59,7 +54,7 @@ class SequenceOptions:
 
     length: int = 10
     speeds: tuple[float, ...] = (1.0,)
-    window: int = 11
+    window: int = 1  # off: it helps sharp matches (Nordland thumbnails) and ruins others (docs/benchmarks.md)
     causal: bool = False
     k: int = 1
 
@@ -97,7 +92,6 @@ def path_scores(
     offsets = options.offsets()
     rows = torch.arange(start, stop, device=z.device)[None, :] + torch.tensor(offsets, device=z.device)[:, None]
     row_ok = ((rows >= 0) & (rows < n_queries)).float()  # offsets x block
-    frames = torch.arange(m, device=z.device)[None, :]
     best = None
     for v in options.speeds:
         shifts = [math.floor(v * t + 0.5) for t in offsets]
@@ -107,8 +101,7 @@ def path_scores(
             j0, j1 = max(0, -s), min(m, m - s)  # database frames whose j + s exists
             if a < b and j0 < j1:
                 total[a - start:b - start, j0:j1] += z[a + t - first:b + t - first, j0 + s:j1 + s]
-        cols = frames + torch.tensor(shifts, device=z.device)[:, None]  # offsets x m
-        total.div_(row_ok.T @ ((cols >= 0) & (cols < m)).float())  # mean over the frames inside both traversals
+        total.div_(row_ok.sum(dim=0)[:, None])  # over the query frames that exist; off the database adds 0
         best = total if best is None else torch.maximum(best, total, out=best)
     return best
 
