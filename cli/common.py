@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vpr import api
+from vpr import api, distributed
 from vpr.errors import UsageError
 from vpr.retrieval.extract import ExtractOptions
 
@@ -112,11 +112,13 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; a named GPU must exist (errors name --device)."""
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; a named GPU must exist (errors name --device).
+    Under torchrun, 'auto' and 'cuda' name the GPU of this rank's local rank."""
     try:
-        return str(api.resolve_device(device))
+        resolved = str(api.resolve_device(device))
     except UsageError as exc:
         raise UsageError(f"--{exc}") from None
+    return f"cuda:{distributed.local_rank()}" if resolved == "cuda" and distributed.launched() else resolved
 
 
 AMP_HELP = ("Run the model under bf16 autocast (fp16 on GPUs without bf16): about 2x faster on GPUs and on CPUs with "
@@ -156,6 +158,19 @@ def extract_options(device: str, *, batch_size: int = 32, workers: int = 2, amp:
         raise UsageError(f"--device {device}: use auto, cpu, cuda or cuda:N") from None
     return ExtractOptions(batch_size=batch_size, num_workers=workers, device=resolved, amp=amp,
                           compile=compile_model, decode_on_device=gpu_decode, skip_bad=skip_bad)
+
+
+@contextmanager
+def distributed_run(device: torch.device) -> Iterator[None]:
+    """Join torchrun's process group for a command's body (a no-op without torchrun) and leave it at the
+    end. An error that rank 0 reports for the job ends any other rank quietly, with status 0."""
+    distributed.init(device)
+    try:
+        yield
+    except distributed.Reported:
+        raise typer.Exit(0) from None
+    finally:
+        distributed.shutdown()
 
 
 def rich_progress() -> Progress:

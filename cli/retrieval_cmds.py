@@ -17,9 +17,10 @@ from cli.answer_options import (
 )
 from cli.common import (
     AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, INT32_MAX, MAX_BATCH, MAX_CLUSTERS, MAX_DIM, MAX_EF_SEARCH, MAX_WORKERS,
-    GPU_DECODE_HELP, NPROBE_HELP, POSITIVE, check_amp, check_output_file, console, err_console, extract_options, parse_int_list,
+    GPU_DECODE_HELP, NPROBE_HELP, POSITIVE, check_amp, check_output_file, console, distributed_run, err_console, extract_options, parse_int_list,
     parse_size, print_json, progress_bar, resolve_device,
 )
+from vpr import distributed
 from vpr.api import Index, QueryResult
 from vpr.data.datasets import load_image_set
 from vpr.errors import UsageError
@@ -32,7 +33,7 @@ from vpr.models.model import ModelConfig
 from vpr.retrieval.answer import AnswerOptions
 from vpr.retrieval.expansion import Expansion
 from vpr.retrieval.local_features import LocalFeatureConfig
-from vpr.retrieval.pipeline import build_index, cache_dir_for, load_model
+from vpr.retrieval.pipeline import build_index, cache_dir_for, describe, load_model
 from vpr.retrieval.rerank import draw_inlier_matches
 from vpr.retrieval.store import load_index
 
@@ -90,11 +91,14 @@ def build_index_cmd(
     images = load_image_set(database)
     start = time.perf_counter()
     cache_path = cache_dir_for(out) if cache else None
-    with progress_bar(f"indexing {len(images)} images", enabled=not json_out) as progress:
+    with distributed_run(options.device), \
+            progress_bar(f"indexing {len(images)} images", enabled=not json_out and distributed.is_main()) as progress:
         report = build_index(
             images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
             options=options, cache=cache_path, progress=progress, dba=Expansion(dba, dba_alpha), local_features=features,
         )
+    if not distributed.is_main():  # its share is done; rank 0 wrote the index and reports
+        return
     seconds = time.perf_counter() - start
     skipped_file = report.out_dir / "skipped.txt"
     summary = {
@@ -237,9 +241,13 @@ def eval_cmd(
     bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
     query_set = load_image_set(queries)
     options = extract_options(device, workers=workers, amp=amp, compile_model=compile_model, gpu_decode=gpu_decode)
-    with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out) as progress:
-        report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, options=options,
-                          answer_options=answering, progress=progress)
+    with distributed_run(options.device):
+        if not distributed.is_main():  # under torchrun: describe this rank's share of the queries; rank 0 evaluates
+            describe(bundle, query_set.paths, options)
+            return
+        with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out) as progress:
+            report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, options=options,
+                              answer_options=answering, progress=progress)
     summary = {
         "index": str(index), "queries": report.num_queries, "queries_with_positives": report.num_with_positives,
         "database": len(bundle.database), "threshold_m": None if gt else threshold, "ground_truth": str(gt) if gt else None,

@@ -10,16 +10,23 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from vpr.errors import UsageError
+from vpr.errors import UsageError, VPRError
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600  # a collective waits this long for a dead or stuck rank before failing
+
+
+class Reported(VPRError):
+    """An error rank 0 reports for the whole job: another rank raises this and should exit quietly
+    with status 0, so that the launcher does not stop rank 0 before it has reported."""
 
 
 def launched() -> bool:
@@ -40,8 +47,15 @@ def init(device: torch.device | str = "cpu", timeout_s: float | None = None) -> 
         raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start distributed runs with torchrun")
     timeout_s = timeout_s or float(os.environ.get("VPR_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))  # object collectives run on the current device
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     log.info("rank %d of %d joined (%s)", rank(), world_size(), backend)
+
+
+def joined() -> bool:
+    """Whether this process is one of several in a joined process group (work is then sharded)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
@@ -85,16 +99,65 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None on the others; a one-item list outside torchrun).
+
+    A rank that died or timed out is a `VPRError` here, so the job stops with one clear line.
+    """
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    try:
+        dist.gather_object(obj, out, dst=0)
+    except RuntimeError as exc:
+        raise _lost_rank(exc) from exc
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank."""
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    try:
+        dist.broadcast_object_list(box, src=src)
+    except RuntimeError as exc:
+        raise _lost_rank(exc) from exc
     return box[0]
+
+
+@contextmanager
+def main_first(setup: Callable[[], AbstractContextManager]) -> Iterator[None]:
+    """Enter `setup()` (output checks, locks) on rank 0 only, for the whole block; every rank waits for it,
+    and an error it raised is raised on every rank, so no rank starts work rank 0 refused."""
+    with ExitStack() as stack:
+        error: BaseException | None = None
+        if is_main():
+            try:
+                stack.enter_context(setup())
+            except Exception as exc:  # sent to the other ranks, then raised here too
+                error = exc
+        error = broadcast_object(error)
+        if error is not None:
+            raise error if is_main() else Reported(str(error))
+        yield
+
+
+def _lost_rank(exc: RuntimeError) -> VPRError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return VPRError(f"rank {rank()}: another rank of the {world_size()} died or timed out ({reason}); "
+                    "see its log, then rerun (cached descriptors are reused)")
 
 
 def shutdown() -> None:
     """Leave the process group (at the end of a command)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average `tensor` over the ranks, in place (unchanged outside torchrun); returns it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor.div_(world_size())
+    return tensor

@@ -7,8 +7,9 @@ held in memory, never the descriptors, so memory does not grow with the cache. T
 to the model's fingerprint; a cache of another model is discarded.
 
 Safety: the directory carries vpr's marker and a path that is not a vpr cache is refused, never
-deleted; the caller holds `output_lock` on it, part names carry a random token so two writers can
-never collide, and every row read back is checked against its stored key.
+deleted; the caller holds `output_lock` on it (rank 0 holds it for every rank of a distributed run,
+each rank writing its own parts), part names carry a random token so two writers can never collide,
+and every row read back is checked against its stored key.
 """
 
 from __future__ import annotations
@@ -97,8 +98,26 @@ class DescriptorCache:
             for file in self._files():
                 file.unlink()
             self.rows = {}
+        self._number_parts()
+
+    def _number_parts(self) -> None:
         numbers = [int(PART.fullmatch(part.name).group(1)) for part in self._files() if part.name != MAIN]
         self.parts = max(numbers, default=-1) + 1  # never reuse the number of a part still on disk
+
+    def refresh(self) -> None:
+        """Take in the parts other processes wrote since this one opened the cache (the ranks of a
+        distributed run, before rank 0 merges); a part that cannot be read is left out and kept."""
+        known = {name for name, _ in self.rows.values()}
+        for file in self._files():
+            if file.name in known:
+                continue
+            try:
+                with h5py.File(file, "r") as f:
+                    self._check(f, file)
+                    self.rows.update((key, (file.name, row)) for row, key in enumerate(f["keys"].asstr()[:]))
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("descriptor cache %s: part %s unusable (%s); left out", self.path, file.name, exc)
+        self._number_parts()
 
     def _check(self, f: h5py.File, file: Path) -> None:
         if f.attrs["fingerprint"] != self.fingerprint:

@@ -3,6 +3,9 @@
 The cache is keyed by image path, size and modification time and tied to the model's fingerprint,
 so a rerun after a kill (or after adding images) only computes what is missing.
 
+Under torchrun (`vpr.distributed`), `extract_sharded` splits the images over the ranks: each rank
+extracts one contiguous block and writes its own cache parts, and rank 0 gathers the blocks.
+
 Speed: DataLoader workers decode and resize while the model runs (`vpr.data.loading`); the model
 runs as an inference copy (`vpr.models.inference`: eval, conv+BN folded, channels_last) under
 `inference_mode`, optionally with bf16/fp16 autocast. On CUDA, batches come from pinned memory with
@@ -13,8 +16,8 @@ can be decoded on the device (nvJPEG) and resized there in batches (`decode_on_d
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vpr import distributed
 from vpr.data.loading import ImageFiles, JpegFiles, collate_lists, decode_batch
-from vpr.errors import ImageError
+from vpr.errors import ImageError, VPRError
 from vpr.fileio import output_lock
 from vpr.models.checkpoints import model_fingerprint
 from vpr.models.inference import amp_dtype, compiled, forward_batch, inference_model
@@ -109,6 +113,92 @@ def extract_descriptors(
     A bad image raises its `ImageError` unless `options.skip_bad`, which records it in `skipped`
     instead. The caller's model is left untouched (an inference copy runs).
     """
+    with output_lock(cache) if cache is not None else nullcontext():  # one writer per cache at a time
+        store = _open_cache(model, cache, options.amp) if cache is not None else None
+        try:
+            return _extract(model, paths, options, store, progress)
+        finally:
+            if store is not None:
+                store.close()
+
+
+def extract_sharded(
+    model: VPRModel,
+    paths: list[Path],
+    options: ExtractOptions,
+    *,
+    cache: Path | None = None,
+    progress: Progress | None = None,
+) -> Extraction:
+    """`extract_descriptors` with `paths` sharded over the ranks of a distributed run (`vpr.distributed`).
+
+    Each rank extracts its contiguous block into its own cache parts; rank 0 then holds the whole
+    result (in input order, as one process would compute it) and merges the cache, while every other
+    rank gets only its block's. Any rank's error is raised on rank 0, naming the rank (the others
+    raise `distributed.Reported`).
+    """
+    if not distributed.joined():
+        return extract_descriptors(model, paths, options, cache=cache, progress=progress)
+    block = distributed.shard(len(paths))
+    with ExitStack() as stack:
+        store = stack.enter_context(_shared_cache(model, cache, options.amp)) if cache is not None else None
+        try:
+            mine: Extraction | BaseException = _extract(model, [paths[i] for i in block], options, store, progress)
+            mine.kept = block[mine.kept]
+        except Exception as exc:  # reported to rank 0 first, then raised here
+            mine = exc
+        if store is not None:
+            store.flush()  # before reporting: rank 0 merges what every rank wrote
+        gathered = distributed.gather_object(mine)
+    if gathered is None:  # not rank 0: its error, if any, is now rank 0's to report
+        if isinstance(mine, BaseException):
+            raise distributed.Reported(str(mine)) from mine
+        return mine
+    for rank, outcome in enumerate(gathered):
+        if isinstance(outcome, BaseException):
+            kind = type(outcome) if isinstance(outcome, VPRError) else VPRError
+            raise kind(f"rank {rank} of {len(gathered)}: {outcome}") from outcome
+    return _joined(gathered)
+
+
+@contextmanager
+def _shared_cache(model: VPRModel, cache: Path, amp: bool) -> Iterator[DescriptorCache]:
+    """The cache all ranks write parts into: rank 0 locks and opens it (claims it, drops an unusable one)
+    before the others open it; on leaving, rank 0 (after every rank reported) merges all parts."""
+    opened: list[DescriptorCache] = []
+
+    @contextmanager
+    def lock_and_open() -> Iterator[None]:
+        with output_lock(cache):
+            opened.append(_open_cache(model, cache, amp))
+            yield
+
+    with distributed.main_first(lock_and_open):
+        store = opened[0] if opened else _open_cache(model, cache, amp)
+        yield store
+        if distributed.is_main():
+            store.refresh()
+            store.close()
+
+
+def _joined(parts: list[Extraction]) -> Extraction:
+    """The ranks' extractions as one, in rank (= input) order, filled block by block."""
+    total = sum(len(part.kept) for part in parts)
+    out = np.empty((total, parts[0].descriptors.shape[1]), dtype=np.float32)
+    kept, skipped, reused, start = [], [], 0, 0
+    for i, part in enumerate(parts):
+        out[start:start + len(part.kept)] = part.descriptors
+        start += len(part.kept)
+        kept.append(part.kept)
+        skipped.extend(part.skipped)
+        reused += part.reused
+        parts[i] = None  # free each block once copied
+    return Extraction(descriptors=out, kept=np.concatenate(kept), skipped=skipped, reused=reused)
+
+
+def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store: DescriptorCache | None,
+             progress: Progress | None) -> Extraction:
+    """The extraction loop, reusing and extending an open `store`."""
     dev = torch.device(options.device)
     batch_size = options.batch_size
     if dev.type == "cuda":
@@ -127,73 +217,67 @@ def extract_descriptors(
     out = np.zeros((len(paths), config.descriptor_dim), dtype=np.float32)
     ok = np.ones(len(paths), dtype=bool)
     skipped: list[tuple[Path, str]] = []
-    with output_lock(cache) if cache is not None else nullcontext():  # one writer per cache at a time
-        store = _open_cache(model, cache, options.amp) if cache is not None else None
-        try:
-            keys: list[str] = []
-            todo = np.arange(len(paths))
-            reused = 0
-            if store is not None:
-                keys = [file_key(p) if p.is_file() else f"{p}|missing" for p in paths]
-                pos = store.fill(keys, out)
-                todo = np.setdiff1d(todo, pos)
-                reused = len(pos)
-            done = reused
-            if progress:
-                progress(done, len(paths))
-            todo_paths = [paths[i] for i in todo]
-            on_device = options.decode_on_device
-            dataset = JpegFiles(todo_paths, config.input_size) if on_device else ImageFiles(todo_paths, config.input_size)
-            loader = DataLoader(
-                dataset, batch_size=batch_size, shuffle=False,
-                num_workers=options.num_workers if len(todo) > batch_size else 0,
-                pin_memory=dev.type == "cuda", persistent_workers=False, collate_fn=collate_lists if on_device else None,
-            )
+    keys: list[str] = []
+    todo = np.arange(len(paths))
+    reused = 0
+    if store is not None:
+        keys = [file_key(p) if p.is_file() else f"{p}|missing" for p in paths]
+        pos = store.fill(keys, out)
+        todo = np.setdiff1d(todo, pos)
+        reused = len(pos)
+    done = reused
+    if progress:
+        progress(done, len(paths))
+    todo_paths = [paths[i] for i in todo]
+    on_device = options.decode_on_device
+    dataset = JpegFiles(todo_paths, config.input_size) if on_device else ImageFiles(todo_paths, config.input_size)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False,
+        num_workers=options.num_workers if len(todo) > batch_size else 0,
+        pin_memory=dev.type == "cuda", persistent_workers=False, collate_fn=collate_lists if on_device else None,
+    )
 
-            def finish(copy_: _HostCopy | None) -> None:
-                nonlocal done
-                if copy_ is None:
-                    return
-                desc = copy_.numpy()
-                out[copy_.rows] = desc
-                if store is not None:
-                    store.append([keys[r] for r in copy_.rows], desc)
-                done += len(copy_.rows)
-                if progress:
-                    progress(done, len(paths))
+    def finish(copy_: _HostCopy | None) -> None:
+        nonlocal done
+        if copy_ is None:
+            return
+        desc = copy_.numpy()
+        out[copy_.rows] = desc
+        if store is not None:
+            store.append([keys[r] for r in copy_.rows], desc)
+        done += len(copy_.rows)
+        if progress:
+            progress(done, len(paths))
 
-            pending: _HostCopy | None = None
-            for batch in loader:
-                if on_device:
-                    items, is_jpeg, local, errors = batch
-                    rows = todo[local.numpy()]
-                    images, decode_errors = decode_batch(items, is_jpeg, [paths[r] for r in rows], config.input_size, dev)
-                    errors = [e or d for e, d in zip(errors, decode_errors)]
-                else:
-                    images, local, errors = batch
-                    rows = todo[local.numpy()]
-                    images = images.to(dev, non_blocking=True)
-                bad = [j for j, e in enumerate(errors) if e]
-                for j in bad:
-                    if not options.skip_bad:
-                        raise ImageError(errors[j])
-                    skipped.append((paths[rows[j]], errors[j]))
-                    ok[rows[j]] = False
-                done += len(bad)
-                launched = None
-                if len(bad) < len(rows):
-                    good = np.setdiff1d(np.arange(len(rows)), bad)
-                    images = images if not bad else images[torch.from_numpy(good).to(dev)]
-                    launched = _HostCopy(rows[good], forward(images))
-                finish(pending)
-                pending = launched
-                if dev.type != "cuda":  # nothing to overlap on the CPU: store now, so a kill loses at most this batch
-                    finish(pending)
-                    pending = None
+    pending: _HostCopy | None = None
+    for batch in loader:
+        if on_device:
+            items, is_jpeg, local, errors = batch
+            rows = todo[local.numpy()]
+            images, decode_errors = decode_batch(items, is_jpeg, [paths[r] for r in rows], config.input_size, dev)
+            errors = [e or d for e, d in zip(errors, decode_errors)]
+        else:
+            images, local, errors = batch
+            rows = todo[local.numpy()]
+            images = images.to(dev, non_blocking=True)
+        bad = [j for j, e in enumerate(errors) if e]
+        for j in bad:
+            if not options.skip_bad:
+                raise ImageError(errors[j])
+            skipped.append((paths[rows[j]], errors[j]))
+            ok[rows[j]] = False
+        done += len(bad)
+        launched = None
+        if len(bad) < len(rows):
+            good = np.setdiff1d(np.arange(len(rows)), bad)
+            images = images if not bad else images[torch.from_numpy(good).to(dev)]
+            launched = _HostCopy(rows[good], forward(images))
+        finish(pending)
+        pending = launched
+        if dev.type != "cuda":  # nothing to overlap on the CPU: store now, so a kill loses at most this batch
             finish(pending)
-        finally:
-            if store is not None:
-                store.close()
+            pending = None
+    finish(pending)
     kept = np.flatnonzero(ok)
     for start in range(0, len(kept), 4096):  # compact in place (kept[j] >= j): no second copy of the descriptors
         chunk = kept[start:start + 4096]

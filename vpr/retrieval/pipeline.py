@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from vpr import distributed
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import UsageError
 from vpr.fileio import check_replaceable_dir, check_separate, output_lock
@@ -18,7 +20,7 @@ from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
 from vpr.retrieval.expansion import Expansion, augment_database
-from vpr.retrieval.extract import ExtractOptions, Progress, extract_descriptors
+from vpr.retrieval.extract import ExtractOptions, Progress, extract_sharded
 from vpr.retrieval.local_features import (
     LOCAL_FEATURES_FILE, LocalFeatureConfig, extract_local_features, require_opencv, write_local_features,
 )
@@ -69,20 +71,29 @@ def build_index(
 
     Every check on the output runs before any work: `out_dir` (and `cache`) must lie outside the
     database's folders and be new, empty or a vpr index; one process writes `out_dir` at a time.
+    Under torchrun the images are sharded over the ranks (`extract_sharded`); rank 0 alone checks,
+    locks and writes the output, and every other rank returns a report of its own share.
     """
     out_dir = Path(out_dir)
     check_index_kind(kind)
     if pca_dim is not None and pca_dim < 1:
         raise UsageError(f"--pca-dim {pca_dim}: must be at least 1 (omit it to keep full descriptors)")
-    inputs = input_folders(database)
-    check_separate(out_dir, inputs)
-    if cache is not None:
-        check_separate(cache, inputs, "--out's descriptor cache")
-    check_replaceable_dir(out_dir, foreign_files, "--out")
-    if local_features is not None:
-        require_opencv()  # before hours of extraction, not after
-    with output_lock(out_dir):
-        extraction = extract_descriptors(model, database.paths, options, cache=cache, progress=progress)
+
+    def claim_output() -> AbstractContextManager:
+        inputs = input_folders(database)
+        check_separate(out_dir, inputs)
+        if cache is not None:
+            check_separate(cache, inputs, "--out's descriptor cache")
+        check_replaceable_dir(out_dir, foreign_files, "--out")
+        if local_features is not None:
+            require_opencv()  # before hours of extraction, not after
+        return output_lock(out_dir)
+
+    with distributed.main_first(claim_output):
+        extraction = extract_sharded(model, database.paths, options, cache=cache, progress=progress)
+        if not distributed.is_main():
+            return BuildReport(out_dir, len(extraction.kept), model.config.descriptor_dim, extraction.reused,
+                               extraction.skipped)
         if len(extraction.kept) == 0:
             raise UsageError(f"{database.source}: no readable images left to index")
         kept = database.subset(extraction.kept)
@@ -126,6 +137,7 @@ def input_folders(images: GeoImageSet) -> list[Path]:
 def describe(bundle: IndexBundle, paths: list[Path], options: ExtractOptions,
              progress: Progress | None = None) -> np.ndarray:
     """Query descriptors in the index's space (model forward, then the index's projections), one row
-    per path: an unreadable query raises its `ImageError` whatever `options.skip_bad` says."""
-    extraction = extract_descriptors(bundle.model, paths, replace(options, skip_bad=False), progress=progress)
+    per path: an unreadable query raises its `ImageError` whatever `options.skip_bad` says. Under
+    torchrun the paths are sharded over the ranks: rank 0 gets every row, the others their share's."""
+    extraction = extract_sharded(bundle.model, paths, replace(options, skip_bad=False), progress=progress)
     return bundle.project(extraction.descriptors)
