@@ -3,6 +3,8 @@
 Common options come first, then each method's own, tagged `[cosplace]` or `[netvlad]` in their help;
 an option of the other method is refused (exit 2) instead of being silently ignored. The command only
 builds the method's config from the options and prints; the library decides everything else.
+Under torchrun (`torchrun --nproc-per-node G --no-python vpr train ...`) every rank joins the process
+group and trains its share (DistributedDataParallel); only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import typer
 
 from cli.common import (
     DEGREES, INT32_MAX, MAX_BATCH, MAX_CLUSTERS, MAX_DIM, MAX_SPACING, MAX_WORKERS, NON_NEGATIVE, POSITIVE, SEED_MAX,
-    console, number_range, parse_size, print_json, resolve_device, rich_progress,
+    console, distributed_run, number_range, parse_size, print_json, resolve_device, rich_progress,
 )
+from vpr import distributed
 from vpr.errors import UsageError
 from vpr.training.augment import AugmentParams
 from vpr.training.cosplace import CosPlaceConfig, train_cosplace
@@ -134,10 +137,13 @@ def train_cmd(
     if method not in METHODS:
         raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
     refuse_other_methods_options(ctx, method)
+    device = resolve_device(device)
+    if device == "cuda" and distributed.launched():  # under torchrun each rank drives its own GPU
+        device = f"cuda:{distributed.local_rank()}"
     common = dict(
         dataset=str(dataset), out=str(out), backbone=backbone, layer=layer, input_size=parse_size(resize), pretrained=pretrained,
         freeze_early=freeze_early, epochs=epochs, iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, lr=lr,
-        val_split=val_split, amp=amp, seed=seed, device=resolve_device(device), workers=workers,
+        val_split=val_split, amp=amp, seed=seed, device=device, workers=workers,
     )
     if method == "netvlad":
         config: CosPlaceConfig | NetVLADConfig = NetVLADConfig(
@@ -153,9 +159,12 @@ def train_cmd(
             augment=AugmentParams(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, crop_scale=crop_scale),
         )
     trainer = train_netvlad if method == "netvlad" else train_cosplace
-    with training_bar(enabled=not json_out) as progress:
+    main = distributed.is_main()
+    with distributed_run(device), training_bar(enabled=main and not json_out) as progress:
         result = trainer(config, resume=resume, progress=progress,
-                         on_epoch=None if json_out else (lambda record: console.print(epoch_line(record))))
+                         on_epoch=None if json_out or not main else (lambda record: console.print(epoch_line(record))))
+    if not main:
+        return
     if json_out:
         print_json({
             "method": method, "run": str(result.run_dir), "last": str(result.last), "best": str(result.best),

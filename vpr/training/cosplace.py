@@ -5,6 +5,12 @@ class of the group uniformly, then one of its images. One CosFace classifier per
 current one and its Adam state sit on the device. The run itself (validation, checkpoints, resume,
 log) is `vpr.training.loop.train`.
 
+Under torchrun the backbone and head train in DistributedDataParallel and the current classifier's
+gradient is averaged over the ranks, so every rank keeps identical classifiers. `batch_size` stays
+the global batch: every rank draws the same sample and augmentation numbers and trains on its share
+of each step's images, the loss weighted so the step equals a single process's (up to BatchNorm
+statistics, which are per rank).
+
 Defaults differ from the paper where the paper assumes an ImageNet-pretrained backbone: from random
 init the backbone learns far too slowly at lr 1e-5 with its early layers frozen, so without
 `pretrained` the backbone lr is `SCRATCH_LR` and every layer trains. Pass lr=1e-5 and
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vpr import distributed
 from vpr.data.datasets import load_split_images
 from vpr.data.images import normalize_batch
 from vpr.errors import UsageError
@@ -31,7 +38,9 @@ from vpr.training.augment import AugmentParams, augment_batch
 from vpr.training.config import TrainConfig
 from vpr.training.cosface import CosFaceClassifier, cosface_loss
 from vpr.training.cosplace_groups import GroupParams, build_groups
-from vpr.training.loop import Method, Phase, RunDir, TrainProgress, TrainResult, first_error, train, trainable
+from vpr.training.loop import (
+    Method, Phase, RunDir, TrainProgress, TrainResult, first_error, global_share, rank0_first, parallel, train, trainable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +115,7 @@ class CosPlaceMethod(Method):
 
     def start(self, run: RunDir, model: VPRModel | None, state: dict | None, phase: Phase) -> None:
         cfg = self.cfg
-        groups = build_groups(self.train_set, cfg.groups, cache=run.root / "groups.h5")
+        groups = rank0_first(lambda: build_groups(self.train_set, cfg.groups, cache=run.root / "groups.h5"))
         if groups.num_groups == 0:
             raise UsageError(
                 f"{self.train_set.source}: no class has {cfg.groups.min_images_per_class} images ({len(self.train_set)} "
@@ -123,7 +132,10 @@ class CosPlaceMethod(Method):
         self.sampler = torch.Generator().manual_seed(cfg.seed)
         self.augmenter = torch.Generator().manual_seed(cfg.seed + 1)
         self.model_opt = torch.optim.Adam(trainable(self.model, cfg), lr=cfg.lr)
+        self.net = parallel(self.model, cfg)
         if state is None:
+            for classifier, weights in zip(self.classifiers, distributed.broadcast_object([c.state_dict() for c in self.classifiers])):
+                classifier.load_state_dict(weights)  # rank 0's on every rank
             self.classifier_opts = [torch.optim.Adam(c.parameters(), lr=cfg.classifier_lr) for c in self.classifiers]
             return
         if len(state["classifiers"]) != len(self.classifiers):
@@ -153,8 +165,11 @@ class CosPlaceMethod(Method):
         move_optimizer_state(opt, device)
         total = cfg.iterations_per_epoch * cfg.batch_size
         indices, labels = sample_epoch(self.group_classes[group], self.images_per_class, total, self.sampler)
+        share = global_share(cfg.batch_size)  # this rank's rows of every step's batch
+        mine = (np.arange(cfg.iterations_per_epoch)[:, None] * cfg.batch_size + np.arange(share.start, share.stop)).ravel()
+        indices, labels, weight = indices[mine], labels[mine], len(mine) / total * distributed.world_size()
         loader = DataLoader(
-            ImageFiles([self.train_set.paths[i] for i in indices], cfg.input_size), batch_size=cfg.batch_size,
+            ImageFiles([self.train_set.paths[i] for i in indices], cfg.input_size), batch_size=share.stop - share.start,
             shuffle=False, num_workers=cfg.workers, pin_memory=device.type == "cuda",
         )
         progress = phase(f"group {group}")
@@ -163,16 +178,18 @@ class CosPlaceMethod(Method):
         for step, (images, positions, errors) in enumerate(loader):
             first_error(errors)
             target = torch.from_numpy(labels[positions.numpy()]).to(device)
-            batch = augment_batch(images.to(device, non_blocking=True).float() / 255.0, cfg.augment, self.augmenter)
+            batch = augment_batch(images.to(device, non_blocking=True).float() / 255.0, cfg.augment, self.augmenter,
+                                  rows=(share.start, cfg.batch_size))
             batch = normalize_batch(batch * 255.0, self.model.config.mean, self.model.config.std)
             with self.precision.autocast():
-                cosine = classifier(self.model(batch.contiguous(memory_format=torch.channels_last)))
-            loss = cosface_loss(cosine, target, cfg.scale, cfg.margin)
-            self.precision.step(loss, [self.model_opt, opt])
+                cosine = classifier(self.net(batch.contiguous(memory_format=torch.channels_last)))
+            loss = cosface_loss(cosine, target, cfg.scale, cfg.margin) * weight  # DDP's mean over ranks: the global mean
+            self.precision.step(loss, [self.model_opt, opt], shared=list(classifier.parameters()))
             loss_sum += loss.detach()
             if progress:
                 progress(step + 1, cfg.iterations_per_epoch)
         seconds = time.perf_counter() - start
+        distributed.all_reduce_mean(loss_sum)
         self.classifiers[group].cpu()
         move_optimizer_state(opt, torch.device("cpu"))
         return {"loss": float(loss_sum) / cfg.iterations_per_epoch, "group": group,

@@ -9,6 +9,10 @@ A method (CosPlace, NetVLAD) plugs in as a `Method`: how it reads its data, buil
 optimisers, trains one epoch and what it keeps in `last.pt`. The loop does the rest: the run folder
 and its safety rules, resume, validation after each epoch, `best.pt` by the best-model rule
 (`is_better`: highest R@1, ties broken by R@5), `last.pt`, the log and the result.
+
+Under torchrun (`vpr.distributed`) every rank runs `train`: the method trains through `parallel(model)`
+(DistributedDataParallel) on its share of each step's batch, while rank 0 alone holds the run's lock,
+writes the run folder and validates (the other ranks wait for its recalls).
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from vpr import distributed
 from vpr.data.datasets import GeoImageSet, load_split, positives_within
 from vpr.errors import CheckpointError, ImageError, UsageError
 from vpr.evaluation.recall import recall_at_n
@@ -251,14 +257,52 @@ class Precision:
     def autocast(self) -> AbstractContextManager:
         return torch.autocast("cuda", dtype=self.dtype) if self.dtype is not None else nullcontext()
 
-    def step(self, loss: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> None:
-        """Zero the gradients, back-propagate `loss` (scaled when fp16) and step every optimiser."""
+    def step(self, loss: torch.Tensor, optimizers: list[torch.optim.Optimizer],
+             shared: Sequence[torch.nn.Parameter] = ()) -> None:
+        """Zero the gradients, back-propagate `loss` (scaled when fp16) and step every optimiser.
+
+        `shared`: parameters outside DistributedDataParallel whose gradients are averaged over the ranks first."""
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        for param in shared:
+            if param.grad is not None:
+                distributed.all_reduce_mean(param.grad)
         for optimizer in optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
+
+
+def parallel(model: VPRModel, cfg: TrainConfig) -> torch.nn.Module:
+    """`model` in DistributedDataParallel when several ranks train (rank 0's weights then on all), else itself."""
+    if distributed.world_size() == 1:
+        return model
+    device = torch.device(cfg.device)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def rank0_first(work: Callable[[], object], others: bool = True) -> object:
+    """`work()` on rank 0, then (`others`) on the other ranks, which find what rank 0 cached (groups, clusters).
+
+    An error of rank 0's is raised on every rank, so none waits for a rank that gave up."""
+    done, error = None, None
+    if distributed.is_main():
+        try:
+            done = work()
+        except Exception as exc:  # sent to the other ranks, then raised here too
+            error = exc
+    sent = distributed.broadcast_object(error)
+    if sent is not None:
+        raise error or sent
+    return work() if others and not distributed.is_main() else done
+
+
+def global_share(count: int) -> slice:
+    """This rank's rows of a global batch of `count` items (contiguous, rank order); every rank needs one."""
+    if count < distributed.world_size():
+        raise UsageError(f"a batch of {count} cannot be shared by {distributed.world_size()} ranks; raise --batch-size")
+    part = distributed.shard(count)
+    return slice(int(part[0]), int(part[-1]) + 1)
 
 
 class Method:
@@ -331,14 +375,15 @@ def train(
     start_time = time.perf_counter()
     cfg = config.resolved()
     run, inputs = RunDir(Path(cfg.out)), [Path(cfg.dataset)]
-    with run.locked():  # one process per run folder
-        run.check(cfg.to_dict(), resume, inputs)
+    main = distributed.is_main()
+    with distributed.main_first(run.locked):  # one job per run folder; under torchrun rank 0 holds the lock
+        rank0_first(lambda: run.check(cfg.to_dict(), resume, inputs), others=False)  # rank 0 holds the lock file
         val_db, val_q = load_split(Path(cfg.dataset), cfg.val_split)
         for images in (val_db, val_q):
             images.require_labels("validation")
         method = method_type(cfg)
         method.load()
-        run.prepare(cfg.to_dict(), resume, inputs)
+        rank0_first(lambda: run.prepare(cfg.to_dict(), resume, inputs), others=False)
         first, best = 0, None
         if resume:
             model, _, state = load_training_checkpoint(run.last)
@@ -347,7 +392,8 @@ def train(
                 method.precision.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
             first, best = int(state["epoch"]), saved_best(state, run)
-            run.trim_log(first)
+            if main:
+                run.trim_log(first)
         else:
             seed_everything(cfg.seed)
             method.start(run, None, None, phases(progress))
@@ -356,22 +402,26 @@ def train(
             tic = time.perf_counter()
             phase = phases(progress, f"epoch {epoch + 1}/{cfg.epochs} ")
             record = {"epoch": epoch + 1, **method.train_epoch(epoch, phase)}
-            found = validate(method.model, val_db, val_q, cfg.extract_options(), progress=phase("validating"))
-            recalls = {f"R@{n}": value for n, value in found.items()}
+            found = validate(method.model, val_db, val_q, cfg.extract_options(), progress=phase("validating")) if main else None
+            recalls = {f"R@{n}": value for n, value in distributed.broadcast_object(found).items()}
             improved = is_better(recalls, best)
             if improved:
                 best = {"epoch": epoch + 1, "recalls": recalls}
-                save_checkpoint(method.model, run.best, extra={"epoch": epoch + 1, "recalls": recalls})
-            training = {"method": cfg.method, "epoch": epoch + 1, "best": best, "rng": rng_state(),
-                        "scaler": method.precision.scaler.state_dict(), **method.state()}
-            save_training_checkpoint(run.last, method.model, to_cpu(training))
+            if main:
+                if improved:
+                    save_checkpoint(method.model, run.best, extra={"epoch": epoch + 1, "recalls": recalls})
+                training = {"method": cfg.method, "epoch": epoch + 1, "best": best, "rng": rng_state(),
+                            "scaler": method.precision.scaler.state_dict(), **method.state()}
+                save_training_checkpoint(run.last, method.model, to_cpu(training))
             record.update(recalls, best=improved, seconds=round(time.perf_counter() - tic, 2),
                           images_per_second=round(record["images"] / max(record["train_seconds"], 1e-9), 2))
-            run.append_log(record)
+            if main:
+                run.append_log(record)
             records.append(record)
             if on_epoch:
                 on_epoch(record)
         extras = method.finish(run, max(first, cfg.epochs), phases(progress))
+        distributed.barrier()
         best = best or {"epoch": 0, "recalls": {}}
         return TrainResult(run.root, run.last, run.best, best["epoch"], best["recalls"], records,
                            time.perf_counter() - start_time, extras)

@@ -7,6 +7,11 @@ builds tuples in the main process, and DataLoader workers only decode their imag
 (validation, checkpoints, resume, log) is `vpr.training.loop.train`. At the end a whitening PCA is
 fitted on training database descriptors of the best weights and stored in `best.pt`, so
 `vpr build-index --checkpoint best.pt` applies it.
+
+Under torchrun every rank describes its share of each cache refresh and gathers the rest, so every
+rank mines the same tuples (and keeps the same memory); each step's tuples are then shared by the
+ranks, the model in DistributedDataParallel, the loss weighted so the step equals a single
+process's. Clustering and the whitening run on rank 0 (the others reuse its clusters cache).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vpr import distributed
 from vpr.data.datasets import GeoImageSet, load_split
 from vpr.data.images import normalize_batch
 from vpr.errors import LabelError, UsageError
@@ -29,10 +35,10 @@ from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
 from vpr.retrieval.extract import Progress, extract_descriptors
 from vpr.training.config import TrainConfig
-from vpr.training.loop import Method, Phase, RunDir, TrainProgress, TrainResult, first_error, train, trainable
+from vpr.training.loop import Method, Phase, RunDir, TrainProgress, TrainResult, first_error, rank0_first, parallel, train, trainable
 from vpr.training.mining import FeatureCache, Miner, MiningConfig, Triplet, tuple_sets
 from vpr.training.netvlad_init import Clusters, init_netvlad
-from vpr.training.triplet import TupleImages, collate_tuples, triplet_loss
+from vpr.training.triplet import TupleImages, collate_tuples, triplet_hinges
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adam")
@@ -164,10 +170,11 @@ class NetVLADMethod(Method):
     def start(self, run: RunDir, model: VPRModel | None, state: dict | None, phase: Phase) -> None:
         self.clusters: Clusters | None = None
         if model is None:
-            model, self.clusters = initial_model(self.cfg, self.database, phase("clustering local features"))
+            model, self.clusters = rank0_first(lambda: initial_model(self.cfg, self.database, phase("clustering local features")))
         self.model = model
         self.miner = Miner(self.sets, len(self.database), self.cfg.mining_config())
         self.optimizer, self.scheduler = build_optimizer(self.cfg, trainable(model, self.cfg))
+        self.net = parallel(model, self.cfg)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -201,48 +208,67 @@ class NetVLADMethod(Method):
                           stats, phase("training"))
             stats["train_seconds"] += time.perf_counter() - tic
         self.scheduler.step()
+        ranks = distributed.world_size()
+        stats["loss"] = float(distributed.all_reduce_mean(torch.tensor(stats["loss"], dtype=torch.float64))) * ranks
         stats["loss"] = stats["loss"] / max(stats["steps"], 1)
         stats["mining_seconds"], stats["train_seconds"] = round(stats["mining_seconds"], 2), round(stats["train_seconds"], 2)
         return stats
 
     def refresh_cache(self, database_ids: np.ndarray, query_ids: np.ndarray, progress: Progress | None) -> FeatureCache:
         """Describe the planned database images and the chunk's queries with the current model."""
-        options = self.cfg.extract_options()
-        database = extract_descriptors(self.model, [self.database.paths[i] for i in database_ids], options, progress=progress)
-        queries = extract_descriptors(self.model, [self.queries.paths[i] for i in query_ids], options)
-        return FeatureCache(database_ids, database.descriptors, query_ids, queries.descriptors)
+        database = self.describe([self.database.paths[i] for i in database_ids], progress)
+        return FeatureCache(database_ids, database, query_ids, self.describe([self.queries.paths[i] for i in query_ids]))
+
+    def describe(self, paths: list[Path], progress: Progress | None = None) -> np.ndarray:
+        """Descriptors of `paths` on every rank; each rank describes its share (`distributed.shard`)."""
+        part = distributed.shard(len(paths))
+        mine = None if len(part) == 0 else extract_descriptors(
+            self.model, [paths[i] for i in part], self.cfg.extract_options(), progress=progress).descriptors
+        return np.concatenate([d for d in distributed.all_gather_object(mine) if d is not None])
 
     def train_on(self, triplets: list[Triplet], stats: dict, progress: Progress | None) -> None:
-        """Train on mined tuples in their mined order; workers only decode images."""
+        """Train on mined tuples in their mined order, each step's tuples shared by the ranks; workers only decode images.
+
+        A rank whose share of a step is empty runs the step's first tuple with weight 0, so DDP still syncs."""
         if not triplets:
             return
-        cfg, device = self.cfg, torch.device(self.cfg.device)
+        cfg, device, ranks = self.cfg, torch.device(self.cfg.device), distributed.world_size()
+        steps = [range(s, min(s + cfg.tuples_per_step, len(triplets))) for s in range(0, len(triplets), cfg.tuples_per_step)]
+        shares, weights = [], []
+        for step in steps:
+            part = distributed.shard(len(step))
+            shares.append([step[i] for i in part] if len(part) else [step[0]])
+            weights.append(ranks / sum(len(triplets[i].negatives) for i in step) if len(part) else 0.0)
         loader = DataLoader(
             TupleImages(triplets, self.database.paths, self.queries.paths, self.model.config.input_size),
-            batch_size=cfg.tuples_per_step, shuffle=False, num_workers=cfg.workers, collate_fn=collate_tuples,
-            pin_memory=device.type == "cuda",
+            batch_sampler=shares, num_workers=cfg.workers, collate_fn=collate_tuples, pin_memory=device.type == "cuda",
         )
         self.model.train()
         done = 0
-        for batch in loader:
+        for batch, weight, step in zip(loader, weights, steps):
             first_error(batch.errors)
             x = normalize_batch(batch.images.to(device, non_blocking=True), self.model.config.mean, self.model.config.std)
             with self.precision.autocast():
-                descriptors = self.model(x.contiguous(memory_format=torch.channels_last))
+                descriptors = self.net(x.contiguous(memory_format=torch.channels_last))
             descriptors = descriptors.float()
-            loss = triplet_loss(descriptors[batch.query.to(device)], descriptors[batch.positive.to(device)],
-                                descriptors[batch.negatives.to(device)], batch.owner.to(device), cfg.margin)
+            hinges = triplet_hinges(descriptors[batch.query.to(device)], descriptors[batch.positive.to(device)],
+                                    descriptors[batch.negatives.to(device)], batch.owner.to(device), cfg.margin)
+            loss = hinges.sum() * weight  # DDP's mean over ranks: the mean hinge of the whole step
             self.precision.step(loss, [self.optimizer])
-            stats["loss"] += float(loss.detach())
+            stats["loss"] += float(loss.detach()) / ranks  # summed over ranks at the end of the epoch
             stats["steps"] += 1
-            stats["images"] += len(batch.images)
-            done += len(batch.query)
+            stats["images"] += sum(2 + len(triplets[i].negatives) for i in step)
+            done += len(step)
             if progress:
                 progress(done, len(triplets))
         stats["tuples"] += len(triplets)
         self.model.eval()
 
     def finish(self, run: RunDir, epochs_done: int, phase: Phase) -> dict:
+        """Fit the PCA-whitening with the best weights and store it in best.pt (rank 0; the others get its figures)."""
+        return distributed.broadcast_object(self.whiten(run, phase) if distributed.is_main() else None)
+
+    def whiten(self, run: RunDir, phase: Phase) -> dict:
         """Fit the PCA-whitening with the best weights and store it in best.pt."""
         model, _ = load_checkpoint(run.best)
         pca = fit_whitening(model, self.database, self.cfg, phase("PCA-whitening"))

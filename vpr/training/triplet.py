@@ -21,12 +21,18 @@ from vpr.errors import ImageError
 from vpr.training.mining import Triplet
 
 
-def triplet_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, owner: torch.Tensor,
-                 margin: float = 0.1) -> torch.Tensor:
-    """Mean hinge over negatives: query/positive B x D, negatives M x D, owner[j] = the query of negative j."""
+def triplet_hinges(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, owner: torch.Tensor,
+                   margin: float = 0.1) -> torch.Tensor:
+    """The hinge of each negative: query/positive B x D, negatives M x D, owner[j] = the query of negative j."""
     d_pos = (query - positive).pow(2).sum(dim=1)
     d_neg = (query[owner] - negatives).pow(2).sum(dim=1)
-    return torch.relu(d_pos[owner] + margin - d_neg).mean()
+    return torch.relu(d_pos[owner] + margin - d_neg)
+
+
+def triplet_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, owner: torch.Tensor,
+                 margin: float = 0.1) -> torch.Tensor:
+    """Mean hinge over negatives (see `triplet_hinges`)."""
+    return triplet_hinges(query, positive, negatives, owner, margin).mean()
 
 
 class TupleImages(Dataset):
