@@ -137,9 +137,7 @@ def train_cmd(
     if method not in METHODS:
         raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
     refuse_other_methods_options(ctx, method)
-    device = resolve_device(device)
-    if device == "cuda" and distributed.launched():  # under torchrun each rank drives its own GPU
-        device = f"cuda:{distributed.local_rank()}"
+    device = resolve_device(device)  # under torchrun, each rank's own GPU
     common = dict(
         dataset=str(dataset), out=str(out), backbone=backbone, layer=layer, input_size=parse_size(resize), pretrained=pretrained,
         freeze_early=freeze_early, epochs=epochs, iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, lr=lr,
