@@ -14,7 +14,9 @@ from vpr.retrieval.local_features import LOCAL_FEATURES_FILE, extract_image_feat
 from vpr.retrieval.localize import DEFAULT_RADIUS, DEFAULT_TOP_K, Estimate, estimate_positions
 from vpr.retrieval.rerank import RerankOptions, rerank_shortlist
 from vpr.retrieval.sequence import SequenceOptions, sequence_search
-from vpr.retrieval.store import IndexBundle
+from vpr.retrieval.store import IndexBundle, RowReader
+
+SEQUENCE_MAX_BYTES = 2 << 30  # sequence matching holds every database descriptor in memory: at most 2 GiB of them
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,9 @@ def _position_weights(scores: np.ndarray, inliers: np.ndarray | None, options: A
     return np.where(verified, inliers / np.maximum(best, 1), scores)
 
 
-def _similarities(queries: np.ndarray, database: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each query to each of its returned database rows (-inf where none)."""
+def _similarities(queries: np.ndarray, database: np.ndarray | RowReader, indices: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each query to each of its returned database rows (-inf where none): only
+    those rows are read from a lazy database."""
     valid = indices >= 0
     sims = np.einsum("qd,qkd->qk", queries, database[np.where(valid, indices, 0)])
     return np.where(valid, sims, -np.inf).astype(np.float32)
@@ -89,6 +92,10 @@ def _sequence_search(bundle: IndexBundle, queries: np.ndarray, k: int, options: 
                      query_order: np.ndarray | None, device: str) -> tuple[np.ndarray, np.ndarray]:
     """SeqSLAM over the queries and the database, each in capture order; results in the callers' rows."""
     query_order = np.arange(len(queries)) if query_order is None else np.asarray(query_order)
+    count, dim = bundle.descriptors.shape
+    if isinstance(bundle.descriptors, RowReader) and count * dim * 4 > SEQUENCE_MAX_BYTES:
+        raise UsageError(f"{bundle.directory}: --sequence compares every database descriptor and {count:,} x {dim} "
+                         f"floats do not fit its {SEQUENCE_MAX_BYTES >> 30} GiB bound; match single frames instead")
     db_order = bundle.database.frame_order()
     scores, ordered = sequence_search(queries[query_order], bundle.descriptors[db_order], replace(options, k=k),
                                       device=device)

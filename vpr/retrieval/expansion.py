@@ -15,12 +15,15 @@ of a database descriptor, itself, is skipped).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from vpr.errors import UsageError
 from vpr.retrieval.index import exact_search
+
+if TYPE_CHECKING:
+    from vpr.retrieval.store import RowReader
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 DBA_CHUNK = 4096  # database rows augmented per exact search
@@ -40,9 +43,10 @@ class Expansion:
             raise UsageError(f"expansion alpha {self.alpha}: must be 0 or a positive number")
 
 
-def expand(vectors: np.ndarray, similarities: np.ndarray, neighbours: np.ndarray, database: np.ndarray,
+def expand(vectors: np.ndarray, similarities: np.ndarray, neighbours: np.ndarray, database: np.ndarray | RowReader,
            alpha: float) -> np.ndarray:
-    """x' = normalise(x + sum_i max(s_i, 0)^alpha d_i) per row; neighbours marked -1 are left out."""
+    """x' = normalise(x + sum_i max(s_i, 0)^alpha d_i) per row; neighbours marked -1 are left out (a lazy
+    database reads only the neighbours' rows)."""
     valid = neighbours >= 0
     weights = np.where(valid, np.maximum(similarities, 0.0) ** alpha, 0.0).astype(np.float32)
     gathered = database[np.where(valid, neighbours, 0)]  # rows x n x d
@@ -51,7 +55,8 @@ def expand(vectors: np.ndarray, similarities: np.ndarray, neighbours: np.ndarray
     return np.ascontiguousarray(expanded / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def expand_queries(queries: np.ndarray, database: np.ndarray, search: Search, expansion: Expansion) -> np.ndarray:
+def expand_queries(queries: np.ndarray, database: np.ndarray | RowReader, search: Search,
+                   expansion: Expansion) -> np.ndarray:
     """alpha-QE: each query averaged with its top-n database matches (found by `search`)."""
     if expansion.n == 0:
         return queries

@@ -45,31 +45,62 @@ def pq_subquantizers(dim: int) -> int:
     return 1
 
 
-def build_faiss_index(descriptors: np.ndarray, kind: str = "flat", seed: int = 0):
-    """Build a FAISS inner-product index of `kind` over float32 descriptors (N x d)."""
+TRAIN_POINTS_PER_CENTROID = 64  # k-means on samples: million-scale training in minutes, not hours
+ADD_CHUNK = 65536  # rows added to a FAISS index (and written to database.h5) at a time
+
+
+def ivf_lists(n: int) -> int:
+    """IVF lists for `n` database vectors: 4 sqrt(n), and at least 39 vectors per list."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def training_rows(n: int, kind: str, seed: int = 0) -> np.ndarray:
+    """Sorted rows an index of `kind` over `n` vectors trains on: every row up to 64 per IVF list, else a
+    seeded random sample of that many (what FAISS's k-means would sample anyway), so training fits in RAM."""
+    if kind != "ivfpq":
+        return np.zeros(0, dtype=np.int64)
+    size = max(ivf_lists(n), 256) * TRAIN_POINTS_PER_CENTROID  # 256: the PQ codebooks' centroids
+    if n <= size:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def empty_faiss_index(n: int, dim: int, kind: str = "flat", sample: np.ndarray | None = None, seed: int = 0):
+    """An untrained-then-trained, empty FAISS inner-product index of `kind` for `n` vectors; ivfpq trains
+    on `sample` (the rows `training_rows` names)."""
     faiss = require_faiss()
     if kind not in INDEX_KINDS:
         raise UsageError(f"unknown index kind '{kind}'; choose one of {', '.join(INDEX_KINDS)}")
-    x = np.ascontiguousarray(descriptors, dtype=np.float32)
-    n, dim = x.shape
     if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
         index.hnsw.efSearch = 128
-    else:
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-        if n < 256:
-            raise UsageError(f"--index ivfpq needs at least 256 database images (got {n}); use --index flat")
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        index.cp.max_points_per_centroid = 64  # k-means on samples: million-scale training in minutes, not hours
-        index.pq.cp.max_points_per_centroid = 64
-        index.train(x)
-        index.nprobe = min(nlist, 16)
-    index.add(x)
+        return index
+    if n < 256:
+        raise UsageError(f"--index ivfpq needs at least 256 database images (got {n}); use --index flat")
+    nlist = ivf_lists(n)
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.cp.max_points_per_centroid = TRAIN_POINTS_PER_CENTROID
+    index.pq.cp.max_points_per_centroid = TRAIN_POINTS_PER_CENTROID
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    index.nprobe = min(nlist, 16)
+    return index
+
+
+def build_faiss_index(descriptors, kind: str = "flat", seed: int = 0, chunk: int = ADD_CHUNK):
+    """Build a FAISS inner-product index of `kind` over float32 descriptors (N x d: an array or a row
+    reader): ivfpq trains on `training_rows`, then every kind adds the rows `chunk` at a time."""
+    n, dim = descriptors.shape
+    rows = training_rows(n, kind, seed)
+    sample = descriptors[rows] if len(rows) else None
+    index = empty_faiss_index(n, dim, kind, sample, seed)
+    del sample
+    for start in range(0, n, chunk):
+        index.add(np.ascontiguousarray(descriptors[start:start + chunk], dtype=np.float32))
     return index
 
 
@@ -78,14 +109,28 @@ def faiss_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def exact_search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k straight on the descriptor array (FAISS's blocked BLAS search, or torch
-    without FAISS): a flat index needs no second copy of the database."""
+def exact_search(database, queries: np.ndarray, k: int, chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k straight on the descriptors (FAISS's blocked BLAS search, or torch
+    without FAISS): a flat index needs no second copy. A row reader is searched `chunk` rows at a time."""
+    if not isinstance(database, (np.ndarray, torch.Tensor)):
+        parts = [exact_search(np.asarray(database[s:s + chunk]), queries, k) for s in range(0, len(database), chunk)]
+        return merge_topk([(sims, np.where(idx >= 0, idx + s, -1)) for (sims, idx), s
+                           in zip(parts, range(0, len(database), chunk))], min(k, len(database)))
     if not faiss_available():
         return torch_search(database, queries, k)
     faiss = require_faiss()
     db = np.ascontiguousarray(database, dtype=np.float32)
     return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), db, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of the union of per-shard top-k results (similarities, global indices; -1 = none),
+    best first: what one search over all shards returns."""
+    sims = np.concatenate([p[0] for p in parts], axis=1).astype(np.float32)
+    idx = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64)
+    sims = np.where(idx >= 0, sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 def shortlist(k: int, n: int) -> int:
@@ -118,9 +163,9 @@ def search_by_kind(
     resident = {} if resident is None else resident
     on_gpu = torch.device(device).type == "cuda"
     if on_gpu and (kind == "hnsw" or faiss_gpu_count() == 0):
-        if device not in resident:  # copy the database to the device once, not per query
-            resident[device] = search_database(descriptors, device, half=True)
-        return torch_search(resident[device], queries, k, device=device, half=True)
+        if device not in resident:  # copy the database to the device(s) once, not per query
+            resident[device] = shard_database(descriptors, search_devices(device), half=True)
+        return sharded_search(resident[device], queries, k, half=True)
     if kind == "flat" and not on_gpu:
         return exact_search(descriptors, queries, k)
     if on_gpu:
@@ -134,9 +179,10 @@ def search_by_kind(
 
 
 def rerank(
-    database: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int, query_chunk: int | None = None,
+    database, queries: np.ndarray, candidates: np.ndarray, k: int, query_chunk: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product re-ranking of each query's candidate rows (-1 marks none): top-k (similarities, indices).
+    `database` is an array or a row reader (`store.RowReader`), from which only the candidates' rows are read.
 
     Turns an approximate shortlist (IVF-PQ's compressed distances) into exact scores and order; at
     most 16 MB of gathered candidate vectors exist at once unless `query_chunk` says otherwise.
@@ -171,6 +217,43 @@ def search_database(descriptors: np.ndarray | torch.Tensor, device: str = "cpu",
     """The database as a tensor resident on `device` (fp16 when `half`), to reuse across `torch_search` calls."""
     dtype = torch.float16 if half else torch.float32
     return torch.as_tensor(descriptors).to(torch.device(device), dtype)
+
+
+def search_devices(device: str) -> list[str]:
+    """Devices a search on `device` spreads over: every visible GPU for a bare "cuda", else `device` alone."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+def shard_database(descriptors, devices: list[str], half: bool = False,
+                   chunk: int = 1 << 18) -> list[tuple[int, torch.Tensor]]:
+    """The database split into contiguous row ranges, one per device: (first row, tensor resident there).
+    A row reader is copied `chunk` rows at a time, so host memory never holds the whole database."""
+    n = len(descriptors)
+    bounds = np.linspace(0, n, len(devices) + 1).astype(np.int64)
+    shards = []
+    for device, start, stop in zip(devices, bounds[:-1], bounds[1:]):
+        blocks = [search_database(np.asarray(descriptors[s:min(s + chunk, stop)]), device, half)
+                  for s in range(int(start), int(stop), chunk)]
+        dim = descriptors.shape[1]
+        empty = torch.zeros((0, dim), dtype=torch.float16 if half else torch.float32, device=torch.device(device))
+        shards.append((int(start), torch.cat(blocks) if blocks else empty))
+    return shards
+
+
+def sharded_search(shards: list[tuple[int, torch.Tensor]], queries: np.ndarray, k: int,
+                   half: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over database shards (from `shard_database`), each searched on its own device, merged
+    exactly; one shard is a plain `torch_search`."""
+    k = min(k, sum(len(t) for _, t in shards))
+    parts = []
+    for start, tensor in shards:
+        if len(tensor):
+            sims, idx = torch_search(tensor, queries, k, device=str(tensor.device), half=half)
+            parts.append((sims, idx + start))
+    return merge_topk(parts, k)
 
 
 def torch_search(
@@ -215,7 +298,8 @@ def faiss_gpu_count() -> int:
 
 
 def index_to_device(index, device: str = "cpu"):
-    """`index` cloned to the GPU when `device` is CUDA and faiss-gpu sees one; else `index` itself.
+    """`index` cloned to the GPU when `device` is CUDA and faiss-gpu sees one (sharded over all GPUs for a
+    bare "cuda" when there are several); else `index` itself.
 
     HNSW has no GPU version and stays on the CPU; flat and IVF-PQ use fp16 on the GPU.
     """
@@ -225,6 +309,11 @@ def index_to_device(index, device: str = "cpu"):
     faiss = require_faiss()
     if isinstance(index, faiss.IndexHNSW):
         return index
+    if dev.index is None and faiss_gpu_count() > 1:  # bare "cuda": shard the index over every GPU
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True
+        options.useFloat16 = True
+        return faiss.index_cpu_to_all_gpus(index, options)
     resources = faiss.StandardGpuResources()
     options = faiss.GpuClonerOptions()
     options.useFloat16 = True

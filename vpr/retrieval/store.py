@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +28,8 @@ from vpr.models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval.index import (
-    INDEX_KINDS, build_faiss_index, faiss_available, read_faiss_index, search_by_kind, write_faiss_index,
+    ADD_CHUNK, INDEX_KINDS, empty_faiss_index, faiss_available, read_faiss_index, search_by_kind, training_rows,
+    write_faiss_index,
 )
 from vpr.retrieval.local_features import LOCAL_FEATURES_FILE
 
@@ -37,6 +39,101 @@ FORMAT_VERSION = 1
 REQUIRED_FILES = ("manifest.json", "model.pt", "database.h5")
 MAX_SEARCH_PARAM = 1 << 20  # nprobe / efSearch: FAISS takes C ints; larger values search everything anyway
 INDEX_FILES = frozenset((*REQUIRED_FILES, "pca.h5", "index.faiss", "skipped.txt", LOCAL_FEATURES_FILE, MARKER))
+LAZY_KINDS = ("ivfpq", "hnsw")  # searched on index.faiss: database.h5's descriptors stay on disk
+LAZY_PATHS_ROWS = 100_000  # above this many images, paths are read from database.h5 when asked for too
+
+
+class RowReader:
+    """Rows of an on-disk N x d float32 array, read on demand: indexing reads only the rows asked for.
+
+    `source` is a `FileRows` over database.h5's contiguous descriptors, or any array-like that takes
+    slices and increasing row arrays (an h5py dataset). Integer arrays of any shape gather rows
+    (sorted, each row read once); slices read a block.
+    """
+
+    def __init__(self, source, where: Path) -> None:
+        self.source = source
+        self.where = where
+        self.shape = tuple(source.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._checked(np.asarray(self.source[int(key)], dtype=np.float32))
+        if isinstance(key, slice):
+            return self._checked(np.asarray(self.source[key], dtype=np.float32))
+        key = np.asarray(key, dtype=np.int64)
+        if key.size and (key.min() < -len(self) or key.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        rows, inverse = np.unique(np.where(key < 0, key + len(self), key).ravel(), return_inverse=True)
+        if len(rows) == 0:
+            return np.zeros((*key.shape, self.shape[1]), dtype=np.float32)
+        block = self._checked(np.asarray(self.source[rows], dtype=np.float32))
+        return block[inverse].reshape(*key.shape, self.shape[1])
+
+    def _checked(self, rows: np.ndarray) -> np.ndarray:
+        """`rows`, or an error naming the file when one holds NaN or infinity."""
+        if not np.isfinite(rows).all():
+            raise IndexFormatError(f"{self.where}: descriptors hold NaN or infinite values; rebuild the index")
+        return rows
+
+
+class FileRows:
+    """A contiguous, uncompressed N x d float32 array at `offset` in a file, read with positioned reads: no
+    memory map, so resident memory holds only the rows read (a map would count every page it touched)."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, int]) -> None:
+        self.file = open(path, "rb", buffering=0)
+        self.offset, self.shape = offset, tuple(shape)
+        self.row_bytes = 4 * self.shape[1]
+
+    def _read(self, first: int, count: int) -> np.ndarray:
+        data = os.pread(self.file.fileno(), count * self.row_bytes, self.offset + first * self.row_bytes)
+        return np.frombuffer(data, dtype=np.float32).reshape(count, self.shape[1])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._read(int(key), 1)[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            return self._read(start, max(0, stop - start))[::step]
+        rows = np.asarray(key, dtype=np.int64)  # increasing: runs of consecutive rows are read at once
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        return np.concatenate([self._read(int(run[0]), len(run)) for run in runs])
+
+
+class StoredPaths(Sequence):
+    """database.h5's image paths, read one by one when asked for (millions of Path objects would not fit)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [Path(p) for p in self.dataset[key].astype(str)]
+        return Path(self.dataset.asstr()[int(key) if key >= 0 else int(key) + len(self)])
+
+
+def open_rows(path: Path, dataset: str = "descriptors") -> RowReader:
+    """A row reader over `dataset` of the HDF5 file `path`: positioned file reads when the data is stored
+    contiguous and uncompressed (what vpr writes), else reads through h5py."""
+    f = h5py.File(path, "r")
+    ds = f[dataset]
+    offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+    if offset is not None and ds.dtype == np.float32 and ds.ndim == 2:
+        shape = ds.shape
+        f.close()
+        return RowReader(FileRows(Path(path), offset, shape), Path(path))
+    return RowReader(ds, Path(path))
 
 
 def foreign_files(directory: Path) -> list[str]:
@@ -68,7 +165,7 @@ class IndexBundle:
     model_pca: PCA | None
     pca: PCA | None
     database: GeoImageSet
-    descriptors: np.ndarray
+    descriptors: np.ndarray | RowReader  # a RowReader (rows read on demand) for ivfpq and hnsw
     faiss_index: object | None
     resident: dict = field(default_factory=dict, repr=False)  # device -> database tensor or faiss-gpu index
 
@@ -129,29 +226,34 @@ def check_index_kind(kind: str) -> None:
         raise DependencyError(f"--index {kind} needs FAISS: pip install -e '.[cpu]'")
 
 
-def refuse_non_finite(descriptors: np.ndarray, where: Path) -> None:
+def refuse_non_finite(descriptors: np.ndarray, where: Path, first_row: int = 0) -> None:
     """Raise when a descriptor holds NaN or infinity: such an index would silently return nothing."""
     bad = ~np.isfinite(descriptors).all(axis=1)
     if bad.any():
         raise IndexFormatError(
-            f"{where}: {int(bad.sum())} descriptors hold NaN or infinite values (first at row {int(np.argmax(bad))}); "
-            "the model is broken: use another checkpoint and rebuild"
+            f"{where}: {int(bad.sum())} descriptors hold NaN or infinite values (first at row "
+            f"{first_row + int(np.argmax(bad))}); the model is broken: use another checkpoint and rebuild"
         )
 
 
 def write_index(
     out_dir: Path, *, model: VPRModel, model_pca: PCA | None, pca: PCA | None, database: GeoImageSet,
-    descriptors: np.ndarray, kind: str, source: str, skipped: list[tuple[Path, str]] = (),
-    extras: Callable[[Path], dict] | None = None,
+    descriptors: np.ndarray | RowReader, kind: str, source: str, skipped: list[tuple[Path, str]] = (),
+    extras: Callable[[Path], dict] | None = None, chunk: int = ADD_CHUNK, seed: int = 0,
 ) -> Path:
     """Write a complete index directory atomically (marked temporary sibling, then rename).
 
-    The caller holds `output_lock(out_dir)`; an existing `out_dir` must be empty or a vpr index.
-    Unreadable database images that were skipped are listed in `skipped.txt`. `extras` writes more
-    files into the temporary directory (local features) and returns entries for the manifest.
+    `descriptors` (index space) may be an array or a `RowReader` over a file: either way they are
+    streamed `chunk` rows at a time into database.h5 and the FAISS index, which trains on a sample
+    (`training_rows`), so a reader's rows are never all in memory. The caller holds
+    `output_lock(out_dir)`; an existing `out_dir` must be empty or a vpr index. Unreadable database
+    images that were skipped are listed in `skipped.txt`. `extras` writes more files into the
+    temporary directory (local features) and returns entries for the manifest.
     """
     check_index_kind(kind)
-    refuse_non_finite(descriptors, Path(out_dir))
+    count, dim = descriptors.shape
+    if len(database) != count:
+        raise UsageError(f"{count} descriptors for {len(database)} database images")
     with atomic_dir(Path(out_dir), kind="index", foreign=foreign_files) as tmp:
         if skipped:
             (tmp / "skipped.txt").write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped))
@@ -161,16 +263,21 @@ def write_index(
                 for key, value in (("mean", pca.mean), ("components", pca.components), ("scale", pca.scale)):
                     f.create_dataset(key, data=value)
                 f.attrs["whiten"] = pca.whiten
+        rows = training_rows(count, kind, seed) if kind != "flat" else np.zeros(0, dtype=np.int64)
+        index = empty_faiss_index(count, dim, kind, descriptors[rows], seed) if kind != "flat" else None
         with h5py.File(tmp / "database.h5", "w") as f:
-            f.create_dataset("paths", data=[str(p.resolve()) for p in database.paths], dtype=h5py.string_dtype())
-            if database.utm is not None:
-                f.create_dataset("utm", data=np.asarray(database.utm, dtype=np.float64))
-                f.create_dataset("heading", data=np.asarray(database.heading, dtype=np.float64))
-            if database.time is not None:
-                f.create_dataset("time", data=np.asarray(database.time, dtype=np.float64))
-            f.create_dataset("descriptors", data=np.asarray(descriptors, dtype=np.float32), chunks=True)
-        if kind != "flat":  # a flat index is searched on database.h5's descriptors: no second copy
-            write_faiss_index(build_faiss_index(descriptors, kind), tmp / "index.faiss")
+            _write_labels(f, database, chunk)
+            # contiguous (not chunked): a loaded index reads single rows at their file offset
+            stored = f.create_dataset("descriptors", shape=(count, dim), dtype=np.float32)
+            for start in range(0, count, chunk):
+                block = np.ascontiguousarray(descriptors[start:start + chunk], dtype=np.float32)
+                refuse_non_finite(block, Path(out_dir), start)
+                stored[start:start + len(block)] = block
+                if index is not None:  # a flat index is searched on database.h5's descriptors: no second copy
+                    index.add(block)
+                log.debug("wrote descriptors %d-%d of %d", start, start + len(block), count)
+        if index is not None:
+            write_faiss_index(index, tmp / "index.faiss")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -182,14 +289,38 @@ def write_index(
             "pca_dim": None if pca is None else pca.out_dim,
             "pca_whiten": None if pca is None else pca.whiten,
             "index_kind": kind,
-            "dim": int(descriptors.shape[1]),
-            "count": int(descriptors.shape[0]),
+            "dim": int(dim),
+            "count": int(count),
             "zone": None if database.zone is None else list(database.zone),
             "source": source,
             **(extras(tmp) if extras is not None else {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Path(out_dir)
+
+
+def _write_labels(f: h5py.File, database: GeoImageSet, chunk: int) -> None:
+    """database.h5's paths and optional positions, headings and times, paths written `chunk` at a time."""
+    paths = f.create_dataset("paths", shape=(len(database),), dtype=h5py.string_dtype())
+    for start in range(0, len(database), chunk):
+        paths[start:start + chunk] = [str(Path(p).resolve()) for p in database.paths[start:start + chunk]]
+    if database.utm is not None:
+        f.create_dataset("utm", data=np.asarray(database.utm, dtype=np.float64))
+        f.create_dataset("heading", data=np.asarray(database.heading, dtype=np.float64))
+    if database.time is not None:
+        f.create_dataset("time", data=np.asarray(database.time, dtype=np.float64))
+
+
+def write_index_from_file(
+    out_dir: Path, descriptors_path: Path, *, dataset: str = "descriptors", model: VPRModel,
+    model_pca: PCA | None, pca: PCA | None, database: GeoImageSet, kind: str, source: str,
+    chunk: int = ADD_CHUNK, seed: int = 0,
+) -> Path:
+    """`write_index` for descriptors already on disk (`dataset` of the HDF5 file `descriptors_path`, in
+    index space): read `chunk` rows at a time, so memory holds the FAISS index and one chunk, not the database."""
+    return write_index(out_dir, model=model, model_pca=model_pca, pca=pca, database=database,
+                       descriptors=open_rows(Path(descriptors_path), dataset), kind=kind, source=source,
+                       chunk=chunk, seed=seed)
 
 
 def read_manifest(directory: Path) -> dict:
@@ -230,32 +361,46 @@ def _read_pca(path: Path) -> PCA:
         )
 
 
-def _read_database(path: Path, manifest: dict) -> tuple[GeoImageSet, np.ndarray]:
+def _read_database(path: Path, manifest: dict, lazy: bool) -> tuple[GeoImageSet, np.ndarray | RowReader]:
+    """The database's labels and descriptors: in memory, or when `lazy` a `RowReader` (and, above
+    LAZY_PATHS_ROWS images, paths read on demand)."""
     count, dim = manifest["count"], manifest["dim"]
     try:
-        with h5py.File(path, "r") as f:
-            paths = [Path(p) for p in f["paths"][:].astype(str)]
-            descriptors = f["descriptors"][:]
-            utm = f["utm"][:] if "utm" in f else None
-            heading = f["heading"][:] if "heading" in f else None
-            time = f["time"][:] if "time" in f else None
+        f = h5py.File(path, "r")
+        lazy_paths = lazy and count > LAZY_PATHS_ROWS
+        paths = StoredPaths(f["paths"]) if lazy_paths else [Path(p) for p in f["paths"][:].astype(str)]
+        descriptors = f["descriptors"]
+        shape, dtype = descriptors.shape, descriptors.dtype
+        descriptors = descriptors if lazy else descriptors[:]
+        utm = f["utm"][:] if "utm" in f else None
+        heading = f["heading"][:] if "heading" in f else None
+        time = f["time"][:] if "time" in f else None
     except (OSError, KeyError) as exc:
         raise IndexFormatError(f"{path}: unreadable or missing datasets ({exc}); rebuild the index") from exc
-    if len(paths) != count or descriptors.shape != (count, dim) or descriptors.dtype != np.float32:
+    if len(paths) != count or shape != (count, dim) or dtype != np.float32:
         raise IndexFormatError(
-            f"{path}: holds {len(paths)} paths and descriptors {descriptors.shape} {descriptors.dtype}, "
+            f"{path}: holds {len(paths)} paths and descriptors {shape} {dtype}, "
             f"manifest says {count} x {dim} float32; rebuild the index"
         )
     if utm is not None and (utm.shape != (count, 2) or heading is None or heading.shape != (count,)):
         raise IndexFormatError(f"{path}: utm/heading shapes do not match {count} images; rebuild the index")
     if time is not None and time.shape != (count,):
         raise IndexFormatError(f"{path}: time has shape {time.shape}, not ({count},); rebuild the index")
+    if lazy:
+        descriptors = open_rows(path)
+    if not lazy_paths:
+        f.close()
     zone = tuple(manifest["zone"]) if manifest.get("zone") else None
     return GeoImageSet(paths=paths, utm=utm, heading=heading, zone=zone, source=path, time=time), descriptors
 
 
-def load_index(directory: Path) -> IndexBundle:
-    """Load and validate an index directory written by `write_index`."""
+def load_index(directory: Path, lazy: bool | None = None) -> IndexBundle:
+    """Load and validate an index directory written by `write_index`.
+
+    ivfpq and hnsw indexes (`lazy` None) keep the descriptors on disk behind a `RowReader`: re-ranking
+    reads only the shortlisted rows, so memory holds the FAISS index, not N x d floats. A flat index
+    is searched on the descriptors and loads them into memory (4 * d bytes per image).
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
     if file_sha256(directory / "model.pt") != manifest["model_sha256"]:
@@ -267,8 +412,10 @@ def load_index(directory: Path) -> IndexBundle:
     pca = _read_pca(directory / "pca.h5") if (directory / "pca.h5").is_file() else None
     if (pca is None) != (manifest.get("pca_dim") is None):
         raise IndexFormatError(f"{directory}: pca.h5 and the manifest disagree; rebuild the index")
-    database, descriptors = _read_database(directory / "database.h5", manifest)
-    refuse_non_finite(descriptors, directory / "database.h5")
+    lazy = manifest["index_kind"] in LAZY_KINDS if lazy is None else lazy
+    database, descriptors = _read_database(directory / "database.h5", manifest, lazy)
+    if not lazy:  # a row reader refuses non-finite rows as it reads them
+        refuse_non_finite(descriptors, directory / "database.h5")
     out_dim = pca.out_dim if pca else model_pca.out_dim if model_pca else model.config.descriptor_dim
     if out_dim != manifest["dim"]:
         raise IndexFormatError(

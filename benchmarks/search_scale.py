@@ -1,0 +1,133 @@
+"""Search at scale: an ivfpq index over 1M-10M synthetic descriptors built from an HDF5 file in chunks,
+then queried in a fresh process (load + queries): build time, size on disk, query RSS, ms/query, and
+top-1 agreement with exact search (computed chunk-wise on the file).
+
+    .venv/bin/python benchmarks/search_scale.py --sizes 1000000 10000000 --workdir /tmp/vpr-scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from vpr.data.datasets import GeoImageSet
+from vpr.models.model import ModelConfig, build_model
+from vpr.retrieval.index import exact_search
+from vpr.retrieval.store import open_rows, write_index_from_file
+
+DIM = 256
+CENTRES = 16384
+CHUNK = 1 << 18
+RESULTS = Path(__file__).parent / "results" / "search_scale.json"
+
+QUERY_SCRIPT = """
+import json, resource, sys, time
+import numpy as np
+from vpr.retrieval.store import load_index
+index, queries = sys.argv[1], np.load(sys.argv[2])
+t0 = time.perf_counter(); bundle = load_index(index); load_s = time.perf_counter() - t0
+single = []
+for q in queries:
+    t = time.perf_counter(); bundle.search(q[None], 5); single.append(time.perf_counter() - t)
+t = time.perf_counter(); _, idx = bundle.search(queries, 5); batched = time.perf_counter() - t
+rss = {k: int(v.split()[0]) for k, v in (l.split(":") for l in open("/proc/self/status")) if k in ("VmRSS", "VmHWM")}
+print(json.dumps({"load_s": load_s, "ms_single_p50": 1e3 * float(np.median(single)),
+                  "ms_batched": 1e3 * batched / len(queries), "rss_mb": rss["VmRSS"] / 1024,
+                  "peak_rss_mb": rss["VmHWM"] / 1024, "top1": idx[:, 0].tolist()}))
+"""
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_descriptors(path: Path, n: int, seed: int) -> None:
+    """`n` clustered unit vectors (a random centre plus noise), written `CHUNK` rows at a time."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((CENTRES, DIM)))
+    with h5py.File(path, "w") as f:
+        out = f.create_dataset("descriptors", shape=(n, DIM), dtype=np.float32)
+        for start in range(0, n, CHUNK):
+            rows = min(CHUNK, n - start)
+            out[start:start + rows] = unit(centres[rng.integers(CENTRES, size=rows)]
+                                           + 0.08 * rng.standard_normal((rows, DIM)).astype(np.float32))
+
+
+def queries_near(path: Path, count: int, seed: int) -> np.ndarray:
+    """Queries: random database rows moved by noise (a revisit of a known place)."""
+    rng = np.random.default_rng(seed)
+    rows = open_rows(path)[np.sort(rng.choice(len(open_rows(path)), count, replace=False))]
+    return unit(rows + 0.04 * rng.standard_normal(rows.shape).astype(np.float32))
+
+
+def run_size(n: int, workdir: Path, queries: int) -> dict:
+    """Build an ivfpq index over `n` synthetic descriptors and measure it."""
+    source, index = workdir / f"descriptors-{n}.h5", workdir / f"ivfpq-{n}"
+    if not source.exists():
+        write_descriptors(source, n, seed=n)
+    database = GeoImageSet(paths=[Path(f"/synthetic/{i}.jpg") for i in range(n)])
+    model = build_model(ModelConfig(descriptor_dim=DIM, input_size=(48, 64)), seed=0)
+    t0 = time.perf_counter()
+    write_index_from_file(index, source, model=model, model_pca=None, pca=None, database=database,
+                          kind="ivfpq", source="synthetic")
+    build_s = time.perf_counter() - t0
+    del database
+    build_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q = queries_near(source, queries, seed=1)
+    np.save(workdir / "queries.npy", q)
+    out = subprocess.run([sys.executable, "-c", QUERY_SCRIPT, str(index), str(workdir / "queries.npy")],
+                         check=True, capture_output=True, text=True)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    t0 = time.perf_counter()
+    _, exact = exact_search(open_rows(source), q, 1)
+    exact_s = time.perf_counter() - t0
+    agreement = float(np.mean(np.asarray(measured.pop("top1")) == exact[:, 0]))
+    size = {name: (index / name).stat().st_size / 2**20 for name in ("index.faiss", "database.h5")}
+    return {"images": n, "dim": DIM, "build_s": round(build_s, 1), "build_peak_rss_mb": round(build_peak_mb),
+            "index_faiss_mb": round(size["index.faiss"]), "database_h5_mb": round(size["database.h5"]),
+            "query_rss_mb": round(measured["rss_mb"]), "query_peak_rss_mb": round(measured["peak_rss_mb"]),
+            "load_s": round(measured["load_s"], 2), "ms_single_p50": round(measured["ms_single_p50"], 2),
+            "ms_batched": round(measured["ms_batched"], 2), "top1_agreement_exact": agreement,
+            "queries": queries, "exact_search_s": round(exact_s, 1)}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| images | build (s) | build peak RSS (MB) | index.faiss (MB) | database.h5 (MB) | query RSS (MB) "
+            "| query peak RSS (MB) | ms/query single p50 | ms/query batched | top-1 = exact |\n" + "|---" * 10 + "|\n")
+    return head + "".join(
+        f"| {r['images']:,} | {r['build_s']} | {r['build_peak_rss_mb']} | {r['index_faiss_mb']} "
+        f"| {r['database_h5_mb']} | {r['query_rss_mb']} | {r['query_peak_rss_mb']} | {r['ms_single_p50']} | {r['ms_batched']} "
+        f"| {r['top1_agreement_exact']:.2f} |\n" for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/vpr-search-scale"))
+    parser.add_argument("--queries", type=int, default=100)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    for n in args.sizes:  # one process per size: the build peak RSS is that size's alone
+        if n != args.sizes[0]:
+            subprocess.run([sys.executable, __file__, "--sizes", str(n), "--workdir", str(args.workdir),
+                            "--queries", str(args.queries)], check=True)
+            rows = json.loads(RESULTS.read_text())["rows"]
+            continue
+        row = run_size(n, args.workdir, args.queries)
+        rows = sorted([r for r in rows if r["images"] != n] + [row], key=lambda r: r["images"])
+        RESULTS.write_text(json.dumps({"rows": rows, "table": table(rows)}, indent=2) + "\n")
+        print(json.dumps(row), flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
