@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -53,6 +54,13 @@ def write_places(folder: Path, count: int, seed: int, *, spacing: float = 100.0)
     return db_paths, q_paths
 
 
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a server or torch.distributed the test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """Run `vpr ARGS` in-process; return (exit code, stdout, stderr)."""
     from cli.app import main
@@ -73,6 +81,16 @@ def places(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("places")
     write_places(root, 12, seed=0)
     return root
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for the test: tiny tensors run faster without OpenMP hand-offs, and parallel
+    ranks do not fight over the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ on a free localhost port. Without the browser this fails in CI (CI=true) and ski
 
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -11,7 +10,8 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from vpr.api import Index, build_index, load_model
+from tests.conftest import free_port
+from vpr.api import Index
 from vpr.data.datasets import load_image_set
 from vpr.serve import ServeConfig, create_app
 
@@ -45,16 +45,11 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(places, tmp_path_factory, tiny_config):
+def server(places_index):
     """A uvicorn server in a thread on a free port, serving an index of the place set."""
-    out = tmp_path_factory.mktemp("browser") / "places"
-    model, _ = load_model(config=tiny_config)
-    build_index(places / "database", out, model=model, device="cpu", workers=0, cache=False)
-    index = Index.load(out, device="cpu")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(ServeConfig(index=out, device="cpu"), index)
+    index = Index.load(places_index, device="cpu")
+    port = free_port()
+    app = create_app(ServeConfig(index=places_index, device="cpu"), index)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

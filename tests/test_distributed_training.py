@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ import test_netvlad_training
 from test_cosplace import tiny_config as cosplace_config
 from test_cosplace import weights as cosplace_weights
 from test_netvlad_training import tiny_config as netvlad_config
+from tests.conftest import free_port
 from vpr import distributed
 from vpr.models.checkpoints import load_payload
 from vpr.training.cosplace import train_cosplace
@@ -70,19 +70,7 @@ def eval_batchnorm() -> None:
     _BatchNorm.train = lambda self, mode=True: nn.Module.train(self, False)
 
 
-@pytest.fixture(autouse=True)
-def few_threads():
-    """One thread per process: tiny tensors run faster, and the ranks do not fight over the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one thread per process: the ranks share the cores
 
 
 def rank_main(rank: int, world: int, port: int, jobs: list) -> None:

@@ -6,19 +6,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from vpr.errors import UsageError
 from vpr.retrieval.sequence import SequenceOptions, sequence_search, speed_range
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP hand-offs that dominate on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: OpenMP hand-offs would dominate
 
 
 def route(speed: float, *, noise: float = 2.0, n_q: int = 120, m: int = 200, offset: int = 20, seed: int = 0):
