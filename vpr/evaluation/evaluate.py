@@ -25,13 +25,17 @@ class EvalReport:
     recalls: dict[int, float]
     num_queries: int
     num_with_positives: int
-    predictions: np.ndarray
     positives: list[np.ndarray]
     answers: Answers
     descriptors: np.ndarray
     errors: np.ndarray | None = None
     localization: dict | None = None  # median / p90 error and share within 5/10/25/50 m
     confidence: dict = field(default_factory=dict)  # precision of a correct top-1 at 50/80/100% recall
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """Database rows retrieved per query, best first."""
+        return self.answers.indices
 
 def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | None, threshold: float) -> list[np.ndarray]:
     """Positives per query: from the ground-truth file if given, else database images within `threshold` m."""
@@ -60,7 +64,7 @@ def evaluate(
     correct = np.array([len(p) > 0 and predictions[q, 0] in p for q, p in enumerate(positives)], dtype=bool)
     report = EvalReport(
         recalls=recall_at_n(predictions, positives, ns), num_queries=len(queries),
-        num_with_positives=int(sum(len(p) > 0 for p in positives)), predictions=predictions, positives=positives,
+        num_with_positives=int(sum(len(p) > 0 for p in positives)), positives=positives,
         answers=answers, descriptors=descriptors, confidence=precision_at_recall(answers.estimate.confidence, correct),
     )
     if queries.utm is not None and bundle.database.utm is not None:
