@@ -363,33 +363,40 @@ def _read_pca(path: Path) -> PCA:
 
 def _read_database(path: Path, manifest: dict, lazy: bool) -> tuple[GeoImageSet, np.ndarray | RowReader]:
     """The database's labels and descriptors: in memory, or when `lazy` a `RowReader` (and, above
-    LAZY_PATHS_ROWS images, paths read on demand)."""
+    LAZY_PATHS_ROWS images, paths read on demand from the file, which then stays open)."""
     count, dim = manifest["count"], manifest["dim"]
+    lazy_paths = lazy and count > LAZY_PATHS_ROWS
     try:
         f = h5py.File(path, "r")
-        lazy_paths = lazy and count > LAZY_PATHS_ROWS
-        paths = StoredPaths(f["paths"]) if lazy_paths else [Path(p) for p in f["paths"][:].astype(str)]
-        descriptors = f["descriptors"]
-        shape, dtype = descriptors.shape, descriptors.dtype
-        descriptors = descriptors if lazy else descriptors[:]
-        utm = f["utm"][:] if "utm" in f else None
-        heading = f["heading"][:] if "heading" in f else None
-        time = f["time"][:] if "time" in f else None
-    except (OSError, KeyError) as exc:
+    except OSError as exc:
         raise IndexFormatError(f"{path}: unreadable or missing datasets ({exc}); rebuild the index") from exc
-    if len(paths) != count or shape != (count, dim) or dtype != np.float32:
-        raise IndexFormatError(
-            f"{path}: holds {len(paths)} paths and descriptors {shape} {dtype}, "
-            f"manifest says {count} x {dim} float32; rebuild the index"
-        )
-    if utm is not None and (utm.shape != (count, 2) or heading is None or heading.shape != (count,)):
-        raise IndexFormatError(f"{path}: utm/heading shapes do not match {count} images; rebuild the index")
-    if time is not None and time.shape != (count,):
-        raise IndexFormatError(f"{path}: time has shape {time.shape}, not ({count},); rebuild the index")
-    if lazy:
-        descriptors = open_rows(path)
+    try:
+        try:
+            paths = StoredPaths(f["paths"]) if lazy_paths else [Path(p) for p in f["paths"][:].astype(str)]
+            stored = f["descriptors"]
+            shape, dtype = stored.shape, stored.dtype
+            descriptors = None if lazy else stored[:]
+            utm = f["utm"][:] if "utm" in f else None
+            heading = f["heading"][:] if "heading" in f else None
+            time = f["time"][:] if "time" in f else None
+        except (OSError, KeyError) as exc:
+            raise IndexFormatError(f"{path}: unreadable or missing datasets ({exc}); rebuild the index") from exc
+        if len(paths) != count or shape != (count, dim) or dtype != np.float32:
+            raise IndexFormatError(
+                f"{path}: holds {len(paths)} paths and descriptors {shape} {dtype}, "
+                f"manifest says {count} x {dim} float32; rebuild the index"
+            )
+        if utm is not None and (utm.shape != (count, 2) or heading is None or heading.shape != (count,)):
+            raise IndexFormatError(f"{path}: utm/heading shapes do not match {count} images; rebuild the index")
+        if time is not None and time.shape != (count,):
+            raise IndexFormatError(f"{path}: time has shape {time.shape}, not ({count},); rebuild the index")
+    except BaseException:
+        f.close()
+        raise
     if not lazy_paths:
         f.close()
+    if lazy:
+        descriptors = open_rows(path)
     zone = tuple(manifest["zone"]) if manifest.get("zone") else None
     return GeoImageSet(paths=paths, utm=utm, heading=heading, zone=zone, source=path, time=time), descriptors
 
