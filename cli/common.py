@@ -100,6 +100,21 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def parse_resize(text: str) -> dict:
+    """--resize: 'HxW' (fixed), 'S' (shorter side to S, keeping the aspect ratio) or 'native' -> ModelConfig fields."""
+    cleaned = text.strip().lower()
+    if cleaned == "native":
+        return {"resize": "native"}
+    if cleaned.isdigit():
+        side = int(cleaned)
+        if not 16 <= side <= 4096:
+            raise UsageError(f"--resize '{text}': the shorter side must be between 16 and 4096 pixels")
+        return {"resize": "shorter", "input_size": (side, side)}
+    if "x" not in cleaned:
+        raise UsageError(f"--resize '{text}' is not HEIGHTxWIDTH (e.g. 322x322), a shorter side S (e.g. 480) or 'native'")
+    return {"resize": "fixed", "input_size": parse_size(text)}
+
+
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     """'1,5,10' -> (1, 5, 10), all positive."""
     try:

@@ -21,7 +21,7 @@ def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) ->
 def models_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print everything (including each format's identifying keys) as JSON."),
 ) -> None:
-    """List the backbones, heads and descriptor sizes, and the checkpoint formats `build-index --checkpoint` reads."""
+    """List the backbones, heads, published methods (file, where to get it, input size) and checkpoint formats."""
     info = supported_models()
     if json_out:
         print_json(info)
@@ -33,15 +33,18 @@ def models_cmd(
     heads = [(h["name"], h["descriptor_dim"], h["description"]) for h in info["heads"]]
     formats = [(f["name"], ", ".join(f["aliases"]) or "-", f["source"]) for f in info["formats"]]
     published = [
-        (f["name"], p["model"], p["backbones"], p["descriptor_dims"]) for f in info["formats"] for p in f["published"]
+        (m["method"], m["backbone"], m["descriptor_dims"], m["input"], m["file"], m["url"], m["format"])
+        for m in info["methods"]
     ]
     console.print(_table("backbones (--model)", ("name", "channels layer4 / layer3", "trunk"), backbones))
     console.print(_table("heads (--head)", ("name", "descriptor size", "computation"), heads))
     console.print(_table("checkpoint formats (--checkpoint FILE; detected from its keys, or --format NAME)",
                          ("format", "aliases", "from"), formats))
-    console.print(_table("published models they hold", ("format", "model", "backbones", "descriptor sizes"), published))
+    console.print(_table("published models (vpr build-index DIR --checkpoint FILE)",
+                         ("method", "backbone", "descriptor size", "input", "file", "where", "format"), published))
     height, width = info["published_input_size"]
     console.print(
-        f"Published checkpoints are fed {height}x{width} images with {info['published_normalisation']} "
-        "(--resize changes the size); `vpr models --json` lists each format's identifying keys."
+        f"Each method's preprocessing (input size, resize rule, interpolation, {info['published_normalisation']}) "
+        f"is stored in the index; CNN checkpoints without one are fed {height}x{width}. --resize overrides it. "
+        "`vpr models --json` lists each format's identifying keys."
     )

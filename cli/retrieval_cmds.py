@@ -18,7 +18,7 @@ from cli.answer_options import (
 from cli.common import (
     AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, INT32_MAX, MAX_BATCH, MAX_CLUSTERS, MAX_DIM, MAX_EF_SEARCH, MAX_WORKERS,
     GPU_DECODE_HELP, NPROBE_HELP, POSITIVE, check_amp, check_output_file, console, distributed_run, err_console, extract_options, parse_int_list,
-    parse_size, print_json, progress_bar, resolve_device,
+    parse_resize, parse_size, print_json, progress_bar, resolve_device,
 )
 from vpr import distributed
 from vpr.api import Index, QueryResult
@@ -43,16 +43,16 @@ DEFAULT_INDEX = Path("indexes/default")
 def build_index_cmd(
     database: Path = typer.Argument(..., help="Folder of database images (`@utm_east@utm_north@...` names or unlabelled), or a CSV manifest path,lat,lon[,heading]."),
     out: Path = typer.Option(DEFAULT_INDEX, "--out", "-o", help="Index directory to write (replaced atomically if it exists)."),
-    backbone: str = typer.Option("resnet18", "--model", "--backbone", help="Backbone when no checkpoint is given: resnet18, resnet50, resnet101, vgg16, or pixels (no weights: grey thumbnails, with --head patchnorm)."),
-    head: str = typer.Option("cosplace", "--head", help="Head when no checkpoint is given: cosplace (GeM + FC), netvlad, or patchnorm (SeqSLAM's patch-normalised thumbnail, with --model pixels)."),
+    backbone: str = typer.Option("resnet18", "--model", "--backbone", help="Backbone when no checkpoint is given: resnet18, resnet50, resnet101, vgg16, pixels (no weights: grey thumbnails, with --head patchnorm), or a DINOv2 ViT (dinov2_vits14 ... dinov2_vitg14); `vpr models` lists all."),
+    head: str = typer.Option("cosplace", "--head", help="Head when no checkpoint is given: cosplace (GeM + FC), netvlad, patchnorm (SeqSLAM's thumbnail, with --model pixels), or a published method's aggregator (salad, megaloc, boq, mixvpr, ...: `vpr models`)."),
     dim: int = typer.Option(512, "--dim", min=1, max=MAX_DIM, help="CosPlace descriptor size when no checkpoint is given."),
     clusters: int = typer.Option(64, "--clusters", min=2, max=MAX_CLUSTERS, help="NetVLAD cluster count when no checkpoint is given."),
     layer: int = typer.Option(4, "--layer", min=3, max=4, help="ResNet stage to cut after (4, or 3)."),
     patch: int = typer.Option(8, "--patch", min=1, max=MAX_DIM, help="patchnorm's patch size P (P x P tiles normalised to zero mean, unit variance)."),
-    resize: Optional[str] = typer.Option(None, "--resize", help="Input size HEIGHTxWIDTH: 240x320 for a new model by default (32x64 for --model pixels); with --checkpoint it overrides the stored size (published checkpoints default to 480x640)."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="Input size: HEIGHTxWIDTH, a shorter side S (aspect kept) or 'native'. 240x320 for a new model by default (32x64 for --model pixels, 322x322 for DINOv2); with --checkpoint it overrides the method's stored preprocessing (CNN checkpoints without one get 480x640). DINOv2 models then round sides to multiples of 14."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="torchvision ImageNet weights: a name (IMAGENET1K_V1: downloaded once into the torch hub cache, offline after that) or a local .pth file."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A vpr checkpoint (from `vpr train`) or a published CosPlace/EigenPlaces/NetVLAD/benchmark .pth (see `vpr models`); its architecture overrides the model options."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Checkpoint layout: auto (default: detected from the keys), vpr, cosplace (also EigenPlaces), netvlad (pytorch-NetVlad, Patch-NetVLAD) or benchmark."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A vpr checkpoint (from `vpr train`) or a published model's file (.pth, .ckpt or .safetensors: MegaLoc, SALAD, BoQ, MixVPR, CosPlace, NetVLAD, ...; see `vpr models`); its architecture and preprocessing override the model options."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Checkpoint layout: auto (default: detected from the keys) or a format name from `vpr models` (vpr, cosplace, netvlad, benchmark, megaloc, salad, boq, ...)."),
     pca_dim: Optional[int] = typer.Option(None, "--pca-dim", min=1, max=MAX_DIM, help="Compress descriptors to D dimensions with PCA fitted on the database."),
     whiten: bool = typer.Option(False, "--whiten/--no-whiten", help="Whiten the PCA (as NetVLAD's WPCA)."),
     kind: str = typer.Option("flat", "--index", help="FAISS index: flat (exact inner product), ivfpq or hnsw (approximate, for large databases)."),
@@ -75,13 +75,15 @@ def build_index_cmd(
     if checkpoint is not None:
         model, model_pca = load_model(checkpoint, ModelConfig(), fmt=fmt)
         if resize is not None:
-            model.config = replace(model.config, input_size=parse_size(resize))
+            model.config = replace(model.config, **parse_resize(resize))
     elif fmt is not None:
         raise UsageError("--format describes a --checkpoint file; give --checkpoint FILE or drop --format")
     else:
-        default_size = "32x64" if backbone == "pixels" else "240x320"
+        vit = backbone.startswith("dinov2_")
+        default_size = "32x64" if backbone == "pixels" else "322x322" if vit else "240x320"
+        preprocessing = dict(multiple=14, resampler="torch") if vit else {}
         config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer,
-                             patch_size=patch, input_size=parse_size(resize or default_size))
+                             patch_size=patch, **parse_resize(resize or default_size), **preprocessing)
         model, model_pca = load_model(None, config, pretrained)
     if not local_features and (local_method != "sift" or max_keypoints != 1000):
         raise UsageError("--local-method and --max-keypoints describe --local-features; add --local-features")

@@ -414,10 +414,12 @@ def test_vpr_models_lists_backbones_sizes_and_formats():
     result = CliRunner().invoke(app, ["models", "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert {f["name"] for f in info["formats"]} == {"vpr", "cosplace", "netvlad", "benchmark"}
-    assert {"resnet152", "vgg16"} <= {b["name"] for b in info["backbones"]}
+    assert {"vpr", "cosplace", "netvlad", "benchmark"} <= {f["name"] for f in info["formats"]}
+    assert {"resnet152", "vgg16", "dinov2_vitb14", "dinov2_vitg14"} <= {b["name"] for b in info["backbones"]}
     cosplace = next(f for f in info["formats"] if f["name"] == "cosplace")
-    assert any(p["model"] == "EigenPlaces" for p in cosplace["published"]) and "eigenplaces" in cosplace["aliases"]
+    assert "eigenplaces" in cosplace["aliases"]
+    assert any(m["method"] == "EigenPlaces" and m["format"] == "cosplace" and m["url"].startswith("https://")
+               for m in info["methods"])
     assert info["published_input_size"] == [480, 640]
     table = CliRunner().invoke(app, ["models"])
     assert table.exit_code == 0 and "benchmark" in table.output and "resnet152" in table.output

@@ -24,7 +24,7 @@ from PIL import Image
 
 from vpr.data.datasets import GeoImageSet, load_image_set
 from vpr.data.geo import utm_to_latlon
-from vpr.data.images import MAX_PIXELS, decode_rgb, image_to_tensor, load_rgb, to_rgb, upright_rgb
+from vpr.data.images import MAX_PIXELS, Preprocess, decode_rgb, load_rgb, preprocess, to_rgb, upright_rgb
 from vpr.errors import ImageError, ImageTooLarge, NotAnImage, UsageError
 from vpr.models.inference import amp_dtype, forward_batch, inference_model
 from vpr.models.model import ModelConfig, VPRModel
@@ -190,9 +190,9 @@ class Index:
         return len(self.bundle.database)
 
     @property
-    def input_size(self) -> tuple[int, int]:
-        """(height, width) every query image is resized to."""
-        return tuple(self.bundle.model.config.input_size)
+    def preprocessing(self) -> Preprocess:
+        """How every query image becomes the model's input (the index's stored rule)."""
+        return self.bundle.model.config.preprocess
 
     def info(self) -> dict:
         """What the index is: model configuration, descriptor size, database count, index kind, UTM zone."""
@@ -205,16 +205,24 @@ class Index:
         }
 
     def prepare(self, image: ImageInput, name: str = "image", max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-        """Decode and resize one image to the model's input: a 3 x H x W uint8 tensor (no model involved)."""
-        return image_to_tensor(_as_rgb(image, name, max_pixels), self.input_size)
+        """Decode and resize one image to the model's input: a 3 x H x W tensor of 0..255 values (no model involved)."""
+        return preprocess(_as_rgb(image, name, max_pixels), self.preprocessing)
 
-    def describe_batch(self, batch: torch.Tensor) -> np.ndarray:
-        """Descriptors in the index's space for an N x 3 x H x W uint8 batch from `prepare`: one forward pass."""
+    def describe_batch(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
+        """Descriptors in the index's space for images from `prepare` (an N x 3 x H x W batch, or a list):
+        one forward pass per image size."""
         if self._model is None:
             self._model = inference_model(self.bundle.model, self.device)
         dtype = amp_dtype(self.device) if self.amp else None
-        descriptors = forward_batch(self._model, batch.to(self.device, non_blocking=True), dtype)
-        return self.bundle.project(descriptors.cpu().numpy())
+        images = list(batch)
+        out = np.zeros((len(images), self.bundle.model.config.descriptor_dim), dtype=np.float32)
+        sizes: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            sizes.setdefault((tuple(image.shape), image.dtype), []).append(i)
+        for rows in sizes.values():
+            stack = torch.stack([images[i] for i in rows]).to(self.device, non_blocking=True)
+            out[rows] = forward_batch(self._model, stack, dtype).cpu().numpy()
+        return self.bundle.project(out)
 
     def describe(self, images: Sequence[ImageInput], progress: Progress | None = None) -> np.ndarray:
         """Descriptors of `images` in the index's space, `batch_size` images per forward pass."""
@@ -223,7 +231,7 @@ class Index:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             tensors = [self.prepare(image, _default_name(image, start + j)) for j, image in enumerate(chunk)]
-            rows.append(self.describe_batch(torch.stack(tensors)))
+            rows.append(self.describe_batch(tensors))
             if progress:
                 progress(start + len(chunk), len(images))
         return np.concatenate(rows) if rows else np.zeros((0, self.bundle.dim), dtype=np.float32)

@@ -10,11 +10,13 @@ import errno
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vpr.errors import ImageError, ImageTooLarge, NotAnImage
@@ -104,6 +106,86 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+RESIZE_MODES = ("fixed", "shorter", "native")
+INTERPOLATIONS = ("bilinear", "bicubic")
+RESAMPLERS = ("pil", "torch")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes a model input: a resize rule, then optionally sides to multiples of `multiple`.
+
+    `resize`: "fixed" (to `size` = (H, W)), "shorter" (shorter side to `size[0]`, the long side to
+    int(S * long / short), keeping the aspect ratio as torchvision does) or "native" (no resize).
+    `multiple` > 1 then resizes each side to round(side / multiple) * multiple (the DINOv2 rule, a
+    second resize as the reference tools do it). `resampler` "pil" resizes 8-bit images with PIL;
+    "torch" resizes float pixels with `F.interpolate(antialias=True)`, as torchvision's tensor
+    `Resize` does after `ToTensor`/`Normalize` (the published DINOv2-era models' pipeline).
+    """
+
+    resize: str = "fixed"
+    size: tuple[int, int] = (240, 320)
+    multiple: int = 1
+    interpolation: str = "bilinear"
+    resampler: str = "pil"
+
+    def first_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) after the resize rule, for an image of `height` x `width`."""
+        if self.resize == "fixed":
+            return tuple(self.size)
+        if self.resize == "shorter":
+            short, long = sorted((height, width))
+            side = self.size[0]
+            scaled = int(side * long / short)
+            return (side, scaled) if height <= width else (scaled, side)
+        return height, width
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) of the model input for an image of `height` x `width`."""
+        h, w = self.first_size(height, width)
+        if self.multiple > 1:
+            h, w = (max(self.multiple, round(h / self.multiple) * self.multiple),
+                    max(self.multiple, round(w / self.multiple) * self.multiple))
+        return h, w
+
+    @property
+    def fixed_output(self) -> tuple[int, int] | None:
+        """The model input size when it does not depend on the image (a fixed resize), else None."""
+        return self.output_size(*self.size) if self.resize == "fixed" else None
+
+    def describe(self) -> str:
+        """'322x322', 'shorter side 480', 'native' (+ ', sides to multiples of 14'), for tables and help."""
+        text = {"fixed": f"{self.size[0]}x{self.size[1]}", "shorter": f"shorter side {self.size[0]}",
+                "native": "native"}[self.resize]
+        return text + (f", sides to multiples of {self.multiple}" if self.multiple > 1 else "")
+
+
+def _resize_pil(img: Image.Image, size: tuple[int, int], interpolation: str) -> Image.Image:
+    """`img` at (H, W) `size` with PIL (antialiased), unchanged when already that size."""
+    height, width = size
+    if img.size == (width, height):
+        return img
+    return img.resize((width, height), Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR)
+
+
+def _resize_float(pixels: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """A float 3 x h x w image at (H, W) `size` as torchvision's tensor Resize(antialias=True) computes it."""
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    return F.interpolate(pixels[None], size=size, mode=interpolation, align_corners=False, antialias=True)[0]
+
+
+def preprocess(img: Image.Image, rule: Preprocess) -> torch.Tensor:
+    """A PIL RGB image as a 3 x H x W model input of 0..255 values: uint8 ("pil") or float32 ("torch")."""
+    first = rule.first_size(img.height, img.width)
+    final = rule.output_size(img.height, img.width)
+    if rule.resampler == "pil":
+        img = _resize_pil(_resize_pil(img, first, rule.interpolation), final, rule.interpolation)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    return _resize_float(_resize_float(pixels, first, rule.interpolation), final, rule.interpolation)
 
 
 def image_to_tensor(img: Image.Image, input_size: tuple[int, int]) -> torch.Tensor:

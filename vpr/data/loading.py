@@ -15,25 +15,45 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, image_to_tensor, load_rgb
-from vpr.errors import ImageError
+from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, Preprocess, load_rgb, preprocess
+from vpr.errors import ImageError, UsageError
+
+
+def as_rule(rule: Preprocess | tuple[int, int]) -> Preprocess:
+    """A preprocessing rule; an (H, W) pair means vpr's own fixed 8-bit bilinear resize."""
+    return rule if isinstance(rule, Preprocess) else Preprocess("fixed", tuple(rule))
 
 
 class ImageFiles(Dataset):
-    """Reads images as uint8 tensors of the model's input size; a bad file yields its error text."""
+    """Reads images as model inputs (uint8, or float for the "torch" resampler); a bad file yields its error text.
 
-    def __init__(self, paths: list[Path], input_size: tuple[int, int]) -> None:
+    With a resize rule whose output depends on the image (shorter side, native), batch with
+    `collate_sizes`, which keeps images of different sizes in separate groups.
+    """
+
+    def __init__(self, paths: list[Path], rule: Preprocess | tuple[int, int]) -> None:
         self.paths = paths
-        self.input_size = input_size
+        self.rule = as_rule(rule)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         try:
-            return image_to_tensor(load_rgb(self.paths[i]), self.input_size), i, ""
+            return preprocess(load_rgb(self.paths[i]), self.rule), i, ""
         except ImageError as exc:
-            return torch.zeros(3, *self.input_size, dtype=torch.uint8), i, str(exc)
+            return torch.zeros(3, *(self.rule.fixed_output or (1, 1)), dtype=torch.uint8), i, str(exc)
+
+
+def collate_sizes(batch: list[tuple[torch.Tensor, int, str]]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """`ImageFiles` items as (images, indices, errors) groups of one image size each, in first-seen order."""
+    groups: dict[tuple, list[tuple[torch.Tensor, int, str]]] = {}
+    for item in batch:
+        groups.setdefault((tuple(item[0].shape), item[0].dtype), []).append(item)
+    return [
+        (torch.stack([m[0] for m in members]), torch.tensor([m[1] for m in members]), [m[2] for m in members])
+        for members in groups.values()
+    ]
 
 
 def device_decodable(path: Path) -> bool:
@@ -53,9 +73,9 @@ class JpegFiles(Dataset):
     uint8 image already at the input size. Batch them with `collate_lists`.
     """
 
-    def __init__(self, paths: list[Path], input_size: tuple[int, int]) -> None:
+    def __init__(self, paths: list[Path], rule: Preprocess | tuple[int, int]) -> None:
         self.paths = paths
-        self.input_size = input_size
+        self.rule = as_rule(rule)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,7 +85,7 @@ class JpegFiles(Dataset):
         try:
             if device_decodable(path):
                 return torch.from_numpy(np.fromfile(path, dtype=np.uint8)), True, i, ""
-            return image_to_tensor(load_rgb(path), self.input_size), False, i, ""
+            return preprocess(load_rgb(path), self.rule), False, i, ""
         except ImageError as exc:
             return torch.zeros(0, dtype=torch.uint8), False, i, str(exc)
 
@@ -95,13 +115,18 @@ def _decode_jpegs(items: list[torch.Tensor], device: torch.device) -> list[torch
 
 
 def decode_batch(
-    items: list[torch.Tensor], is_jpeg: list[bool], paths: list[Path], input_size: tuple[int, int], device: torch.device,
+    items: list[torch.Tensor], is_jpeg: list[bool], paths: list[Path], rule: Preprocess | tuple[int, int], device: torch.device,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Decode JPEG bytes on `device` and resize them there in same-size groups (bilinear, antialiased).
+    """Decode JPEG bytes on `device` and resize them there in same-size groups (antialiased, the
+    rule's interpolation) to the rule's fixed output size.
 
     Returns an N x 3 x H x W float batch of 0..255 values on `device` and an error text per item
     ("" when fine); a JPEG the device decoder rejects is retried with PIL, which names the problem.
     """
+    rule = as_rule(rule)
+    input_size = rule.fixed_output
+    if input_size is None:
+        raise UsageError(f"decoding on the GPU needs a fixed input size, not '{rule.describe()}'; give --resize HEIGHTxWIDTH or drop --gpu-decode")
     height, width = input_size
     batch = torch.zeros(len(items), 3, height, width, device=device)
     errors = [""] * len(items)
@@ -111,7 +136,7 @@ def decode_batch(
     for j, image in zip(jpegs, decoded):
         if image is None:
             try:
-                batch[j] = image_to_tensor(load_rgb(paths[j]), input_size).to(device)
+                batch[j] = preprocess(load_rgb(paths[j]), rule).to(device)
             except ImageError as exc:
                 errors[j] = str(exc)
             continue
@@ -119,8 +144,8 @@ def decode_batch(
     for size, members in groups.items():
         stack = torch.stack([image for _, image in members]).float()
         if size != (height, width):
-            stack = torch.nn.functional.interpolate(stack, size=input_size, mode="bilinear", antialias=True, align_corners=False)
-        batch[[j for j, _ in members]] = stack.round_().clamp_(0, 255)
+            stack = torch.nn.functional.interpolate(stack, size=input_size, mode=rule.interpolation, antialias=True, align_corners=False)
+        batch[[j for j, _ in members]] = stack if rule.resampler == "torch" else stack.round_().clamp_(0, 255)
     for j, flag in enumerate(is_jpeg):
         if not flag and items[j].dim() == 3:
             batch[j] = items[j].to(device, non_blocking=True)

@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 from vpr.errors import CheckpointError, UsageError
+from vpr.models import vit
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,32 @@ DESCRIPTIONS = {
 }
 
 
+def _extra_backbones() -> dict:
+    """Backbones registered by method modules (imported late: those modules import this one)."""
+    from vpr.models import methods
+
+    return methods.BACKBONES
+
+
+def backbone_names() -> tuple[str, ...]:
+    """Every `--model` name: torchvision trunks, DINOv2 ViTs and the method modules' backbones."""
+    return BACKBONES + tuple(vit.SIZES) + tuple(_extra_backbones())
+
+
+def backbone_description(name: str) -> str:
+    """One line saying what a backbone is."""
+    if name in vit.SIZES:
+        return vit.DESCRIPTIONS[name]
+    extra = _extra_backbones()
+    return extra[name].description if name in extra else DESCRIPTIONS[name]
+
+
 def backbone_channels(name: str, layer: int = 4) -> int:
     """Number of channels of the feature map a backbone produces (validates name and layer)."""
+    if name in vit.SIZES or name in _extra_backbones():
+        if layer != 4:
+            raise UsageError(f"--layer {layer} is not available for {name}; ViTs use all their blocks (layer 4)")
+        return vit.vit_channels(name) if name in vit.SIZES else _extra_backbones()[name].channels
     if layer not in (3, 4) or (name in ("vgg16", "pixels") and layer != 4):
         raise UsageError(f"--layer {layer} is not available for {name}; use 4 (or 3 for ResNets)")
     if name == "vgg16":
@@ -45,7 +70,7 @@ def backbone_channels(name: str, layer: int = 4) -> int:
         return 1
     if name in RESNET_CHANNELS:
         return RESNET_CHANNELS[name][layer - 3]
-    raise UsageError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+    raise UsageError(f"unknown backbone '{name}'; choose one of {', '.join(backbone_names())}")
 
 
 def _write_failure(exc: BaseException | None) -> OSError | None:
@@ -137,14 +162,24 @@ class Grey(nn.Module):
         return (x * self.weights).sum(dim=1, keepdim=True)
 
 
-def build_backbone(name: str, layer: int = 4, pretrained: str | Path | None = None) -> nn.Module:
-    """Return the convolutional trunk of `name`, mapping images to a C x H' x W' feature map.
+def build_backbone(name: str, layer: int = 4, pretrained: str | Path | None = None, options: dict | None = None) -> nn.Module:
+    """Return the trunk of `name`: a CNN mapping images to a C x H' x W' feature map, or a ViT
+    returning (patch map, CLS token).
 
     `pretrained` is None (random init, works offline), a torchvision weights name such as
     "IMAGENET1K_V1" (downloaded once into the torch hub cache), or the path of a torchvision
-    ImageNet state dict.
+    ImageNet state dict. `options` go to ViTs (`blocks`, `facet`, `final_norm`) and method backbones.
     """
     backbone_channels(name, layer)
+    if name in vit.SIZES or name in _extra_backbones():
+        if pretrained is not None:
+            raise UsageError(f"--pretrained: {name} weights come with a published checkpoint; use --checkpoint FILE")
+        if name in vit.SIZES:
+            try:
+                return vit.DinoV2(name, **(options or {}))
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"{name}: bad backbone options {options} ({exc})") from None
+        return _extra_backbones()[name].build(options or {})
     if name == "pixels":
         if pretrained is not None:
             raise UsageError("--pretrained: the pixels backbone has no weights; drop --pretrained")

@@ -1,5 +1,5 @@
 """Save and load checkpoints: ours (weights-only state dict + model config + optional PCA), and
-the published CosPlace / EigenPlaces / NetVLAD / benchmark layouts through `vpr.models.published`.
+the published layouts (CosPlace, NetVLAD, ..., and the method modules') through `vpr.models.published`.
 
 Files load with `torch.load(weights_only=True)`, so a checkpoint can never run arbitrary code; the
 only globals added to torch's allowlist are numpy's numeric arrays and scalars, which published
@@ -19,7 +19,7 @@ from vpr.errors import CheckpointError
 from vpr.fileio import atomic_file
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA
-from vpr.models.published import import_published, resolve_format
+from vpr.models.published import import_published, published_file_hint, resolve_format
 
 FORMAT = "vpr-checkpoint"
 FORMAT_VERSION = 1
@@ -67,22 +67,42 @@ def save_checkpoint(model: VPRModel, path: Path, *, pca: PCA | None = None, extr
 
 
 def load_payload(path: Path) -> dict:
-    """Read a checkpoint file safely (weights only), with one-line errors for bad files."""
+    """Read a checkpoint file safely (weights only: `.pth`/`.ckpt` through torch, `.safetensors`
+    through the safetensors package), with one-line errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; check the path")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+            raise CheckpointError(f"{path}: a damaged or truncated .safetensors file ({reason}){published_file_hint(path)}") from exc
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, refused globals
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        hint = published_file_hint(path)
         raise CheckpointError(
             f"{path}: not a loadable weights-only checkpoint ({reason}); "
-            "vpr refuses files that need arbitrary pickles"
+            + (hint.lstrip("; ") if hint else "vpr refuses files that need arbitrary pickles")
         ) from exc
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: checkpoint holds a {type(payload).__name__}, expected a dict of tensors")
     return payload
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A `.safetensors` name, or the format's header (8-byte little-endian length, then '{')."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def load_checkpoint(path: Path, fmt: str | None = None) -> tuple[VPRModel, PCA | None]:

@@ -1,6 +1,7 @@
 """Aggregation heads, each as written in its paper.
 
-- GeM (Radenovic et al. 2018): f_c = (mean_{h,w} x_{c,h,w}^p)^(1/p), p learnable.
+- GeM (Radenovic et al. 2018) and L2 normalisation live in `vpr.models.layers`, shared with the
+  published methods' modules.
 - CosPlace (Berton et al. 2022): L2 -> GeM -> Linear -> L2.
 - NetVLAD (Arandjelovic et al. 2016): V(k) = sum_i a_k(x_i) (x_i - c_k), with the soft-assignment
   a_k(x_i) = softmax_k(w_k . x_i + b_k), intra-normalised per cluster, flattened, L2-normalised.
@@ -12,29 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class L2Norm(nn.Module):
-    """L2-normalise along `dim` (the channel dimension by default)."""
-
-    def __init__(self, dim: int = 1) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, p=2.0, dim=self.dim)
-
-
-class GeM(nn.Module):
-    """Generalised-mean pooling over the spatial dimensions with a learnable exponent p."""
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.p = nn.Parameter(torch.ones(1) * p)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.avg_pool2d(x.clamp(min=self.eps).pow(self.p), (x.size(-2), x.size(-1)))
-        return pooled.pow(1.0 / self.p).flatten(1)
+from vpr.models.layers import GeM, L2Norm
 
 
 class CosPlaceHead(nn.Module):

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import json
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
+from vpr.data.images import INTERPOLATIONS, RESAMPLERS, RESIZE_MODES, Preprocess
 from vpr.errors import UsageError
+from vpr.models import methods
 from vpr.models.backbones import backbone_channels, build_backbone
 from vpr.models.heads import CosPlaceHead, NetVLAD, PatchNorm
 
-HEADS = ("cosplace", "netvlad", "patchnorm")
+CORE_HEADS = ("cosplace", "netvlad", "patchnorm")
+HEADS = CORE_HEADS + tuple(methods.HEADS)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,14 +30,31 @@ class ModelConfig:
     descriptor_dim: int = 512  # CosPlace output size; NetVLAD's is num_clusters * channels
     num_clusters: int = 64
     patch_size: int = 8  # patchnorm's P x P tiles
-    input_size: tuple[int, int] = (240, 320)  # (height, width) images are resized to
+    input_size: tuple[int, int] = (240, 320)  # (height, width) of a fixed resize; (S, S) for the shorter-side rule
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "fixed"  # fixed | shorter | native (see vpr.data.images.Preprocess)
+    multiple: int = 1  # 14: then each side to the nearest multiple of 14 (DINOv2 models)
+    interpolation: str = "bilinear"
+    resampler: str = "pil"  # pil (8-bit PIL resize) | torch (float resize, as torchvision's tensor Resize)
+    head_options: dict = field(default_factory=dict)  # a published head's hyperparameters (vpr.models.<method>)
+    backbone_options: dict = field(default_factory=dict)  # e.g. a ViT's blocks / facet
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise UsageError(f"unknown head '{self.head}'; choose one of {', '.join(HEADS)}")
         backbone_channels(self.backbone, self.layer)  # validates backbone and layer
+        for name, value, allowed in (("resize", self.resize, RESIZE_MODES), ("interpolation", self.interpolation, INTERPOLATIONS),
+                                     ("resampler", self.resampler, RESAMPLERS)):
+            if value not in allowed:
+                raise UsageError(f"{name} '{value}' is not one of {', '.join(allowed)}")
+        if int(self.multiple) < 1:
+            raise UsageError(f"multiple {self.multiple}: must be 1 (no rounding) or a patch size such as 14")
+        object.__setattr__(self, "multiple", int(self.multiple))
+        object.__setattr__(self, "head_options", dict(self.head_options))
+        object.__setattr__(self, "backbone_options", dict(self.backbone_options))
+        if self.head in methods.HEADS and methods.HEADS[self.head].descriptor_dim is not None:
+            object.__setattr__(self, "descriptor_dim", int(methods.HEADS[self.head].descriptor_dim(self)))
         if (self.backbone == "pixels") != (self.head == "patchnorm"):
             raise UsageError("the pixels backbone and the patchnorm head go together: --model pixels --head patchnorm")
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
@@ -52,6 +73,14 @@ class ModelConfig:
     def channels(self) -> int:
         """Channels of the backbone's feature map (the head's input)."""
         return backbone_channels(self.backbone, self.layer)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How images become this model's input (stored with the model, so indexes reproduce it)."""
+        return Preprocess(self.resize, self.input_size, self.multiple, self.interpolation, self.resampler)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def to_dict(self) -> dict:
         """A JSON-serialisable form, stored in checkpoints and manifests."""
@@ -73,13 +102,15 @@ class VPRModel(nn.Module):
     def __init__(self, config: ModelConfig, pretrained: str | None = None) -> None:
         super().__init__()
         self.config = config
-        self.backbone = build_backbone(config.backbone, config.layer, pretrained)
+        self.backbone = build_backbone(config.backbone, config.layer, pretrained, config.backbone_options)
         if config.head == "cosplace":
             self.head: nn.Module = CosPlaceHead(config.channels, config.descriptor_dim)
         elif config.head == "patchnorm":
             self.head = PatchNorm(config.patch_size)
-        else:
+        elif config.head == "netvlad":
             self.head = NetVLAD(config.channels, config.num_clusters)
+        else:
+            self.head = methods.HEADS[config.head].build(config)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))

@@ -17,21 +17,27 @@ bias gets a zero bias, which is the same soft-assignment. A Linear (+ L2) after 
 descriptor, y = L2(W x + b), is stored as our PCA: y = L2(((x - m) C^T) s) with s = row norms of W,
 C = W / s and m any point with C m = -b / s.
 Published files do not record their input size: they get DEFAULT_INPUT_SIZE and ImageNet mean/std.
+
+The DINOv2-era methods (SALAD, MegaLoc, BoQ, MixVPR, ...) live one per module under `vpr.models`
+and register their layouts in `vpr.models.methods`; their `convert` gives the config (preprocessing
+included) and the weights, and this module builds and loads the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from vpr.errors import CheckpointError, UsageError
-from vpr.models.backbones import BACKBONES, DESCRIPTIONS, backbone_channels, build_backbone
+from vpr.models import methods
+from vpr.models.backbones import backbone_channels, backbone_description, backbone_names, build_backbone
 from vpr.models.model import ModelConfig, VPRModel
 from vpr.models.pca import PCA
+from vpr.models.registry import Converted, Layout, PublishedFile
+from vpr.models.statedict import linear_to_pca, summarize_keys, take
 
 DEFAULT_INPUT_SIZE = (480, 640)  # (height, width): Pitts30k's resolution and the benchmark's default resize
 WRAPPER_KEYS = ("state_dict", "model_state_dict")
@@ -40,40 +46,31 @@ CANDIDATE_BACKBONES = (
     ("vgg16", 4), ("resnet18", 4), ("resnet18", 3), ("resnet50", 4), ("resnet50", 3),
     ("resnet101", 4), ("resnet101", 3), ("resnet152", 4), ("resnet152", 3),
 )
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A checkpoint layout vpr reads: where it comes from, the keys that identify it, its models."""
-
-    name: str
-    aliases: tuple[str, ...]
-    source: str
-    keys: str
-    published: tuple[tuple[str, str, str], ...]  # (model, backbones, descriptor sizes)
-
-
-COSPLACE_DIMS = "32, 64, 128, 256, 512, 1024, 2048"
-LAYOUTS = {
-    "vpr": Layout("vpr", (), "vpr train", "format: vpr-checkpoint + config + state_dict", ()),
+COSPLACE_URL = "https://github.com/gmberton/CosPlace/releases/download/v1.0/"
+EIGENPLACES_URL = "https://github.com/gmberton/EigenPlaces/releases/download/v1.0/"
+CNN_INPUT = "480x640 (--resize)"
+CORE_LAYOUTS = {
+    "vpr": Layout("vpr", (), "vpr train", "format: vpr-checkpoint + config + state_dict"),
     "cosplace": Layout(
         "cosplace", ("eigenplaces",), "gmberton/CosPlace, gmberton/EigenPlaces (torch.hub and model zoos)",
         "backbone.* + aggregation.1.p, aggregation.3.weight, aggregation.3.bias",
         (  # as listed in the two repositories' hubconf.py
-            ("CosPlace", "resnet18", "32, 64, 128, 256, 512"),
-            ("CosPlace", "resnet50, resnet101, resnet152", COSPLACE_DIMS),
-            ("CosPlace", "vgg16", "64, 128, 256, 512"),
-            ("EigenPlaces", "resnet18", "256, 512"),
-            ("EigenPlaces", "resnet50, resnet101", "128, 256, 512, 1024, 2048"),
-            ("EigenPlaces", "vgg16", "512"),
+            PublishedFile("CosPlace", "ResNet-18", "32, 64, 128, 256, 512", CNN_INPUT, "ResNet18_{DIM}_cosplace.pth", COSPLACE_URL),
+            PublishedFile("CosPlace", "ResNet-50/101/152", "32 ... 2048", CNN_INPUT, "ResNet50_{DIM}_cosplace.pth", COSPLACE_URL),
+            PublishedFile("CosPlace", "VGG16", "64, 128, 256, 512", CNN_INPUT, "VGG16_{DIM}_cosplace.pth", COSPLACE_URL),
+            PublishedFile("EigenPlaces", "ResNet-18", "256, 512", CNN_INPUT, "ResNet18_{DIM}_eigenplaces.pth", EIGENPLACES_URL),
+            PublishedFile("EigenPlaces", "ResNet-50/101", "128 ... 2048", CNN_INPUT, "ResNet50_{DIM}_eigenplaces.pth", EIGENPLACES_URL),
+            PublishedFile("EigenPlaces", "VGG16", "512", CNN_INPUT, "VGG16_512_eigenplaces.pth", EIGENPLACES_URL),
         ),
     ),
     "netvlad": Layout(
         "netvlad", ("pytorch-netvlad", "patchnetvlad"), "Nanne/pytorch-NetVlad, QVPR/Patch-NetVLAD",
         "state_dict: encoder.* + pool.centroids, pool.conv.weight [+ pool.conv.bias] [+ WPCA.0.weight, WPCA.0.bias]",
         (
-            ("NetVLAD (vladv1 or vladv2)", "vgg16", "K x 512 (32768 with 64 clusters)"),
-            ("Patch-NetVLAD global + WPCA", "vgg16", "128, 512, 4096"),
+            PublishedFile("NetVLAD (vladv1 or vladv2)", "VGG16", "K x 512 (32768)", CNN_INPUT, "checkpoint.pth.tar",
+                          "train with Nanne/pytorch-NetVlad"),
+            PublishedFile("Patch-NetVLAD global + WPCA", "VGG16", "128, 512, 4096", CNN_INPUT, "pittsburgh_WPCA{DIM}.pth.tar",
+                          "QVPR/Patch-NetVLAD download_models.py"),
         ),
     ),
     "benchmark": Layout(
@@ -81,13 +78,12 @@ LAYOUTS = {
         "model_state_dict: backbone.* + aggregation.{centroids, conv.weight | 0.centroids, 0.conv.weight, "
         "1.weight, 1.bias | 1.p | 0.1.p, 1.weight, 1.bias}",
         (
-            ("NetVLAD", "vgg16, resnet18/50/101 conv4 or conv5", "K x C"),
-            ("NetVLAD + FC", "same", "FC size"),
-            ("GeM (L2 before pooling)", "same", "C"),
-            ("GeM + FC", "same", "FC size (e.g. 2048, 65536)"),
+            PublishedFile("NetVLAD [+ FC] / GeM [+ FC]", "VGG16, ResNet-18/50/101 conv4|conv5", "K x C, C or FC size",
+                          CNN_INPUT, "best_model.pth", "the benchmark's model zoo"),
         ),
     ),
 }
+LAYOUTS: dict[str, Layout] = {**CORE_LAYOUTS, **methods.LAYOUTS}
 
 
 def resolve_format(fmt: str) -> str | None:
@@ -126,17 +122,12 @@ def expected_layouts() -> str:
     return "; ".join(f"{layout.name} ({layout.source}): {layout.keys}" for layout in LAYOUTS.values())
 
 
-def summarize_keys(keys: list[str], limit: int = 8) -> str:
-    """'conv1.* (1 tensor), layer1.* (30 tensors)': the top-level groups of a state dict, for errors."""
-    groups: dict[str, int] = {}
-    for key in keys:
-        groups[key.split(".")[0]] = groups.get(key.split(".")[0], 0) + 1
-    shown = [f"{head}.* ({count} tensor{'s' if count > 1 else ''})" for head, count in list(groups.items())[:limit]]
-    return ", ".join(shown) + (", ..." if len(groups) > limit else "")
-
-
 def detect_format(state: dict[str, torch.Tensor], path: Path) -> str:
-    """The layout of a published state dict, from its top-level key groups."""
+    """The layout of a published state dict, from its keys: the method modules' layouts first, as
+    their keys are the more specific, then the CNN layouts by their top-level key groups."""
+    for layout in methods.LAYOUTS.values():
+        if layout.detect is not None and layout.detect(state):
+            return layout.name
     groups = {key.split(".")[0] for key in state}
     if {"encoder", "pool"} <= groups:
         return "netvlad"
@@ -173,39 +164,21 @@ def match_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path) -> t
     )
 
 
-def take(state: dict[str, torch.Tensor], keys: tuple[str, ...], path: Path, what: str) -> list[torch.Tensor]:
-    """The tensors at `keys`, or an error naming what is missing."""
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a {what} checkpoint: missing {', '.join(missing)}")
-    return [state[k] for k in keys]
 
 
-def linear_to_pca(weight: torch.Tensor, bias: torch.Tensor, whiten: bool, path: Path) -> PCA:
-    """Our PCA equal to y = L2(W x + b) (see the module docstring); m is the min-norm solution."""
-    components = weight.detach().to("cpu", torch.float64, copy=True)  # becomes C in place: one big copy
-    scale = components.norm(dim=1)
-    if bool((scale == 0).any()):
-        raise CheckpointError(f"{path}: the projection has all-zero rows; the file is damaged")
-    components /= scale[:, None]
-    target = -bias.detach().to("cpu", torch.float64) / scale
-    mean = components.T @ target  # exact when the rows are orthonormal, as in a (whitened) PCA
-    if (components @ mean - target).norm() > 1e-6 * max(1.0, float(target.norm())):
-        mean = torch.linalg.lstsq(components, target[:, None]).solution[:, 0]
-    if (components @ mean - target).norm() > 1e-4 * max(1.0, float(target.norm())):
-        raise CheckpointError(
-            f"{path}: a {weight.shape[0]}x{weight.shape[1]} projection with this bias cannot be applied as a PCA; "
-            "only projections to fewer dimensions are supported"
-        )
-    return PCA(mean=mean.float().numpy(), components=components.float().numpy(), scale=scale.float().numpy(), whiten=whiten)
 
 
 def assemble(config: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> VPRModel:
     """A VPRModel of `config` holding exactly `weights` (built on meta, then the tensors are assigned)."""
     with torch.device("meta"):
         model = VPRModel(config)
+    expected = model.state_dict()
+    unused = sorted(set(weights) - set(expected))
+    if unused:  # every tensor of a published file is used (or dropped on purpose by its converter)
+        raise CheckpointError(f"{path}: tensors {summarize_keys(unused)} have no place in {config.backbone} + {config.head}; "
+                              "the file has another architecture (force a layout with --format)")
     full = {}
-    for key in model.state_dict():
+    for key in expected:
         if key in weights:
             tensor = weights[key].detach()
             full[key] = tensor.to(torch.float32).contiguous() if tensor.is_floating_point() else tensor
@@ -335,31 +308,59 @@ IMPORTERS: dict[str, Callable[[dict, Path], tuple[VPRModel, PCA | None]]] = {
 }
 
 
+def import_converted(layout: Layout, state: dict[str, torch.Tensor], path: Path) -> tuple[VPRModel, PCA | None]:
+    """A method module's layout: its `convert` gives config and weights; build and load them strictly."""
+    converted: Converted = layout.convert(state, path)
+    try:
+        config = ModelConfig(**converted.config)
+    except (TypeError, UsageError) as exc:
+        raise CheckpointError(f"{path}: a {layout.name} checkpoint with unsupported settings ({exc})") from exc
+    return assemble(config, converted.weights, path), converted.pca
+
+
 def import_published(payload: dict, path: Path, fmt: str | None = None) -> tuple[VPRModel, PCA | None]:
     """Model (and PCA, where the file has a projection) from a published checkpoint payload."""
     state = state_dict_of(payload, path)
     layout = (resolve_format(fmt) if fmt is not None else None) or detect_format(state, path)
     if layout == "vpr":
         raise CheckpointError(f"{path}: not a vpr checkpoint (no 'format': 'vpr-checkpoint'); drop --format vpr")
-    return IMPORTERS[layout](state, path)
+    if layout in IMPORTERS:
+        return IMPORTERS[layout](state, path)
+    return import_converted(LAYOUTS[layout], state, path)
+
+
+def published_file_hint(path: Path) -> str:
+    """'; it is named like MegaLoc's model.safetensors (URL)', when a published file has this name, else ''."""
+    for layout in LAYOUTS.values():
+        for entry in layout.published:
+            pattern = entry.file.replace("{DIM}", "*")
+            if Path(path).match(pattern):
+                return f"; it is named like {entry.method}'s {entry.file} ({entry.url}): download it again"
+    return ""
 
 
 def supported_models() -> dict:
-    """What `vpr models` prints: backbones, heads and the checkpoint formats vpr reads."""
+    """What `vpr models` prints: backbones, heads, published methods and the checkpoint formats vpr reads."""
     return {
         "backbones": [
             {"name": name, "channels": {"layer4": _channels(name, 4), "layer3": _channels(name, 3)},
-             "description": DESCRIPTIONS[name]}
-            for name in BACKBONES
+             "description": backbone_description(name)}
+            for name in backbone_names()
         ],
         "heads": [
             {"name": "cosplace", "descriptor_dim": "any D (Linear C -> D)", "description": "L2 -> GeM -> Linear -> L2"},
             {"name": "netvlad", "descriptor_dim": "K x C (64 x 512 = 32768 for VGG16)",
              "description": "soft-assignment to K centroids, residual sums, intra-norm, L2"},
+            {"name": "patchnorm", "descriptor_dim": "H x W of the thumbnail", "description": "SeqSLAM's patch-normalised grey thumbnail"},
+            *({"name": head.name, "descriptor_dim": head.dims, "description": head.description} for head in methods.HEADS.values()),
+        ],
+        "methods": [
+            {"method": entry.method, "backbone": entry.backbone, "descriptor_dims": entry.dims, "input": entry.input,
+             "file": entry.file, "url": entry.url, "format": layout.name}
+            for layout in LAYOUTS.values() for entry in layout.published
         ],
         "formats": [
-            {"name": layout.name, "aliases": list(layout.aliases), "source": layout.source, "keys": layout.keys,
-             "published": [{"model": m, "backbones": b, "descriptor_dims": d} for m, b, d in layout.published]}
+            {"name": layout.name, "aliases": list(layout.aliases), "source": layout.source, "keys": layout.keys}
             for layout in LAYOUTS.values()
         ],
         "published_input_size": list(DEFAULT_INPUT_SIZE),
@@ -368,7 +369,7 @@ def supported_models() -> dict:
 
 
 def _channels(name: str, layer: int) -> int | None:
-    """Feature-map channels, or None where the cut does not exist (VGG16 at layer 3)."""
+    """Feature-map channels, or None where the cut does not exist (VGG16 at layer 3, ViTs at layer 3)."""
     try:
         return backbone_channels(name, layer)
     except UsageError:

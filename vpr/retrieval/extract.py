@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vpr import distributed
-from vpr.data.loading import ImageFiles, JpegFiles, collate_lists, decode_batch
+from vpr.data.loading import ImageFiles, JpegFiles, collate_lists, collate_sizes, decode_batch
 from vpr.errors import ImageError, VPRError
 from vpr.fileio import output_lock
 from vpr.models.checkpoints import model_fingerprint
@@ -230,11 +230,12 @@ def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store:
         progress(done, len(paths))
     todo_paths = [paths[i] for i in todo]
     on_device = options.decode_on_device
-    dataset = JpegFiles(todo_paths, config.input_size) if on_device else ImageFiles(todo_paths, config.input_size)
+    rule = config.preprocess
+    dataset = JpegFiles(todo_paths, rule) if on_device else ImageFiles(todo_paths, rule)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False,
         num_workers=options.num_workers if len(todo) > batch_size else 0,
-        pin_memory=dev.type == "cuda", persistent_workers=False, collate_fn=collate_lists if on_device else None,
+        pin_memory=dev.type == "cuda", persistent_workers=False, collate_fn=collate_lists if on_device else collate_sizes,
     )
 
     def finish(copy_: _HostCopy | None) -> None:
@@ -249,34 +250,37 @@ def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store:
         if progress:
             progress(done, len(paths))
 
-    pending: _HostCopy | None = None
-    for batch in loader:
+    def size_groups(batch) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
+        """(images on the device, rows, errors) per image size of a loader batch."""
         if on_device:
             items, is_jpeg, local, errors = batch
             rows = todo[local.numpy()]
-            images, decode_errors = decode_batch(items, is_jpeg, [paths[r] for r in rows], config.input_size, dev)
-            errors = [e or d for e, d in zip(errors, decode_errors)]
-        else:
-            images, local, errors = batch
-            rows = todo[local.numpy()]
-            images = images.to(dev, non_blocking=True)
-        bad = [j for j, e in enumerate(errors) if e]
-        for j in bad:
-            if not options.skip_bad:
-                raise ImageError(errors[j])
-            skipped.append((paths[rows[j]], errors[j]))
-            ok[rows[j]] = False
-        done += len(bad)
-        launched = None
-        if len(bad) < len(rows):
-            good = np.setdiff1d(np.arange(len(rows)), bad)
-            images = images if not bad else images[torch.from_numpy(good).to(dev)]
-            launched = _HostCopy(rows[good], forward(images))
-        finish(pending)
-        pending = launched
-        if dev.type != "cuda":  # nothing to overlap on the CPU: store now, so a kill loses at most this batch
+            images, decode_errors = decode_batch(items, is_jpeg, [paths[r] for r in rows], rule, dev)
+            yield images, rows, [e or d for e, d in zip(errors, decode_errors)]
+            return
+        for images, local, errors in batch:
+            yield images.to(dev, non_blocking=True), todo[local.numpy()], errors
+
+    pending: _HostCopy | None = None
+    for batch in loader:
+        for images, rows, errors in size_groups(batch):
+            bad = [j for j, e in enumerate(errors) if e]
+            for j in bad:
+                if not options.skip_bad:
+                    raise ImageError(errors[j])
+                skipped.append((paths[rows[j]], errors[j]))
+                ok[rows[j]] = False
+            done += len(bad)
+            launched = None
+            if len(bad) < len(rows):
+                good = np.setdiff1d(np.arange(len(rows)), bad)
+                images = images if not bad else images[torch.from_numpy(good).to(dev)]
+                launched = _HostCopy(rows[good], forward(images))
             finish(pending)
-            pending = None
+            pending = launched
+            if dev.type != "cuda":  # nothing to overlap on the CPU: store now, so a kill loses at most this batch
+                finish(pending)
+                pending = None
     finish(pending)
     kept = np.flatnonzero(ok)
     for start in range(0, len(kept), 4096):  # compact in place (kept[j] >= j): no second copy of the descriptors

@@ -139,7 +139,7 @@ def create_app(config: ServeConfig, index: Index | None = None) -> FastAPI:
             data = await upload.read()
             name = upload.filename or f"image {i}"
             tensors.append(await loop.run_in_executor(decoders, index.prepare, data, name, config.max_pixels))
-        results = await batcher.submit(torch.stack(tensors), k)
+        results = await batcher.submit(tensors, k)
         named = [replace(r, query=upload.filename or f"image {i}") for i, (r, upload) in enumerate(zip(results, images))]
         return {"results": [r.to_dict() for r in named], "k": k, "seconds": round(time.perf_counter() - start, 4)}
 
@@ -148,7 +148,7 @@ def create_app(config: ServeConfig, index: Index | None = None) -> FastAPI:
 
 def index_runner(index: Index):
     """What the model thread runs for a batch: descriptors, then the search with the batch's largest k."""
-    def run(batch: torch.Tensor, k: int) -> list[QueryResult]:
+    def run(batch: list[torch.Tensor], k: int) -> list[QueryResult]:
         return index.search(index.describe_batch(batch), k)
 
     return run

@@ -23,13 +23,13 @@ Run = Callable[[torch.Tensor, int], list[QueryResult]]
 
 @dataclass
 class _Job:
-    images: torch.Tensor
+    images: list[torch.Tensor]
     k: int
     future: asyncio.Future
 
 
 class Batcher:
-    """Queue of prepared images (N x 3 x H x W uint8 per request) answered by `run(batch, k)` in one thread.
+    """Queue of prepared images (a list of 3 x H x W inputs per request) answered by `run(batch, k)` in one thread.
 
     With `enabled=False` each request gets its own forward pass (the comparison `vpr serve --no-batching` measures).
     """
@@ -51,7 +51,7 @@ class Batcher:
         """Requests queued for the model thread."""
         return 0 if self._queue is None else self._queue.qsize()
 
-    async def submit(self, images: torch.Tensor, k: int) -> list[QueryResult]:
+    async def submit(self, images: list[torch.Tensor], k: int) -> list[QueryResult]:
         """The top-k results of each image, computed together with other requests' images."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first call on this event loop: start the batching task here
@@ -89,7 +89,7 @@ class Batcher:
         jobs = [job for job in jobs if not job.future.done()]  # a client that left cancelled its future
         if not jobs:
             return
-        batch = torch.cat([job.images for job in jobs])
+        batch = [image for job in jobs for image in job.images]
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.run, batch, max(job.k for job in jobs))

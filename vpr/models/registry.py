@@ -1,0 +1,77 @@
+"""The records a model family registers with vpr: its heads, extra backbones and checkpoint layouts.
+
+Each module under `vpr.models` that implements a published method exports `HEADS`, `LAYOUTS` and
+optionally `BACKBONES` (tuples of these records); `vpr.models.methods` collects them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vpr.models.pca import PCA
+
+
+@dataclass(frozen=True)
+class Head:
+    """An aggregation head `--head NAME`: `build(config)` returns the module (config: a ModelConfig);
+    `descriptor_dim(config)`, when given, is its output size (else config.descriptor_dim is used as is)."""
+
+    name: str
+    description: str
+    dims: str
+    build: Callable[[Any], nn.Module]
+    descriptor_dim: Callable[[Any], int] | None = None
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A backbone beyond the torchvision trunks and plain DINOv2: `build(options)` returns the module."""
+
+    name: str
+    description: str
+    channels: int
+    build: Callable[[dict], nn.Module]
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    """One published weights file: a row of `vpr models` and of the README's table."""
+
+    method: str
+    backbone: str
+    dims: str
+    input: str
+    file: str
+    url: str
+
+
+@dataclass
+class Converted:
+    """A published state dict mapped onto vpr: ModelConfig kwargs, weights under our keys, optional PCA."""
+
+    config: dict
+    weights: dict[str, torch.Tensor]
+    pca: PCA | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint layout vpr reads: where it comes from, the keys that identify it, its files.
+
+    `detect(state)` says from the keys whether a state dict has this layout; `convert(state, path)`
+    maps it onto a vpr model (None for the layouts `vpr.models.published` converts itself).
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    source: str
+    keys: str
+    published: tuple[PublishedFile, ...] = ()
+    detect: Callable[[dict[str, torch.Tensor]], bool] | None = None
+    convert: Callable[[dict[str, torch.Tensor], Path], Converted] | None = field(default=None)

@@ -1,0 +1,109 @@
+"""DINOv2 ViT backbones (Oquab et al. 2023) built from timm's blocks, with DINOv2's exact keys and
+position-embedding interpolation, so the authors' weights load unchanged and give their numbers.
+
+Tokens: x = [cls; patches(image) ] + pos, patches from a 14x14 stride-14 conv. For an input other
+than 518x518 the 37x37 grid of patch position embeddings is resized as DINOv2's own code does:
+bicubic, no antialias, scale factors ((H/14 + 0.1) / 37, (W/14 + 0.1) / 37) on its (rows, cols):
+the 0.1 offset changes the sampling positions, so it matters numerically. Each block is
+x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x)) (layer scale; ViT-G's MLP is SwiGLU), and the
+final LayerNorm gives DINOv2's `x_norm_clstoken` and `x_norm_patchtokens`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PATCH = 14
+GRID = 37  # DINOv2's position embeddings are trained for 518 x 518 = 37 x 37 patches
+INTERPOLATE_OFFSET = 0.1
+# name -> (embed_dim, depth, heads, SwiGLU MLP)
+SIZES = {
+    "dinov2_vits14": (384, 12, 6, False),
+    "dinov2_vitb14": (768, 12, 12, False),
+    "dinov2_vitl14": (1024, 24, 16, False),
+    "dinov2_vitg14": (1536, 40, 24, True),
+}
+FACETS = ("token", "query", "key", "value")
+DESCRIPTIONS = {
+    "dinov2_vits14": "DINOv2 ViT-S/14 (timm blocks, DINOv2 keys): (patch map, CLS) of 384 channels",
+    "dinov2_vitb14": "DINOv2 ViT-B/14 (timm blocks, DINOv2 keys): (patch map, CLS) of 768 channels",
+    "dinov2_vitl14": "DINOv2 ViT-L/14 (timm blocks, DINOv2 keys): (patch map, CLS) of 1024 channels",
+    "dinov2_vitg14": "DINOv2 ViT-G/14 (timm blocks, SwiGLU, DINOv2 keys): (patch map, CLS) of 1536 channels",
+}
+
+
+def vit_channels(name: str) -> int:
+    """Embedding width of a DINOv2 backbone."""
+    return SIZES[name][0]
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """DINOv2's position embeddings (1 x (1 + M*M) x C) for an H x W input, as DINOv2 computes them."""
+    patches = pos_embed.shape[1] - 1
+    h0, w0 = height // PATCH, width // PATCH
+    if h0 * w0 == patches and height == width:
+        return pos_embed
+    previous = pos_embed.dtype
+    pos = pos_embed.float()
+    side = int(math.sqrt(patches))
+    dim = pos.shape[-1]
+    grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    scale = ((h0 + INTERPOLATE_OFFSET) / side, (w0 + INTERPOLATE_OFFSET) / side)
+    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((pos[:, :1], grid), dim=1).to(previous)
+
+
+class DinoV2(nn.Module):
+    """A DINOv2 ViT: images (N x 3 x H x W, sides multiples of 14) -> (patch map N x C x H/14 x W/14, CLS N x C).
+
+    `blocks` runs only the first n blocks; `facet` other than "token" returns that attention facet
+    (query, key or value: the block's qkv projection of its normalised input) of block n instead of
+    its output tokens (AnyLoc's features); `final_norm` applies DINOv2's last LayerNorm to tokens.
+    """
+
+    def __init__(self, name: str = "dinov2_vitb14", blocks: int | None = None, facet: str = "token",
+                 final_norm: bool = True) -> None:
+        super().__init__()
+        from timm.layers import PatchEmbed, SwiGLUPacked
+        from timm.models.vision_transformer import Block
+
+        dim, depth, heads, swiglu = SIZES[name]
+        self.depth = depth if blocks is None else blocks
+        if not 1 <= self.depth <= depth:
+            raise ValueError(f"blocks={blocks}: {name} has {depth} blocks")
+        if facet not in FACETS:
+            raise ValueError(f"facet={facet}: choose one of {', '.join(FACETS)}")
+        self.facet = facet
+        self.final_norm = final_norm
+        self.patch_embed = PatchEmbed(img_size=None, patch_size=PATCH, embed_dim=dim, strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, GRID * GRID + 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))  # DINOv2's masked-modelling token: unused, kept so files load strictly
+        mlp = dict(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU) if swiglu else {}
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, qkv_bias=True, init_values=1e-5, norm_layer=partial(nn.LayerNorm, eps=1e-6), **mlp)
+            for _ in range(self.depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if final_norm and facet == "token" else nn.Identity()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, height, width = images.shape
+        x = self.patch_embed(images)
+        x = torch.cat((self.cls_token.expand(n, -1, -1), x), dim=1)
+        x = x + interpolate_pos_embed(self.pos_embed, height, width)
+        last = len(self.blocks) - 1 if self.facet != "token" else len(self.blocks)
+        for block in self.blocks[:last]:
+            x = block(x)
+        if self.facet != "token":
+            block = self.blocks[last]
+            qkv = block.attn.qkv(block.norm1(x))
+            x = qkv.chunk(3, dim=-1)[FACETS.index(self.facet) - 1]
+        x = self.norm(x)
+        patches = x[:, 1:].reshape(n, height // PATCH, width // PATCH, x.shape[-1]).permute(0, 3, 1, 2)
+        return patches, x[:, 0]
