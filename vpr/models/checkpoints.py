@@ -86,6 +86,12 @@ def load_payload(path: Path) -> dict:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, refused globals
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if "Unsupported global" in str(exc):  # e.g. a Lightning .ckpt whose hyper-parameters pickle a class
+            raise CheckpointError(
+                f"{path}: not a weights-only checkpoint: it pickles objects besides its weights ({reason}), which vpr never loads. If you trust "
+                f"the file, keep only its weights: python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+                f"torch.save(c.get('state_dict', c), '{path.with_suffix('.pth')}')\" and give that file"
+            ) from exc
         hint = published_file_hint(path)
         raise CheckpointError(
             f"{path}: not a loadable weights-only checkpoint ({reason}); "

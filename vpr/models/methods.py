@@ -7,7 +7,7 @@ from importlib import import_module
 
 from vpr.models.registry import Backbone, Head, Layout
 
-MODULES: tuple[str, ...] = ("boq",)
+MODULES: tuple[str, ...] = ("mixvpr", "convap", "boq", "salad", "megaloc")
 
 
 def _collect(attribute: str) -> list:

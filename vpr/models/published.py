@@ -330,13 +330,14 @@ def import_published(payload: dict, path: Path, fmt: str | None = None) -> tuple
 
 
 def published_file_hint(path: Path) -> str:
-    """'; it is named like MegaLoc's model.safetensors (URL)', when a published file has this name, else ''."""
-    for layout in LAYOUTS.values():
-        for entry in layout.published:
-            pattern = entry.file.replace("{DIM}", "*")
-            if Path(path).match(pattern):
-                return f"; it is named like {entry.method}'s {entry.file} ({entry.url}): download it again"
-    return ""
+    """'; it is named like MegaLoc's model.safetensors (URL): download it again', naming every published
+    file of that name; '' when none has it."""
+    matches = [(entry.method, entry.file, entry.url) for layout in LAYOUTS.values() for entry in layout.published
+               if Path(path).match(entry.file.replace("{DIM}", "*"))]
+    if not matches:
+        return ""
+    named = " or ".join(dict.fromkeys(f"{method}'s {file} ({url})" for method, file, url in matches))
+    return f"; it is named like {named}: download it again"
 
 
 def supported_models() -> dict:
