@@ -12,8 +12,9 @@ from rich.table import Table
 from cli.common import (
     INT32_MAX, MAX_BATCH, MAX_WORKERS, console, err_console, parse_int_list, parse_size, print_json, resolve_device, to_json,
 )
-from vpr.bench.config import bench_config
+from vpr.bench.config import CASES, bench_config
 from vpr.bench.run import is_bench_results, run_bench
+from vpr.errors import UsageError
 from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models.model import ModelConfig
 
@@ -26,7 +27,10 @@ def bench_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Measure this vpr checkpoint instead of a random-init ResNet-18 CosPlace model."),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Database sizes of the index and search cases, e.g. 10000,100000,1000000."),
     images: Optional[int] = typer.Option(None, "--images", min=2, max=INT32_MAX, help="JPEG files through the extraction cases."),
-    resize: Optional[str] = typer.Option(None, "--resize", help="Model input HEIGHTxWIDTH (default 240x320)."),
+    backbone: Optional[str] = typer.Option(None, "--model", help="Measure a random-init model with this backbone (e.g. dinov2_vitb14; default resnet18)."),
+    head: Optional[str] = typer.Option(None, "--head", help="... and this head (e.g. megaloc, salad, boq; default cosplace)."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="Model input HEIGHTxWIDTH (default 240x320; 322x322 for DINOv2)."),
+    cases: str = typer.Option("all", "--cases", help="Comma-separated cases to run: extraction, search (index build, search and query latency), memory; or all."),
     jpeg_size: str = typer.Option("480x640", "--jpeg-size", help="Size HEIGHTxWIDTH of the JPEGs extracted (the city's images upscaled, like camera photos), or 'native'."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, max=MAX_BATCH, help="Images per forward pass (default 32 on CPU, 128 on CUDA)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, max=MAX_WORKERS, help="DataLoader worker processes decoding JPEGs (default 2 on CPU)."),
@@ -36,10 +40,18 @@ def bench_cmd(
 ) -> None:
     """Benchmark extraction (vs a plain fp32 reference loop), index building and search, side by side."""
     dev = resolve_device(device)
+    model = None
+    if backbone or head or resize:
+        if checkpoint is not None:
+            raise UsageError("--model, --head and --resize describe a random-init model; drop them with --checkpoint")
+        vit = (backbone or "").startswith("dinov2_")
+        model = ModelConfig(backbone=backbone or "resnet18", head=head or "cosplace",
+                            input_size=parse_size(resize or ("322x322" if vit else "240x320")),
+                            **(dict(multiple=14, resampler="torch") if vit else {}))
     config = bench_config(
         quick, dev, data=data, checkpoint=checkpoint, extract_images=images, batch_size=batch_size, workers=workers,
         threads=threads, index_sizes=parse_int_list(sizes, "--sizes") if sizes else None,
-        model=ModelConfig(input_size=parse_size(resize)) if resize else None,
+        model=model, cases=parse_cases(cases),
         jpeg_size=None if jpeg_size == "native" else parse_size(jpeg_size), compile=compile_model,
     )
     path = out or Path("bench_results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
@@ -54,6 +66,17 @@ def bench_cmd(
         return
     print_tables(results)
     console.print(f"results written to {path} ({results['seconds']:.0f} s)")
+
+
+def parse_cases(text: str) -> tuple[str, ...]:
+    """--cases 'extraction,search' -> ('extraction', 'search'); 'all' -> every case."""
+    wanted = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if wanted == ("all",):
+        return CASES
+    unknown = [case for case in wanted if case not in CASES]
+    if unknown or not wanted:
+        raise UsageError(f"--cases {text}: choose from {', '.join(CASES)} or all")
+    return wanted
 
 
 def _cell(value) -> str:
@@ -75,9 +98,21 @@ def _table(title: str, columns: list[str], rows: list[list], text_columns: int =
 
 def print_tables(results: dict) -> None:
     """The short human-readable view of a bench result."""
-    machine, ex = results["machine"], results["extraction"]
+    machine = results["machine"]
     console.print(f"{machine['cpu']} ({machine['usable_cpus']} cpus, {machine['torch_threads']} torch threads, load "
                   f"{machine['load_average']}), device {machine['device']}" + (f" {machine['gpu']['name']}" if machine["gpu"] else ""))
+    if "extraction" in results:
+        print_extraction(results["extraction"])
+    if "search" in results:
+        print_search(results)
+    if "build_index_memory" in results:
+        print_memory(results["build_index_memory"])
+    console.print(f"peak RSS {results['memory']['peak_rss_mb']:,.0f} MB"
+                  + (f", GPU peak {results['memory']['gpu_peak_mb']:,.0f} MB" if results["memory"]["gpu_peak_mb"] else ""))
+
+
+def print_extraction(ex: dict) -> None:
+    """The extraction tables: forward-only, pipeline and reference rates, CPU per image, agreement."""
     forward, pipeline = ex["forward_only_images_per_s"], ex["pipeline"]
     amp = ex["amp_dtype"]
     rows = [[f"forward {name.replace('_', ' ')}", rate, None, None, None, None] for name, rate in forward.items()]
@@ -98,6 +133,10 @@ def print_tables(results: dict) -> None:
                           f"(top-5 similarities within {v['top5_similarity_max_diff']:.1e})"
                           for k, v in ex["agreement_with_reference"].items())
     console.print(f"descriptors vs the reference loop: {agreement}")
+
+
+def print_search(results: dict) -> None:
+    """The index-build, search and single-query latency tables."""
     console.print(_table("index build (pca: fit + transform)", ["size", "kind", "seconds", "index MB", "peak MB"], [
         [r["size"], r["kind"], r.get("build_s", r.get("fit_s", 0) + r.get("transform_s", 0)), r.get("index_mb"), r.get("peak_mb")]
         for r in results["index"]
@@ -116,7 +155,10 @@ def print_tables(results: dict) -> None:
         [kind, "", v["load_p50_ms"], v["forward_p50_ms"], v["pca_p50_ms"], v["search_p50_ms"], v["total_p50_ms"], v["total_p95_ms"]]
         for kind, v in latency["kinds"].items()
     ]))
-    memory = results["build_index_memory"]
+
+
+def print_memory(memory: dict) -> None:
+    """The build-index peak-memory table."""
     console.print(_table("build-index peak memory, fresh process (32x32 input)", ["images", "", "peak MB", "descriptors MB", "seconds"], [
         [r["images"], r.get("error", ""), r.get("peak_mb"), r["descriptors_mb"], r.get("seconds")] for r in memory["rows"]
     ]))
@@ -124,5 +166,3 @@ def print_tables(results: dict) -> None:
     if growth is not None:
         console.print(f"build-index peak grows {growth:,.0f} bytes per extra image "
                       f"(one descriptor is {memory['descriptor_bytes_per_image']:,} bytes)")
-    console.print(f"peak RSS {results['memory']['peak_rss_mb']:,.0f} MB"
-                  + (f", GPU peak {results['memory']['gpu_peak_mb']:,.0f} MB" if results["memory"]["gpu_peak_mb"] else ""))

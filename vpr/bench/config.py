@@ -13,6 +13,7 @@ from vpr.errors import UsageError
 from vpr.models.model import ModelConfig
 from vpr.retrieval.extract import ExtractOptions
 
+CASES = ("extraction", "search", "memory")  # search: index build, search, single-image query latency
 Stage = Callable[[str], None]  # told what is being measured now (the CLI shows it as a status line)
 
 
@@ -39,6 +40,7 @@ class BenchConfig:
     compile: bool = False  # add torch.compile cases (always on CUDA)
     threads: int | None = None
     checkpoint: Path | None = None  # a vpr checkpoint to measure instead of a random-init `model`
+    cases: tuple[str, ...] = CASES
     seed: int = 0
 
 

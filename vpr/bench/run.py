@@ -65,19 +65,23 @@ def run_bench(config: BenchConfig, stage: Stage | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="vpr-bench-") as tmp:
         workdir = Path(tmp)
         database, queries, results["data"] = city_images(config, workdir, stage)
-        stage(f"writing {config.extract_images} photo-size JPEGs")
-        photos = photo_copies(database + queries, config.extract_images, config.jpeg_size, workdir / "photos")
-        results["extraction"] = extraction_case(model, photos, config, workdir, stage)
-        stage(f"descriptors of the city ({len(database) + len(queries)} images)")
-        amp = dev.type == "cuda" or cpu_bf16()
-        base_db = extract_descriptors(model, database, extract_options(config, amp=amp)).descriptors
-        base_q = extract_descriptors(model, queries, extract_options(config, amp=amp)).descriptors
-        build_rows, search_rows, pca, searches = index_and_search_case(base_db, base_q, config, stage)
-        results["index"], results["search"] = build_rows, search_rows
-        stage("single-image query latency")
-        results["query_latency"] = query_latency_case(model, pca, searches, photos, config, max(config.index_sizes))
-        del searches
-        results["build_index_memory"] = build_memory_case(model, database + queries, config, workdir, stage)
+        if "extraction" in config.cases or "search" in config.cases:
+            stage(f"writing {config.extract_images} photo-size JPEGs")
+            photos = photo_copies(database + queries, config.extract_images, config.jpeg_size, workdir / "photos")
+        if "extraction" in config.cases:
+            results["extraction"] = extraction_case(model, photos, config, workdir, stage)
+        if "search" in config.cases:
+            stage(f"descriptors of the city ({len(database) + len(queries)} images)")
+            amp = dev.type == "cuda" or cpu_bf16()
+            base_db = extract_descriptors(model, database, extract_options(config, amp=amp)).descriptors
+            base_q = extract_descriptors(model, queries, extract_options(config, amp=amp)).descriptors
+            build_rows, search_rows, pca, searches = index_and_search_case(base_db, base_q, config, stage)
+            results["index"], results["search"] = build_rows, search_rows
+            stage("single-image query latency")
+            results["query_latency"] = query_latency_case(model, pca, searches, photos, config, max(config.index_sizes))
+            del searches
+        if "memory" in config.cases:
+            results["build_index_memory"] = build_memory_case(model, database + queries, config, workdir, stage)
     results["memory"] = {"peak_rss_mb": peak_rss_mb(),
                          "gpu_peak_mb": round(torch.cuda.max_memory_allocated(dev) / MB, 1) if dev.type == "cuda" else None}
     results["seconds"] = round(time.perf_counter() - started, 1)

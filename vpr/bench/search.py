@@ -13,7 +13,7 @@ import torch
 from vpr.bench.config import BenchConfig, Stage
 from vpr.bench.data import replicate
 from vpr.bench.measure import MB, measure_memory, percentile_ms
-from vpr.data.images import image_to_tensor, load_rgb
+from vpr.data.images import load_rgb, preprocess
 from vpr.models.inference import amp_dtype, forward_batch, inference_model
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA, fit_pca
@@ -163,7 +163,7 @@ def query_latency_case(
         stages: dict[str, list[float]] = {"load": [], "forward": [], "pca": [], "search": [], "total": []}
         for i in range(count + 1):
             t0 = time.perf_counter()
-            image = image_to_tensor(load_rgb(paths[i % len(paths)]), model.config.input_size)
+            image = preprocess(load_rgb(paths[i % len(paths)]), model.config.preprocess)
             t1 = time.perf_counter()
             descriptor = forward_batch(fast, image[None].to(dev), low).cpu().numpy()
             t2 = time.perf_counter()
