@@ -87,6 +87,7 @@ def load_payload(path: Path) -> dict:
     except Exception as exc:  # pickle errors, zip errors, refused globals
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         if "Unsupported global" in str(exc):  # e.g. a Lightning .ckpt whose hyper-parameters pickle a class
+            reason = next(line.strip() for line in str(exc).splitlines() if "Unsupported global" in line)[:160]
             raise CheckpointError(
                 f"{path}: not a weights-only checkpoint: it pickles objects besides its weights ({reason}), which vpr never loads. If you trust "
                 f"the file, keep only its weights: python -c \"import torch; c = torch.load('{path}', weights_only=False); "

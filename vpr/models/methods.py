@@ -7,7 +7,7 @@ from importlib import import_module
 
 from vpr.models.registry import Backbone, Head, Layout
 
-MODULES: tuple[str, ...] = ("mixvpr", "convap", "boq", "salad", "megaloc")
+MODULES: tuple[str, ...] = ("mixvpr", "convap", "boq", "cricavpr", "qaa", "salad", "megaloc", "supervlad", "edtformer")
 
 
 def _collect(attribute: str) -> list:

@@ -214,7 +214,9 @@ SALAD_PARTS = ("dust_bin", "score.", "cluster_features.", "token_features.")
 def looks_like_salad(state: dict[str, torch.Tensor], prefix: str) -> bool:
     """SALAD's VPRModel under `prefix`, recognised from any of its parts (so a damaged file is named)."""
     parts = tuple(f"{prefix}aggregator.{part}" for part in SALAD_PARTS)
-    return any(k.startswith(parts) for k in state) and any(k.startswith(f"{prefix}backbone.model.") for k in state)
+    other = f"{prefix}aggregator.queries_score."  # QAA shares SALAD's module names and adds learned queries
+    return (any(k.startswith(parts) for k in state) and any(k.startswith(f"{prefix}backbone.model.") for k in state)
+            and not any(k.startswith(other) for k in state))
 
 
 def detect_salad(state: dict[str, torch.Tensor]) -> bool:
