@@ -81,3 +81,20 @@ def test_the_value_facet_is_the_last_blocks_qkv_projection():
         v = full.blocks[1].attn.qkv(full.blocks[1].norm1(x))[..., 2 * 384:]
     assert torch.allclose(values.flatten(2).transpose(1, 2), v[:, 1:], atol=1e-6) and torch.allclose(cls, v[:, 0], atol=1e-6)
     assert math.isclose(float(vit.norm(torch.ones(1, 384)).sum()), 384.0)  # no final LayerNorm on a facet
+
+
+def test_fast_paths_run_on_a_vit_fused_attention_and_bf16():
+    """Attention goes through PyTorch's scaled_dot_product_attention; bf16 autocast keeps the descriptor."""
+    from vpr.models.inference import forward_batch, inference_model
+    from vpr.models.model import ModelConfig, build_model
+
+    config = ModelConfig(backbone="dinov2_vits14", backbone_options={"blocks": 2}, head="salad",
+                         head_options={"num_clusters": 4, "cluster_dim": 8, "token_dim": 8, "mlp_dim": 16},
+                         input_size=(56, 56), multiple=14, resampler="torch")
+    model = inference_model(build_model(config, seed=0), torch.device("cpu"))
+    assert all(block.attn.fused_attn for block in model.backbone.blocks)
+    batch = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fp32 = forward_batch(model, batch)
+    bf16 = forward_batch(model, batch, torch.bfloat16)
+    assert fp32.shape == (2, config.descriptor_dim) and bf16.dtype == torch.float32
+    assert float(torch.nn.functional.cosine_similarity(fp32, bf16).min()) > 0.99

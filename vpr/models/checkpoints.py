@@ -17,6 +17,7 @@ import torch
 from vpr import __version__
 from vpr.errors import CheckpointError
 from vpr.fileio import atomic_file
+from vpr.models import methods
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA
 from vpr.models.published import import_published, published_file_hint, resolve_format
@@ -82,7 +83,7 @@ def load_payload(path: Path) -> dict:
             reason = " ".join(str(exc).split())[:120] or type(exc).__name__
             raise CheckpointError(f"{path}: a damaged or truncated .safetensors file ({reason}){published_file_hint(path)}") from exc
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with torch.serialization.safe_globals([*_numpy_globals(), *methods.PICKLE_GLOBALS]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, refused globals
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -99,6 +100,9 @@ def load_payload(path: Path) -> dict:
             + (hint.lstrip("; ") if hint else "vpr refuses files that need arbitrary pickles")
         ) from exc
     if not isinstance(payload, dict):
+        if path.name.endswith("_c_centers.pt"):
+            raise CheckpointError(f"{path}: an AnyLoc VLAD vocabulary alone; join it with its DINOv2 weights first: "
+                                  f"python -m vpr.models.anyloc dinov2_vitg14_pretrain.pth {path.name} anyloc.pth")
         raise CheckpointError(f"{path}: checkpoint holds a {type(payload).__name__}, expected a dict of tensors")
     return payload
 
