@@ -98,3 +98,10 @@ def test_fast_paths_run_on_a_vit_fused_attention_and_bf16():
     bf16 = forward_batch(model, batch, torch.bfloat16)
     assert fp32.shape == (2, config.descriptor_dim) and bf16.dtype == torch.float32
     assert float(torch.nn.functional.cosine_similarity(fp32, bf16).min()) > 0.99
+
+
+def test_an_input_that_is_not_whole_patches_is_refused_with_the_size_to_use():
+    from vpr.errors import UsageError
+
+    with pytest.raises(UsageError, match="50x56 input is not a multiple of 14.*42x56"):
+        small_vit()(torch.randn(1, 3, 50, 56))

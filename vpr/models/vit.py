@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.errors import UsageError
+
 PATCH = 14
 GRID = 37  # DINOv2's position embeddings are trained for 518 x 518 = 37 x 37 patches
 INTERPOLATE_OFFSET = 0.1
@@ -94,6 +96,9 @@ class DinoV2(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, _, height, width = images.shape
+        if height % PATCH or width % PATCH:  # DINOv2 refuses these too: whole patches only
+            raise UsageError(f"a {height}x{width} input is not a multiple of {PATCH} on each side, as DINOv2 needs; "
+                             f"give --resize a size such as {height // PATCH * PATCH or PATCH}x{width // PATCH * PATCH or PATCH}")
         x = self.patch_embed(images)
         x = torch.cat((self.cls_token.expand(n, -1, -1), x), dim=1)
         x = x + interpolate_pos_embed(self.pos_embed, height, width)
