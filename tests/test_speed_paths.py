@@ -133,6 +133,25 @@ def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone(model):
     np.testing.assert_allclose(forward_batch(fast, batch), forward_batch(model, batch), atol=1e-5)
 
 
+def test_inference_copy_of_a_model_without_batchnorm_shares_its_weights_and_leaves_it_alone():
+    """No weight changes for a ViT on its own device: no second copy of the (gigabytes of) weights."""
+    from vpr.models.model import ModelConfig, build_model
+
+    config = ModelConfig(backbone="dinov2_vits14", backbone_options={"blocks": 1}, head="salad",
+                         head_options={"num_clusters": 4, "cluster_dim": 8, "token_dim": 8, "mlp_dim": 16},
+                         input_size=(56, 56), multiple=14, resampler="torch")
+    model = build_model(config, seed=0).train()
+    before = copy.deepcopy(model.state_dict())
+    fast = inference_model(model, torch.device("cpu"))
+    assert fast.backbone.blocks[0].attn.qkv.weight is model.backbone.blocks[0].attn.qkv.weight
+    assert fast.backbone.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.training and not fast.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.backbone.patch_embed.proj.weight.is_contiguous()  # the caller's layout is unchanged
+    batch = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8)
+    np.testing.assert_allclose(forward_batch(fast, batch), forward_batch(model.eval(), batch), atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile needs a C++ compiler on the CPU")
 def test_compiled_extraction_gives_the_plain_descriptors_with_a_short_last_batch(model, photos):

@@ -56,8 +56,22 @@ def compiled(model: VPRModel, device: torch.device) -> VPRModel:
 def inference_model(model: VPRModel, device: torch.device) -> VPRModel:
     """A copy of `model` for extraction: on `device`, eval, conv+BN folded, channels_last.
 
-    The caller's model is left untouched (its mode, device and weights).
+    The caller's model is left untouched (its mode, device and weights). When no weight changes
+    (no BatchNorm to fold, already on `device`), the copy shares the caller's weight tensors instead of
+    duplicating them: a ViT-G or MegaLoc model is gigabytes.
     """
+    device = torch.device(device)
+    tensors = [*model.parameters(), *model.buffers()]
+    same_device = all(t.device.type == device.type and t.device.index in (None, device.index) for t in tensors)
+    if same_device and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        fast = copy.deepcopy(model, memo={id(t): t for t in tensors}).eval()  # new modules, the same tensors
+        with torch.no_grad():
+            for module in fast.modules():  # channels_last as new parameters: the shared ones keep their layout
+                for name, param in list(module.named_parameters(recurse=False)):
+                    if param.dim() == 4:
+                        setattr(module, name, torch.nn.Parameter(param.contiguous(memory_format=torch.channels_last),
+                                                                 requires_grad=param.requires_grad))
+        return fast
     fast = copy.deepcopy(model).eval()
     with torch.no_grad():
         fold_batchnorm(fast.backbone)
