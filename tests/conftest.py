@@ -54,6 +54,18 @@ def write_places(folder: Path, count: int, seed: int, *, spacing: float = 100.0)
     return db_paths, q_paths
 
 
+def perturb_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+    """Move every BatchNorm2d's weight, bias and running statistics away from their init, drawing from `generator`."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=generator) * 0.4 + 0.3)
+                m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+    return model
+
+
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on now (for a server or torch.distributed the test starts)."""
     with socket.socket() as probe:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+from conftest import perturb_batchnorm
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
 from vpr.models import boq
@@ -78,15 +79,7 @@ def resnet50():
     """A random torchvision ResNet-50 with BatchNorm statistics away from their init."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) * 0.4 + 0.3)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model
+    return perturb_batchnorm(model, torch.Generator().manual_seed(1))
 
 
 def resnet_file(tmp_path, resnet50, name="resnet50_16384.pth"):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+from conftest import perturb_batchnorm
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
 from vpr.models import apgem, sfrs
@@ -28,14 +29,10 @@ OPENIBL_MEAN = (0.48501960784313836, 0.4579568627450961, 0.4076039215686255)
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random weights with BatchNorm statistics and biases away from their init."""
     gen = torch.Generator().manual_seed(seed)
+    perturb_batchnorm(model, gen)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) * 0.4 + 0.3)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+            if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
     return model.eval()
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+from conftest import perturb_batchnorm
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
 from vpr.models import convap
@@ -27,13 +28,7 @@ def published(tmp_path_factory):
     torch.manual_seed(0)
     resnet = torchvision.models.resnet50(weights=None).eval()
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in resnet.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) * 0.4 + 0.3)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    perturb_batchnorm(resnet, gen)
     state = {f"backbone.model.{k}": v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
     state["aggregator.channel_pool.weight"] = torch.randn(8, 2048, 1, 1, generator=gen) * 0.05
     state["aggregator.channel_pool.bias"] = torch.randn(8, generator=gen) * 0.1

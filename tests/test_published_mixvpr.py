@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+from conftest import perturb_batchnorm
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import mixvpr
@@ -53,15 +54,7 @@ def resnet50():
     """A random torchvision ResNet-50 with BatchNorm statistics away from their init."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) * 0.4 + 0.3)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model
+    return perturb_batchnorm(model, torch.Generator().manual_seed(1))
 
 
 def trunk_to_layer3(resnet: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

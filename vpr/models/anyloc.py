@@ -39,7 +39,7 @@ from torch import nn
 
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
-from vpr.models.registry import Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, summarize_keys, take
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,10 +79,7 @@ class AnyLocVLAD(nn.Module):
 
 
 def head_options(config) -> dict:
-    options = {**DEFAULTS, **config.head_options}
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"anyloc head: unknown options {', '.join(sorted(unknown))}; it takes {', '.join(DEFAULTS)}")
+    options = merged_options(config, DEFAULTS, "anyloc")
     return {k: int(v) for k, v in options.items()}
 
 

@@ -35,7 +35,7 @@ from vpr.models import vit
 from vpr.models.backbones import backbone_channels, build_backbone
 from vpr.models.layers import GeM
 from vpr.models.pca import PCA
-from vpr.models.registry import Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,10 +62,7 @@ class APGeM(nn.Module):
 
 
 def head_options(config) -> dict:
-    options = {**DEFAULTS, **config.head_options}
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"apgem head: unknown options {', '.join(sorted(unknown))}; it takes {', '.join(DEFAULTS)}")
+    options = merged_options(config, DEFAULTS, "apgem")
     return {k: float(v) for k, v in options.items()}
 
 

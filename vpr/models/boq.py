@@ -34,7 +34,7 @@ from torch import nn
 
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
-from vpr.models.registry import Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -99,10 +99,7 @@ class BoQ(nn.Module):
 
 def _options(config) -> dict:
     """The head's hyperparameters: head_options over the published defaults."""
-    unknown = set(config.head_options) - set(OPTIONS)
-    if unknown:
-        raise UsageError(f"boq head: unknown options {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
-    options = {**DEFAULTS, **config.head_options}
+    options = merged_options(config, {k: DEFAULTS.get(k) for k in OPTIONS}, "boq")
     if options.get("proj_channels") is None:
         options["proj_channels"] = 384 if config.backbone in vit.SIZES else 512
     if options.get("heads") is None:

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpr.errors import CheckpointError, UsageError
+from vpr.errors import CheckpointError
 from vpr.models.mixvpr import IMAGENET_MEAN, IMAGENET_STD, resnet_trunk
-from vpr.models.registry import Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 
 # The reference tool's default Conv-AP (8192-d): `--head convap` builds it.
@@ -44,10 +44,7 @@ class ConvAP(nn.Module):
 
 
 def _options(config) -> dict:
-    options = {**DEFAULTS, **config.head_options}
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"convap head: unknown options {', '.join(sorted(unknown))}")
+    options = merged_options(config, DEFAULTS, "convap")
     return {k: int(v) for k, v in options.items()}
 
 

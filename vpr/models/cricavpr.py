@@ -43,7 +43,7 @@ from torch import nn
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.layers import GeM
-from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -188,11 +188,7 @@ class CricaVPR(nn.Module):
 
 
 def _options(config) -> dict:
-    options = {**DEFAULTS, **config.head_options}
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"cricavpr head: unknown options {', '.join(sorted(unknown))}")
-    return options
+    return merged_options(config, DEFAULTS, "cricavpr")
 
 
 def build_head(config) -> CricaVPR:

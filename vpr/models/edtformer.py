@@ -29,7 +29,7 @@ from torch import nn
 
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
-from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,11 +134,7 @@ class EDTformer(nn.Module):
 
 
 def _options(config) -> dict:
-    options = {**DEFAULTS, **config.head_options}
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"edtformer head: unknown options {', '.join(sorted(unknown))}")
-    return options
+    return merged_options(config, DEFAULTS, "edtformer")
 
 
 def build_head(config) -> EDTformer:

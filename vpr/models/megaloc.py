@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpr.errors import CheckpointError, UsageError
-from vpr.models.registry import Converted, Head, Layout, PublishedFile
+from vpr.errors import CheckpointError
+from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.salad import (DINOV2_PREPROCESS, NATIVE_14, SALAD, check_all_used, dinov2_backbone, require_vit,
                               salad_options, salad_weights)
 from vpr.models.statedict import take, with_prefix
@@ -43,10 +43,7 @@ class MegaLocHead(nn.Module):
 
 
 def head_options(config) -> dict:
-    options = {**DEFAULTS, **config.head_options}
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"megaloc head: unknown options {', '.join(sorted(unknown))}; it takes {', '.join(DEFAULTS)}")
+    options = merged_options(config, DEFAULTS, "megaloc")
     return {k: int(v) for k, v in options.items()}
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
-from vpr.models.registry import Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,15 +98,11 @@ def backbone_stride(config) -> int:
 
 def _options(config) -> dict:
     """The head's hyperparameters: head_options over the published defaults; the map size from the input size."""
-    options = {**DEFAULTS, **config.head_options}
-    if "in_h" not in options or "in_w" not in options:
+    defaults = {**DEFAULTS, "in_h": None, "in_w": None}
+    if "in_h" not in config.head_options or "in_w" not in config.head_options:
         stride = backbone_stride(config)
-        options.setdefault("in_h", config.input_size[0] // stride)
-        options.setdefault("in_w", config.input_size[1] // stride)
-    unknown = set(options) - {*DEFAULTS, "in_h", "in_w"}
-    if unknown:
-        raise UsageError(f"mixvpr head: unknown options {', '.join(sorted(unknown))}")
-    return options
+        defaults.update(in_h=config.input_size[0] // stride, in_w=config.input_size[1] // stride)
+    return merged_options(config, defaults, "mixvpr")
 
 
 def build_head(config) -> MixVPR:

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpr.errors import CheckpointError, UsageError
+from vpr.errors import CheckpointError
 from vpr.models import vit
-from vpr.models.registry import Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,11 +100,7 @@ class QAA(nn.Module):
 
 
 def _options(config) -> dict:
-    options = {**DEFAULTS, **config.head_options}
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"qaa head: unknown options {', '.join(sorted(unknown))}")
-    return options
+    return merged_options(config, DEFAULTS, "qaa")
 
 
 def build_head(config) -> QAA:

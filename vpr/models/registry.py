@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vpr.errors import UsageError
 from vpr.models.pca import PCA
 
 
@@ -75,3 +76,13 @@ class Layout:
     published: tuple[PublishedFile, ...] = ()
     detect: Callable[[dict[str, torch.Tensor]], bool] | None = None
     convert: Callable[[dict[str, torch.Tensor], Path], Converted] | None = field(default=None)
+
+
+def merged_options(config, defaults: dict, head: str) -> dict:
+    """A head's hyperparameters: `config.head_options` over `defaults`, refusing keys `defaults` lacks.
+
+    The values are returned as given (no casting); `head` names the head in the error message."""
+    unknown = set(config.head_options) - set(defaults)
+    if unknown:
+        raise UsageError(f"{head} head: unknown options {', '.join(sorted(unknown))}; it takes {', '.join(defaults)}")
+    return {**defaults, **config.head_options}

@@ -45,7 +45,7 @@ from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.backbones import backbone_channels, build_backbone
 from vpr.models.layers import log_optimal_transport
-from vpr.models.registry import Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,10 +103,7 @@ class SALAD(nn.Module):
 
 def head_options(config) -> dict:
     """The head's hyperparameters: `head_options` over the published defaults."""
-    options = {**DEFAULTS, **config.head_options}
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise UsageError(f"salad head: unknown options {', '.join(sorted(unknown))}; it takes {', '.join(DEFAULTS)}")
+    options = merged_options(config, DEFAULTS, "salad")
     return {k: int(v) for k, v in options.items()}
 
 

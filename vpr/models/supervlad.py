@@ -33,7 +33,7 @@ from torch import nn
 
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
-from vpr.models.registry import Converted, Head, Layout, PublishedFile
+from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -84,22 +84,14 @@ class SuperVLAD(nn.Module):
         return F.normalize(encoded.reshape(batch, -1), p=2, dim=-1)
 
 
-def _options(config, defaults: dict, name: str) -> dict:
-    options = {**defaults, **config.head_options}
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise UsageError(f"{name} head: unknown options {', '.join(sorted(unknown))}")
-    return options
-
-
 def _builder(defaults: dict, name: str):
     def build(config) -> SuperVLAD:
-        o = _options(config, defaults, name)
+        o = merged_options(config, defaults, name)
         return SuperVLAD(config.channels, int(o["clusters"]), int(o["ghost_clusters"]), int(o["layers"]),
                          int(o["heads"]), int(o["ffn"]), str(o["cross_image"]))
 
     def dims(config) -> int:
-        return int(_options(config, defaults, name)["clusters"]) * config.channels
+        return int(merged_options(config, defaults, name)["clusters"]) * config.channels
 
     return build, dims
 
