@@ -135,17 +135,22 @@ def refuse_non_finite(model: VPRModel, pca: PCA | None, path: Path) -> None:
     tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
     if pca is not None:
         tensors += [(f"pca.{name}", torch.as_tensor(v)) for name, v in (("mean", pca.mean), ("components", pca.components), ("scale", pca.scale))]
-    for name, tensor in tensors:
-        if not bool(torch.isfinite(tensor).all()):
+    for name, tensor in tensors:  # in slices: isfinite's temporaries of a whole 140M-weight layer would be a gigabyte
+        if not all(bool(torch.isfinite(part).all()) for part in tensor.detach().reshape(-1).split(1 << 22)):
             raise CheckpointError(f"{path}: weight '{name}' holds NaN or infinite values (a diverged or damaged model); use another checkpoint")
 
 
 def model_from_payload(payload: dict, path: Path) -> tuple[VPRModel, PCA | None]:
-    """Build the model and PCA described by a vpr checkpoint payload."""
+    """Build the model and PCA described by a vpr checkpoint payload. The model takes the payload's
+    tensors themselves (built on the meta device, then assigned): no second copy of the weights."""
     try:
         config = ModelConfig.from_dict(payload["config"])
-        model = build_model(config, seed=None)
-        model.load_state_dict(payload["state_dict"])
+        with torch.device("meta"):
+            model = VPRModel(config)
+        model.load_state_dict(payload["state_dict"], assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a non-persistent buffer: build it for real
+            model = build_model(config, seed=None)
+            model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: checkpoint config and weights do not match ({str(exc)[:160]})") from exc
     pca = PCA.from_state(payload["pca"]) if payload.get("pca") is not None else None
