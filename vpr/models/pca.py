@@ -76,9 +76,10 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int =
         raise UsageError(
             f"--pca-dim {dim} is impossible with {n} descriptors of size {d}; use at most {min(n, d)}"
         )
-    x = np.asarray(descriptors, dtype=np.float32)
-    if n > max_samples:
-        x = x[np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))]
+    if n > max_samples:  # rows read from an on-disk reader too: only the sample is ever in memory
+        x = np.asarray(descriptors[np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))], dtype=np.float32)
+    else:
+        x = np.asarray(descriptors[:], dtype=np.float32)
     solver = "covariance_eigh" if len(x) >= d else "full"
     pca = SklearnPCA(n_components=dim, whiten=whiten, svd_solver=solver, random_state=seed)
     pca.fit(x)

@@ -33,6 +33,7 @@ from vpr.models.checkpoints import model_fingerprint
 from vpr.models.inference import amp_dtype, compiled, forward_batch, inference_model
 from vpr.models.model import VPRModel
 from vpr.retrieval.cache import DescriptorCache
+from vpr.retrieval.store import RowReader, spill_rows
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -59,9 +60,11 @@ class ExtractOptions:
 
 @dataclass
 class Extraction:
-    """Descriptors of the readable images (in input order), their indices, and what was skipped."""
+    """Descriptors of the readable images (in input order), their indices, and what was skipped.
 
-    descriptors: np.ndarray
+    `descriptors` is an array, or a `RowReader` over a spill file when extraction spilled to disk."""
+
+    descriptors: np.ndarray | RowReader
     kept: np.ndarray
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     reused: int = 0
@@ -107,16 +110,19 @@ def extract_descriptors(
     *,
     cache: Path | None = None,
     progress: Progress | None = None,
+    spill: Path | None = None,
 ) -> Extraction:
     """Compute L2-normalised descriptors of `paths` as `options` says, reusing and extending `cache` when given.
 
     A bad image raises its `ImageError` unless `options.skip_bad`, which records it in `skipped`
-    instead. The caller's model is left untouched (an inference copy runs).
+    instead. The caller's model is left untouched (an inference copy runs). With `spill` (a folder)
+    the descriptors are written to an unnamed file there as they come and returned as a `RowReader`,
+    so memory does not grow with the number of images.
     """
     with output_lock(cache) if cache is not None else nullcontext():  # one writer per cache at a time
         store = _open_cache(model, cache, options.amp) if cache is not None else None
         try:
-            return _extract(model, paths, options, store, progress)
+            return _extract(model, paths, options, store, progress, spill)
         finally:
             if store is not None:
                 store.close()
@@ -129,6 +135,7 @@ def extract_sharded(
     *,
     cache: Path | None = None,
     progress: Progress | None = None,
+    spill: Path | None = None,
 ) -> Extraction:
     """`extract_descriptors` with `paths` sharded over the ranks of a distributed run (`vpr.distributed`).
 
@@ -137,8 +144,8 @@ def extract_sharded(
     rank gets only its block's. Any rank's error is raised on rank 0, naming the rank (the others
     raise `distributed.Reported`).
     """
-    if not distributed.joined():
-        return extract_descriptors(model, paths, options, cache=cache, progress=progress)
+    if not distributed.joined():  # `spill` serves one process; ranks gather their blocks in memory
+        return extract_descriptors(model, paths, options, cache=cache, progress=progress, spill=spill)
     block = distributed.shard(len(paths))
     with ExitStack() as stack:
         store = stack.enter_context(_shared_cache(model, cache, options.amp)) if cache is not None else None
@@ -197,7 +204,7 @@ def _joined(parts: list[Extraction]) -> Extraction:
 
 
 def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store: DescriptorCache | None,
-             progress: Progress | None) -> Extraction:
+             progress: Progress | None, spill: Path | None = None) -> Extraction:
     """The extraction loop, reusing and extending an open `store`."""
     dev = torch.device(options.device)
     batch_size = options.batch_size
@@ -214,7 +221,8 @@ def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store:
             images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
         return forward_batch(runner, images, autocast_dtype)[:n]
 
-    out = np.zeros((len(paths), config.descriptor_dim), dtype=np.float32)
+    shape = (len(paths), config.descriptor_dim)
+    out = spill_rows(spill, shape) if spill is not None else np.zeros(shape, dtype=np.float32)
     ok = np.ones(len(paths), dtype=bool)
     skipped: list[tuple[Path, str]] = []
     keys: list[str] = []
@@ -286,4 +294,5 @@ def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store:
     for start in range(0, len(kept), 4096):  # compact in place (kept[j] >= j): no second copy of the descriptors
         chunk = kept[start:start + 4096]
         out[start:start + len(chunk)] = out[chunk]
-    return Extraction(descriptors=out[:len(kept)], kept=kept, skipped=skipped, reused=reused)
+    descriptors = RowReader(out.head(len(kept)), spill) if spill is not None else out[:len(kept)]
+    return Extraction(descriptors=descriptors, kept=kept, skipped=skipped, reused=reused)

@@ -24,7 +24,9 @@ from vpr.retrieval.extract import ExtractOptions, Progress, extract_sharded
 from vpr.retrieval.local_features import (
     LOCAL_FEATURES_FILE, LocalFeatureConfig, extract_local_features, require_opencv, write_local_features,
 )
-from vpr.retrieval.store import IndexBundle, check_index_kind, foreign_files, project, write_index
+from vpr.retrieval.store import IndexBundle, ProjectedRows, check_index_kind, foreign_files, project, write_index
+
+SPILL_BYTES = 1 << 30  # database descriptors past this size go to disk during build-index, not memory
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def build_index(
     progress: Progress | None = None,
     dba: Expansion = Expansion(),
     local_features: LocalFeatureConfig | None = None,
+    spill_bytes: int = SPILL_BYTES,
 ) -> BuildReport:
     """Extract database descriptors as `options` says (`options.skip_bad` leaves unreadable images
     out), fit the optional PCA, augment them (`dba`), extract `local_features` for `--rerank local`,
@@ -73,6 +76,10 @@ def build_index(
     database's folders and be new, empty or a vpr index; one process writes `out_dir` at a time.
     Under torchrun the images are sharded over the ranks (`extract_sharded`); rank 0 alone checks,
     locks and writes the output, and every other rank returns a report of its own share.
+
+    Past `spill_bytes` of descriptors (one process), extraction writes them to an unnamed file next
+    to `out_dir` instead of memory, the PCA fits on a sample and the index is written chunk by chunk:
+    memory then holds the model, one batch, the PCA sample and the FAISS index, not the database.
     """
     out_dir = Path(out_dir)
     check_index_kind(kind)
@@ -89,17 +96,28 @@ def build_index(
             require_opencv()  # before hours of extraction, not after
         return output_lock(out_dir)
 
+    spill = None
+    if len(database) * model.config.descriptor_dim * 4 > spill_bytes and not distributed.joined():
+        spill = out_dir.parent
+        spill.mkdir(parents=True, exist_ok=True)
     with distributed.main_first(claim_output):
-        extraction = extract_sharded(model, database.paths, options, cache=cache, progress=progress)
+        extraction = extract_sharded(model, database.paths, options, cache=cache, progress=progress, spill=spill)
         if not distributed.is_main():
             return BuildReport(out_dir, len(extraction.kept), model.config.descriptor_dim, extraction.reused,
                                extraction.skipped)
         if len(extraction.kept) == 0:
             raise UsageError(f"{database.source}: no readable images left to index")
         kept = database.subset(extraction.kept)
-        descriptors = project(extraction.descriptors, model_pca, None)
-        pca = fit_pca(descriptors, pca_dim, whiten=pca_whiten) if pca_dim else None
-        descriptors = augment_database(project(descriptors, None, pca), dba)
+        if isinstance(extraction.descriptors, np.ndarray):
+            descriptors = project(extraction.descriptors, model_pca, None)
+            pca = fit_pca(descriptors, pca_dim, whiten=pca_whiten) if pca_dim else None
+            descriptors = project(descriptors, None, pca)
+        else:  # spilled: projected chunk by chunk as the index is written
+            pca = fit_pca(ProjectedRows(extraction.descriptors, model_pca, None), pca_dim, whiten=pca_whiten) if pca_dim else None
+            descriptors = ProjectedRows(extraction.descriptors, model_pca, pca)
+            if dba.n:  # DBA averages every descriptor with its neighbours: it needs them all in memory
+                descriptors = np.asarray(descriptors)
+        descriptors = augment_database(descriptors, dba)
         extras = _index_extras(kept, dba, local_features, progress)
         write_index(
             out_dir, model=model.cpu(), model_pca=model_pca, pca=pca, database=kept, descriptors=descriptors,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ import torch
 
 from vpr import __version__
 from vpr.data.datasets import GeoImageSet
-from vpr.errors import CheckpointError, DependencyError, IndexFormatError, UsageError
+from vpr.errors import CheckpointError, DependencyError, IndexFormatError, OutputError, UsageError
 from vpr.fileio import MARKER, atomic_dir, marker_kind
 from vpr.models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from vpr.models.model import VPRModel
@@ -85,11 +86,12 @@ class RowReader:
 
 
 class FileRows:
-    """A contiguous, uncompressed N x d float32 array at `offset` in a file, read with positioned reads: no
-    memory map, so resident memory holds only the rows read (a map would count every page it touched)."""
+    """A contiguous, uncompressed N x d float32 array at `offset` in an open file, read with positioned
+    reads: no memory map, so resident memory holds only the rows read (a map would count every page it
+    touched). In a file opened for writing, rows are also written with positioned writes (`spill_rows`)."""
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, int]) -> None:
-        self.file = open(path, "rb", buffering=0)
+    def __init__(self, file, offset: int, shape: tuple[int, int]) -> None:
+        self.file = file
         self.offset, self.shape = offset, tuple(shape)
         self.row_bytes = 4 * self.shape[1]
 
@@ -106,6 +108,56 @@ class FileRows:
         rows = np.asarray(key, dtype=np.int64)  # increasing: runs of consecutive rows are read at once
         runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
         return np.concatenate([self._read(int(run[0]), len(run)) for run in runs])
+
+    def __setitem__(self, key, values: np.ndarray) -> None:
+        """Write rows (a slice, or row indices in any order) with positioned writes."""
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(self.shape[0])
+            rows = np.arange(start, stop)
+        else:
+            rows = np.asarray(key, dtype=np.int64).ravel()
+        values = np.ascontiguousarray(values, dtype=np.float32).reshape(len(rows), self.shape[1])
+        order = np.argsort(rows, kind="stable")
+        rows, values = rows[order], values[order]
+        for run in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
+            if len(run):
+                os.pwrite(self.file.fileno(), values[run[0]:run[-1] + 1].tobytes(), self.offset + int(rows[run[0]]) * self.row_bytes)
+
+    def head(self, count: int) -> "FileRows":
+        """The first `count` rows, over the same open file."""
+        return FileRows(self.file, self.offset, (count, self.shape[1]))
+
+
+def spill_rows(directory: Path, shape: tuple[int, int]) -> FileRows:
+    """A new N x d float32 array in an unnamed temporary file in `directory`, read and written by rows:
+    it has no name, so a kill leaves nothing behind and no other process can see or touch it."""
+    try:
+        handle = tempfile.TemporaryFile(dir=directory, buffering=0)
+        handle.truncate(int(shape[0]) * int(shape[1]) * 4)  # sparse until written
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot hold {shape[0]:,} x {shape[1]} descriptors on disk ({exc.strerror}); "
+                          "free disk space there") from exc
+    return FileRows(handle, 0, shape)
+
+
+class ProjectedRows:
+    """Rows of `source` (an array or a `RowReader`) in index space, projected as they are read: the
+    streaming form of `project` (checkpoint PCA, then the index's PCA)."""
+
+    def __init__(self, source, model_pca: PCA | None, pca: PCA | None) -> None:
+        self.source, self.model_pca, self.pca = source, model_pca, pca
+        last = pca or model_pca
+        self.shape = (len(source), last.components.shape[0] if last is not None else source.shape[1])
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return project(np.asarray(self.source[key], dtype=np.float32), self.model_pca, self.pca)
 
 
 class StoredPaths(Sequence):
@@ -132,7 +184,7 @@ def open_rows(path: Path, dataset: str = "descriptors") -> RowReader:
     if offset is not None and ds.dtype == np.float32 and ds.ndim == 2:
         shape = ds.shape
         f.close()
-        return RowReader(FileRows(Path(path), offset, shape), Path(path))
+        return RowReader(FileRows(open(path, "rb", buffering=0), offset, shape), Path(path))
     return RowReader(ds, Path(path))
 
 
