@@ -99,13 +99,22 @@ def test_bench_runs_end_to_end_on_tiny_sizes(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [(["--images", "1"], "--images"), (["--sizes", "50"], "--sizes 50"),
-                                          (["--device", "tpu"], "--device tpu")])
+                                          (["--device", "tpu"], "--device tpu"), (["--cases", "speed"], "--cases speed"),
+                                          (["--head", "nohead"], "unknown head 'nohead'"),
+                                          (["--model", "resnet18", "--checkpoint", "x.pt"], "drop them with --checkpoint")])
 def test_bench_rejects_bad_settings_with_a_usage_error(monkeypatch, capsys, tmp_path, args, message):
     monkeypatch.setattr(sys, "argv", ["vpr", "bench", "--quick", "--out", str(tmp_path / "b.json"), *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_cases_select_what_runs():
+    from cli.bench_cmd import parse_cases
+
+    assert parse_cases("all") == ("extraction", "search", "memory")
+    assert parse_cases("extraction, memory") == ("extraction", "memory")
 
 
 def test_presets_and_overrides():
