@@ -108,3 +108,16 @@ def test_pca_fits_the_data_and_a_large_sample_gives_the_same_projection():
     assert agreement.min() > 0.99
     wide = fit_pca(data[:40], 16, whiten=True)  # fewer rows than dimensions: the SVD path
     assert wide.components.shape == (16, 64) and np.all(np.isfinite(wide.scale))
+
+
+def test_pca_equals_scikit_learns():
+    """The chunked covariance path gives scikit-learn's PCA: mean, components (signs included), variances."""
+    from sklearn.decomposition import PCA as SklearnPCA
+
+    rng = np.random.default_rng(1)
+    data = (rng.normal(size=(3000, 48)) * np.linspace(3, 0.1, 48)).astype(np.float32)
+    ours = fit_pca(data, 12, whiten=True)
+    theirs = SklearnPCA(n_components=12, whiten=True, svd_solver="covariance_eigh").fit(data)
+    np.testing.assert_allclose(ours.mean, theirs.mean_, atol=1e-5)
+    np.testing.assert_allclose(ours.components, theirs.components_, atol=1e-4)
+    np.testing.assert_allclose(1.0 / ours.scale ** 2, theirs.explained_variance_, rtol=1e-4)

@@ -69,7 +69,8 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int =
     """Fit a `dim`-component PCA on database descriptors (N x D), in memory bounded by `max_samples` x D.
 
     Past `max_samples` rows it fits on a seeded random sample. With at least as many rows as
-    dimensions it eigendecomposes the D x D covariance, which needs no centred copy of the data.
+    dimensions it eigendecomposes the D x D covariance (`_covariance_pca`); with fewer it takes
+    scikit-learn's full SVD of the rows.
     """
     n, d = descriptors.shape
     if not 1 <= dim <= min(n, d):
@@ -80,12 +81,34 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int =
         x = np.asarray(descriptors[np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))], dtype=np.float32)
     else:
         x = np.asarray(descriptors[:], dtype=np.float32)
-    solver = "covariance_eigh" if len(x) >= d else "full"
-    pca = SklearnPCA(n_components=dim, whiten=whiten, svd_solver=solver, random_state=seed)
-    pca.fit(x)
-    variance = pca.explained_variance_.astype(np.float32)
+    if len(x) >= d:
+        mean, components, variance = _covariance_pca(x, dim)
+    else:
+        pca = SklearnPCA(n_components=dim, whiten=whiten, svd_solver="full", random_state=seed).fit(x)
+        mean, components, variance = pca.mean_, pca.components_, pca.explained_variance_
+    variance = variance.astype(np.float32)
     scale = 1.0 / np.sqrt(np.maximum(variance, 1e-12)) if whiten else np.ones(dim, dtype=np.float32)
     return PCA(
-        mean=pca.mean_.astype(np.float32), components=pca.components_.astype(np.float32),
+        mean=mean.astype(np.float32), components=components.astype(np.float32),
         scale=scale.astype(np.float32), whiten=whiten,
     )
+
+
+def _covariance_pca(x: np.ndarray, dim: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, top-`dim` components, their variances) of the rows of `x`, as scikit-learn's PCA gives
+    them (variance with n - 1, each component's largest entry positive), from the float64 covariance
+    summed over row chunks and only its top eigenpairs: one D x D matrix, not several (8448-d: 0.6 GB)."""
+    from scipy.linalg import eigh
+
+    n, d = x.shape
+    mean = x.mean(axis=0, dtype=np.float64)
+    covariance = np.zeros((d, d), dtype=np.float64)
+    for start in range(0, n, chunk):
+        block = x[start:start + chunk].astype(np.float64) - mean
+        covariance += block.T @ block
+    covariance /= max(n - 1, 1)
+    values, vectors = eigh(covariance, subset_by_index=[d - dim, d - 1], overwrite_a=True, check_finite=False)
+    order = np.argsort(values)[::-1]
+    components = vectors[:, order].T  # dim x D
+    signs = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
+    return mean, components * signs[:, None], np.maximum(values[order], 0.0)
