@@ -75,3 +75,36 @@ def test_a_failing_rank_stops_the_job_with_one_line_and_no_index(places, tmp_pat
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 1 of 2: ") and bad.name in errors[0], done.stderr
     assert not out.exists() and not any(path.name.startswith("index.tmp") for path in tmp_path.iterdir())
+
+
+KILLED_RANK = """
+import os, signal, sys
+import vpr.retrieval.extract as extract
+from cli.app import main
+
+real = extract._extract
+
+def dying(model, paths, *args, **kwargs):  # rank 1 is killed (as by the OOM killer) when its share starts
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(model, paths, *args, **kwargs)
+
+extract._extract = dying
+sys.argv = ["vpr", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_killed_rank_stops_the_job_without_a_hang_and_leaves_no_index(places, tmp_path):
+    """A rank that dies without a word (SIGKILL) ends the job: torchrun names it, nothing is written."""
+    script = tmp_path / "killed_rank.py"
+    script.write_text(KILLED_RANK)
+    out = tmp_path / "index"
+    command = [BIN / "torchrun", "--standalone", "--nproc-per-node", "2", "--no-python", sys.executable, script,
+               "build-index", places / "database", "--out", out, *TINY]
+    start = time.monotonic()
+    done = subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=150,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "VPR_DIST_TIMEOUT": "60"})
+    assert done.returncode != 0 and time.monotonic() - start < 120
+    assert "SIGKILL" in done.stderr and "rank" in done.stderr.lower(), done.stderr[-2000:]
+    assert not out.exists() and not any(path.name.startswith("index.tmp") for path in tmp_path.iterdir())
