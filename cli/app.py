@@ -14,7 +14,7 @@ import typer
 from cli import groups_cmd, retrieval_cmds, synth_cmds, train_cmds
 from cli.bench_cmd import bench_cmd
 from cli.common import safe_output_streams
-from cli.models_cmd import models_cmd
+from cli.models_cmd import join_anyloc_cmd, models_cmd
 from cli.serve_cmd import serve_cmd
 from vpr.errors import VPRError
 
@@ -59,6 +59,7 @@ for _name, _command in (
     ("synth", synth_cmds.synth_cmd), ("build-index", retrieval_cmds.build_index_cmd), ("query", retrieval_cmds.query_cmd),
     ("eval", retrieval_cmds.eval_cmd), ("models", models_cmd), ("train", train_cmds.train_cmd),
     ("groups", groups_cmd.groups_cmd), ("demo", synth_cmds.demo_cmd), ("bench", bench_cmd), ("serve", serve_cmd),
+    ("join-anyloc", join_anyloc_cmd),
 ):
     app.command(_name)(_interruptible(_command))
 

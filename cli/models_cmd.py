@@ -5,7 +5,11 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from pathlib import Path
+from typing import Optional
+
 from cli.common import console, print_json
+from vpr.models.anyloc import combine
 from vpr.models.published import supported_models
 
 
@@ -48,3 +52,16 @@ def models_cmd(
         f"is stored in the index; CNN checkpoints without one are fed {height}x{width}. --resize overrides it. "
         "`vpr models --json` lists each format's identifying keys."
     )
+
+
+def join_anyloc_cmd(
+    dinov2: Path = typer.Argument(..., help="DINOv2 weights, e.g. dinov2_vitg14_pretrain.pth."),
+    centers: Path = typer.Argument(..., help="AnyLoc vocabulary, e.g. dinov2_vitg14_l31_value_c32_urban_c_centers.pt."),
+    out: Path = typer.Argument(..., help="The joined file to write, e.g. anyloc_urban.pth (a new file, or one this command wrote)."),
+    layer: Optional[int] = typer.Option(None, "--layer", min=0, max=63, help="DINOv2 block (default: from the vocabulary's name, else 31)."),
+    facet: Optional[str] = typer.Option(None, "--facet", help="query, key, value or token (default: from the name, else value)."),
+) -> None:
+    """Join DINOv2 weights and an AnyLoc vocabulary into one file for `vpr build-index --checkpoint`."""
+    info = combine(dinov2, centers, out, layer, facet)
+    console.print(f"wrote {info['out']}: {info['backbone']} block {info['layer']} {info['facet']} + {info['num_clusters']} "
+                  f"centres; use: vpr build-index IMAGES --checkpoint {info['out']} --out INDEX")

@@ -1,5 +1,5 @@
 """AnyLoc (DINOv2 facet features + hard-assignment VLAD over a published vocabulary): the combined file
-`python -m vpr.models.anyloc` writes loads strictly, gives the VLAD restated here from the paper over
+`vpr join-anyloc` writes loads strictly, gives the VLAD restated here from the paper over
 the value facet restated from the ViT's block, and stores AnyLoc's preprocessing in the config."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from typer.testing import CliRunner
+
+from cli.app import app
 
 from vpr.data.images import preprocess
-from vpr.errors import CheckpointError, UsageError
+from vpr.errors import CheckpointError, OutputError, UsageError
 from vpr.models import anyloc
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.inference import forward_batch
@@ -79,7 +82,8 @@ def files(tmp_path_factory, dinov2_state):
     centers_path = folder / f"dinov2_vits14_l{LAYER}_value_c{CLUSTERS}_urban_c_centers.pt"
     torch.save(centers, centers_path)
     out = folder / "anyloc_urban.pth"
-    assert anyloc.main([str(dinov2_path), str(centers_path), str(out)]) == 0
+    result = CliRunner().invoke(app, ["join-anyloc", str(dinov2_path), str(centers_path), str(out)])
+    assert result.exit_code == 0, result.output
     return dinov2_path, centers_path, out, centers, images
 
 
@@ -155,8 +159,13 @@ def test_wrong_files_give_one_line_errors(files, tmp_path):
         load_checkpoint(bad)
     wrong = tmp_path / "dinov2_vitg14_l31_value_c8_urban_c_centers.pt"
     torch.save(torch.zeros(CLUSTERS, 1536), wrong)
-    assert anyloc.main([str(dinov2_path), str(wrong), str(tmp_path / "x.pth")]) == 1  # refused, nothing written
-    assert not (tmp_path / "x.pth").exists()
+    result = CliRunner().invoke(app, ["join-anyloc", str(dinov2_path), str(wrong), str(tmp_path / "x.pth")])
+    assert result.exit_code != 0 and not (tmp_path / "x.pth").exists()  # refused, nothing written
+    mine = tmp_path / "notes.pth"
+    mine.write_text("a file of the user's")
+    with pytest.raises(OutputError):  # never replaces a file it did not write
+        anyloc.combine(dinov2_path, centers_path, mine)
+    assert mine.read_text() == "a file of the user's"
     with pytest.raises(CheckpointError, match="DINOv2 weights alone; AnyLoc also needs its vocabulary"):
         load_checkpoint(dinov2_path)
     with pytest.raises(CheckpointError, match="not a DINOv2 state dict"):

@@ -20,7 +20,7 @@ Files: AnyLoc publishes its vocabularies separately from DINOv2's weights, so vp
   norm2, mlp.w12, mlp.w3, ls2.gamma}, norm.*`),
 - `dinov2_vitg14_l31_value_c32_DOMAIN_c_centers.pt` (AnyLoc/DINO release v1: a bare K x C tensor; domains
   urban, indoor, aerial, structured, unstructured, global),
-are joined by `python -m vpr.models.anyloc DINOV2.pth C_CENTERS.pt OUT.pth` into the DINOv2 state dict (blocks
+are joined by `vpr join-anyloc DINOV2.pth C_CENTERS.pt OUT.pth` into the DINOv2 state dict (blocks
 0..l only: the later blocks and the final LayerNorm are never run) plus `anyloc.c_centers` (K x C),
 `anyloc.layer` (l) and `anyloc.facet` (index into query, key, value, token), read from the vocabulary's
 file name. Layout `anyloc` detects `anyloc.c_centers` + DINOv2 keys (all blocks, or blocks 0..l).
@@ -28,9 +28,7 @@ file name. Layout `anyloc` detects `anyloc.c_centers` + DINOv2 keys (all blocks,
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpr.errors import CheckpointError, UsageError
+from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, summarize_keys, take
@@ -114,7 +113,7 @@ def convert_anyloc(state: dict[str, torch.Tensor], path: Path) -> Converted:
     method = "AnyLoc (DINOv2 + VLAD vocabulary)"
     if "anyloc.c_centers" not in state and "blocks.0.attn.qkv.weight" in state:
         raise CheckpointError(f"{path}: DINOv2 weights alone; AnyLoc also needs its vocabulary: join them with "
-                              f"`python -m vpr.models.anyloc {Path(path).name} dinov2_vitg14_l31_value_c32_DOMAIN_c_centers.pt "
+                              f"`vpr join-anyloc {Path(path).name} dinov2_vitg14_l31_value_c32_DOMAIN_c_centers.pt "
                               f"anyloc_DOMAIN.pth` ({CENTERS_URL}) and pass that file")
     centers, pos_embed = take(state, ("anyloc.c_centers", "pos_embed"), path, method)
     width = int(pos_embed.shape[-1])
@@ -156,10 +155,10 @@ def convert_anyloc(state: dict[str, torch.Tensor], path: Path) -> Converted:
 LAYOUTS = (
     Layout("anyloc", ("anyloc-vlad", "anyloc-dinov2"),
            "AnyLoc/DINO (torch.hub get_vlad_model) vocabulary + facebookresearch/dinov2 "
-           "weights, joined by `python -m vpr.models.anyloc`",
+           "weights, joined by `vpr join-anyloc`",
            "DINOv2 keys (cls_token, pos_embed, mask_token, patch_embed.*, blocks.N.*, norm.*) + anyloc.c_centers "
            "[+ anyloc.layer, anyloc.facet]",
-           (PublishedFile(f"AnyLoc-VLAD-DINOv2 ({'|'.join(DOMAINS)}), joined by python -m vpr.models.anyloc",
+           (PublishedFile(f"AnyLoc-VLAD-DINOv2 ({'|'.join(DOMAINS)}), joined by vpr join-anyloc",
                           "DINOv2 ViT-G/14 block 31 value", "49152", "native, sides to multiples of 14",
                           "dinov2_vitg14_pretrain.pth + dinov2_vitg14_l31_value_c32_{DOMAIN}_c_centers.pt",
                           f"{DINOV2_URL} + {CENTERS_URL}"),),
@@ -179,6 +178,15 @@ def _load_tensors(path: Path, what: str):
     except Exception as exc:  # missing, truncated, or a full pickle
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise CheckpointError(f"{path}: cannot read the {what} ({reason})") from exc
+
+
+def is_joined_anyloc(path: Path) -> bool:
+    """Whether `path` is a file `combine` wrote (a weights-only dict holding `anyloc.c_centers`): the
+    only kind of existing file it replaces."""
+    try:
+        return "anyloc.c_centers" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format weights-only dict: not ours
+        return False
 
 
 def combine(dinov2: Path, centers: Path, out: Path, layer: int | None = None, facet: str | None = None) -> dict:
@@ -205,32 +213,8 @@ def combine(dinov2: Path, centers: Path, out: Path, layer: int | None = None, fa
                      "anyloc.facet": torch.tensor(FACETS.index(facet))})
     convert_anyloc(combined, Path(out))  # refuse a mismatched pair before writing anything
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    torch.save(combined, tmp)
-    tmp.replace(out)
+    check_replaceable_file(out, is_joined_anyloc, "AnyLoc file", "OUT")
+    with atomic_file(out) as tmp:
+        torch.save(combined, tmp)
     return {"out": str(out), "backbone": WIDTHS[int(state["pos_embed"].shape[-1])], "layer": layer, "facet": facet,
             "num_clusters": int(c_centers.shape[0])}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vpr.models.anyloc",
-        description="Join DINOv2 weights and an AnyLoc vocabulary into one file for `vpr build-index --checkpoint`.")
-    parser.add_argument("dinov2", type=Path, help="DINOv2 weights, e.g. dinov2_vitg14_pretrain.pth")
-    parser.add_argument("centers", type=Path, help="AnyLoc vocabulary, e.g. dinov2_vitg14_l31_value_c32_urban_c_centers.pt")
-    parser.add_argument("out", type=Path, help="the combined file to write, e.g. anyloc_urban.pth")
-    parser.add_argument("--layer", type=int, default=None, help="block index (default: from the vocabulary's name, else 31)")
-    parser.add_argument("--facet", default=None, help="query|key|value|token (default: from the name, else value)")
-    args = parser.parse_args(argv)
-    try:
-        info = combine(args.dinov2, args.centers, args.out, args.layer, args.facet)
-    except (CheckpointError, UsageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(f"wrote {info['out']}: {info['backbone']} block {info['layer']} {info['facet']} + {info['num_clusters']} "
-          f"centres; use: vpr build-index IMAGES --checkpoint {info['out']} --out INDEX")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

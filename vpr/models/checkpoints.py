@@ -102,7 +102,7 @@ def load_payload(path: Path) -> dict:
     if not isinstance(payload, dict):
         if path.name.endswith("_c_centers.pt"):
             raise CheckpointError(f"{path}: an AnyLoc VLAD vocabulary alone; join it with its DINOv2 weights first: "
-                                  f"python -m vpr.models.anyloc dinov2_vitg14_pretrain.pth {path.name} anyloc.pth")
+                                  f"vpr join-anyloc dinov2_vitg14_pretrain.pth {path.name} anyloc.pth")
         raise CheckpointError(f"{path}: checkpoint holds a {type(payload).__name__}, expected a dict of tensors")
     return payload
 
