@@ -105,3 +105,11 @@ def test_an_input_that_is_not_whole_patches_is_refused_with_the_size_to_use():
 
     with pytest.raises(UsageError, match="50x56 input is not a multiple of 14.*42x56"):
         small_vit()(torch.randn(1, 3, 50, 56))
+
+
+def test_a_cnn_head_on_a_vit_is_a_usage_error_naming_the_heads_that_fit():
+    from vpr.errors import UsageError
+    from vpr.models.model import ModelConfig
+
+    with pytest.raises(UsageError, match="cosplace head pools a CNN feature map.*salad"):
+        ModelConfig(backbone="dinov2_vitb14", head="cosplace")

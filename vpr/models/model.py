@@ -11,7 +11,7 @@ from torch import nn
 from vpr.data.images import INTERPOLATIONS, RESAMPLERS, RESIZE_MODES, Preprocess
 from vpr.errors import UsageError
 from vpr.models import methods
-from vpr.models.backbones import backbone_channels, build_backbone
+from vpr.models.backbones import BACKBONES, backbone_channels, build_backbone
 from vpr.models.heads import CosPlaceHead, NetVLAD, PatchNorm
 
 CORE_HEADS = ("cosplace", "netvlad", "patchnorm")
@@ -55,6 +55,10 @@ class ModelConfig:
         object.__setattr__(self, "backbone_options", dict(self.backbone_options))
         if self.head in methods.HEADS and methods.HEADS[self.head].descriptor_dim is not None:
             object.__setattr__(self, "descriptor_dim", int(methods.HEADS[self.head].descriptor_dim(self)))
+        if self.head in CORE_HEADS and self.backbone not in BACKBONES:  # a ViT gives (patch map, CLS), not a CNN map
+            vit_heads = ", ".join(name for name in methods.HEADS if name not in ("apgem", "convap", "mixvpr"))
+            raise UsageError(f"the {self.head} head pools a CNN feature map; {self.backbone} takes a published head "
+                             f"({vit_heads}) or use a CNN backbone (resnet18 ... vgg16)")
         if (self.backbone == "pixels") != (self.head == "patchnorm"):
             raise UsageError("the pixels backbone and the patchnorm head go together: --model pixels --head patchnorm")
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
