@@ -175,10 +175,7 @@ def build_backbone(name: str, layer: int = 4, pretrained: str | Path | None = No
         if pretrained is not None:
             raise UsageError(f"--pretrained: {name} weights come with a published checkpoint; use --checkpoint FILE")
         if name in vit.SIZES:
-            try:
-                return vit.DinoV2(name, **(options or {}))
-            except (TypeError, ValueError) as exc:
-                raise UsageError(f"{name}: bad backbone options {options} ({exc})") from None
+            return vit.build(vit.DinoV2, name, options or {}, name)
         return _extra_backbones()[name].build(options or {})
     if name == "pixels":
         if pretrained is not None:

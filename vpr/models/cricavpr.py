@@ -136,13 +136,7 @@ class CricaDinoV2(vit.DinoV2):
 
 
 def build_backbone(options: dict) -> nn.Module:
-    unknown = set(options) - {"blocks"}
-    if unknown:
-        raise UsageError(f"{BACKBONE}: unknown backbone options {', '.join(sorted(unknown))} (only blocks)")
-    try:
-        return CricaDinoV2("dinov2_vitb14", blocks=options.get("blocks"))
-    except ValueError as exc:
-        raise UsageError(f"{BACKBONE}: {exc}") from None
+    return vit.build(CricaDinoV2, "dinov2_vitb14", options, BACKBONE)
 
 
 BACKBONES = (

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpr.errors import CheckpointError, UsageError
+from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
@@ -63,27 +63,15 @@ class EDTformerDinoV2(vit.DinoV2):
         self.adapters = nn.ModuleList(SideAdapter(dim) for _ in range(self.depth))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, _, height, width = images.shape
-        x = self.patch_embed(images)
-        x = torch.cat((self.cls_token.expand(n, -1, -1), x), dim=1)
-        x = x + vit.interpolate_pos_embed(self.pos_embed, height, width)
-        y = x
+        x = y = self.tokens(images)
         for block, adapter in zip(self.blocks, self.adapters):
             x = block(x)
             y = adapter(y + x)
-        y = self.norm(y)
-        patches = y[:, 1:].reshape(n, height // vit.PATCH, width // vit.PATCH, y.shape[-1]).permute(0, 3, 1, 2)
-        return patches, y[:, 0]
+        return self.split(self.norm(y), images)
 
 
 def build_backbone(options: dict) -> nn.Module:
-    unknown = set(options) - {"blocks"}
-    if unknown:
-        raise UsageError(f"{BACKBONE}: unknown backbone options {', '.join(sorted(unknown))} (only blocks)")
-    try:
-        return EDTformerDinoV2("dinov2_vitb14", blocks=options.get("blocks"))
-    except ValueError as exc:
-        raise UsageError(f"{BACKBONE}: {exc}") from None
+    return vit.build(EDTformerDinoV2, "dinov2_vitb14", options, BACKBONE)
 
 
 BACKBONES = (

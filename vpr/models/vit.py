@@ -94,14 +94,24 @@ class DinoV2(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6) if final_norm and facet == "token" else nn.Identity()
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[CLS; patch embeddings] + position embeddings (N x (1 + h*w) x C): what the blocks take."""
         n, _, height, width = images.shape
         if height % PATCH or width % PATCH:  # DINOv2 refuses these too: whole patches only
             raise UsageError(f"a {height}x{width} input is not a multiple of {PATCH} on each side, as DINOv2 needs; "
                              f"give --resize a size such as {height // PATCH * PATCH or PATCH}x{width // PATCH * PATCH or PATCH}")
-        x = self.patch_embed(images)
-        x = torch.cat((self.cls_token.expand(n, -1, -1), x), dim=1)
-        x = x + interpolate_pos_embed(self.pos_embed, height, width)
+        x = torch.cat((self.cls_token.expand(n, -1, -1), self.patch_embed(images)), dim=1)
+        return x + interpolate_pos_embed(self.pos_embed, height, width)
+
+    @staticmethod
+    def split(x: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output tokens -> (patch map N x C x h x w, CLS N x C) for `images`' size."""
+        n, _, height, width = images.shape
+        patches = x[:, 1:].reshape(n, height // PATCH, width // PATCH, x.shape[-1]).permute(0, 3, 1, 2)
+        return patches, x[:, 0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.tokens(images)
         last = len(self.blocks) - 1 if self.facet != "token" else len(self.blocks)
         for block in self.blocks[:last]:
             x = block(x)
@@ -109,6 +119,12 @@ class DinoV2(nn.Module):
             block = self.blocks[last]
             qkv = block.attn.qkv(block.norm1(x))
             x = qkv.chunk(3, dim=-1)[FACETS.index(self.facet) - 1]
-        x = self.norm(x)
-        patches = x[:, 1:].reshape(n, height // PATCH, width // PATCH, x.shape[-1]).permute(0, 3, 1, 2)
-        return patches, x[:, 0]
+        return self.split(self.norm(x), images)
+
+
+def build(cls: type[DinoV2], name: str, options: dict, label: str) -> DinoV2:
+    """`cls(name, **options)`, the backbone `label` (a `--model` name); a bad option is a one-line UsageError."""
+    try:
+        return cls(name, **options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{label}: bad backbone options {options} ({exc})") from None
