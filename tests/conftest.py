@@ -54,6 +54,72 @@ def write_places(folder: Path, count: int, seed: int, *, spacing: float = 100.0)
     return db_paths, q_paths
 
 
+def truncated_load_error(source: Path, target: Path, keep: int | None = None) -> str:
+    """The error `load_checkpoint` gives for `target`, a copy of `source` cut to `keep` bytes (half by default)
+    as a broken download leaves it; asserts it is a one-line `CheckpointError`."""
+    from vpr.errors import CheckpointError
+    from vpr.models.checkpoints import load_checkpoint
+
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2 if keep is None else keep])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(target)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@torch.no_grad()
+def perturb_weights(module: torch.nn.Module, gen: torch.Generator,
+                    scaled: tuple[str, ...] = ("qkv.weight", "in_proj_weight")) -> torch.nn.Module:
+    """Random weights away from their init, so every layer changes the output: layer scales, norms,
+    biases, BatchNorm statistics, position embeddings and learned queries; weights named in `scaled` x4."""
+    for name, t in module.state_dict(keep_vars=True).items():
+        t = t.data
+        if not t.is_floating_point():
+            continue
+        if name.endswith("gamma") or name.endswith("running_var") or (t.dim() == 1 and name.endswith("weight")):
+            t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+        elif name.endswith(("bias", "running_mean")):
+            t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+        elif name.endswith(("pos_embed", "cls_token", "queries")):
+            t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
+        elif name.endswith(scaled):
+            t.mul_(4.0)
+    return module.eval()
+
+
+def restated_encoder(state: dict, x: torch.Tensor, layers: int = 2, heads: int = 16) -> torch.Tensor:
+    """Post-norm Transformer encoder layers (`encoder.layers.N.*` of `state`) over x (S x N x C), restated:
+    Z = LN(x + MHA(x)), E = LN(Z + W2 GELU(W1 Z))."""
+    import math
+
+    import torch.nn.functional as F
+
+    s, n, c = x.shape
+    for i in range(layers):
+        p = f"encoder.layers.{i}."
+        q, k, v = F.linear(x, state[p + "self_attn.in_proj_weight"], state[p + "self_attn.in_proj_bias"]).chunk(3, -1)
+        split = lambda t: t.reshape(s, n, heads, c // heads).permute(1, 2, 0, 3)  # N x heads x S x d
+        att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(c // heads), dim=-1) @ split(v)
+        att = F.linear(att.permute(2, 0, 1, 3).reshape(s, n, c), state[p + "self_attn.out_proj.weight"],
+                       state[p + "self_attn.out_proj.bias"])
+        z = F.layer_norm(x + att, (c,), state[p + "norm1.weight"], state[p + "norm1.bias"])
+        ffn = F.linear(F.gelu(F.linear(z, state[p + "linear1.weight"], state[p + "linear1.bias"])),
+                       state[p + "linear2.weight"], state[p + "linear2.bias"])
+        x = F.layer_norm(z + ffn, (c,), state[p + "norm2.weight"], state[p + "norm2.bias"])
+    return x
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    """A random torchvision ResNet-50 with BatchNorm statistics away from their init."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    return perturb_batchnorm(model, torch.Generator().manual_seed(1))
+
+
 def perturb_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
     """Move every BatchNorm2d's weight, bias and running statistics away from their init, drawing from `generator`."""
     with torch.no_grad():

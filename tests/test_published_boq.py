@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from conftest import perturb_batchnorm
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
 from vpr.models import boq
@@ -72,14 +71,6 @@ def restated_boq(state: dict, fmap: torch.Tensor, heads: int) -> torch.Tensor:
         i += 1
     o = F.linear(torch.cat(outs, dim=1).transpose(1, 2), state["aggregator.fc.weight"], state["aggregator.fc.bias"])
     return F.normalize(o.flatten(1), dim=1)
-
-
-@pytest.fixture(scope="module")
-def resnet50():
-    """A random torchvision ResNet-50 with BatchNorm statistics away from their init."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
-    return perturb_batchnorm(model, torch.Generator().manual_seed(1))
 
 
 def resnet_file(tmp_path, resnet50, name="resnet50_16384.pth"):

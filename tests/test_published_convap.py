@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from conftest import perturb_batchnorm
+from conftest import perturb_batchnorm, truncated_load_error
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
 from vpr.models import convap
@@ -101,11 +101,7 @@ def test_default_convap_head_is_the_reference_tools_8192():
 
 def test_damaged_convap_files_name_the_method(published, tmp_path):
     path, state, _ = published
-    truncated = tmp_path / "resnet50_ConvAP_1024_2x2.ckpt"
-    truncated.write_bytes(path.read_bytes()[:100_000])
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(truncated)
-    assert "Conv-AP" in str(info.value) and "\n" not in str(info.value)
+    assert "Conv-AP" in truncated_load_error(path, tmp_path / "resnet50_ConvAP_1024_2x2.ckpt", 100_000)
     broken = tmp_path / "broken.ckpt"
     torch.save({k: v for k, v in state.items() if k != "aggregator.channel_pool.bias"}, broken)
     with pytest.raises(CheckpointError, match="not a Conv-AP checkpoint: missing aggregator.channel_pool.bias"):

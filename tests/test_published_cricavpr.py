@@ -4,13 +4,13 @@ cross-image encoder (per image by default, over the batch on request); preproces
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import perturb_weights, restated_encoder, truncated_load_error
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import cricavpr
@@ -22,31 +22,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BLOCKS = 2  # a ViT-B/14 with 2 of its 12 blocks keeps the file small; the layout is otherwise CricaVPR.pth's
 
 
-@torch.no_grad()
-def perturbed(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    """Random weights away from their init: layer scales, norms, biases, BN statistics, position embeddings."""
-    for name, t in module.state_dict(keep_vars=True).items():
-        t = t.data
-        if not t.is_floating_point():
-            continue
-        if name.endswith("gamma") or name.endswith("running_var") or (t.dim() == 1 and name.endswith("weight")):
-            t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-        elif name.endswith(("bias", "running_mean")):
-            t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-        elif name.endswith(("pos_embed", "cls_token")):
-            t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
-        elif name.endswith(("qkv.weight", "in_proj_weight")):
-            t.mul_(4.0)
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     """A CricaVPR.pth as train.py saves it: DataParallel keys under model_state_dict, plus training fields."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    backbone = perturbed(cricavpr.CricaDinoV2("dinov2_vitb14", blocks=BLOCKS), gen)
-    head = perturbed(cricavpr.CricaVPR(768), gen)
+    backbone = perturb_weights(cricavpr.CricaDinoV2("dinov2_vitb14", blocks=BLOCKS), gen)
+    head = perturb_weights(cricavpr.CricaVPR(768), gen)
     with torch.no_grad():
         head.gem.p.fill_(3.4)
     state = {f"module.backbone.{k}": v for k, v in backbone.state_dict().items()}
@@ -69,23 +51,6 @@ def restated_adapter(state: dict, p: str, t: torch.Tensor, rows: int, cols: int)
                       unit(unit(grid, p + "branch3.0.", 0), p + "branch3.1.", 2)], dim=1)
     conv = conv.flatten(2).transpose(1, 2)
     return F.linear(torch.cat([u[:, :1], conv], dim=1) + u, state[p + "D_fc2.weight"], state[p + "D_fc2.bias"])
-
-
-def restated_encoder(state: dict, x: torch.Tensor, layers: int = 2, heads: int = 16) -> torch.Tensor:
-    """Post-norm Transformer encoder layers over x (S x N x C): Z = LN(x + MHA(x)), E = LN(Z + W2 GELU(W1 Z))."""
-    s, n, c = x.shape
-    for i in range(layers):
-        p = f"encoder.layers.{i}."
-        q, k, v = F.linear(x, state[p + "self_attn.in_proj_weight"], state[p + "self_attn.in_proj_bias"]).chunk(3, -1)
-        split = lambda t: t.reshape(s, n, heads, c // heads).permute(1, 2, 0, 3)  # N x heads x S x d
-        att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(c // heads), dim=-1) @ split(v)
-        att = F.linear(att.permute(2, 0, 1, 3).reshape(s, n, c), state[p + "self_attn.out_proj.weight"],
-                       state[p + "self_attn.out_proj.bias"])
-        z = F.layer_norm(x + att, (c,), state[p + "norm1.weight"], state[p + "norm1.bias"])
-        ffn = F.linear(F.gelu(F.linear(z, state[p + "linear1.weight"], state[p + "linear1.bias"])),
-                       state[p + "linear2.weight"], state[p + "linear2.bias"])
-        x = F.layer_norm(z + ffn, (c,), state[p + "norm2.weight"], state[p + "norm2.bias"])
-    return x
 
 
 def restated_head(state: dict, patches: torch.Tensor, cls: torch.Tensor, batch_mode: bool) -> torch.Tensor:
@@ -172,11 +137,7 @@ def test_default_cricavpr_head_is_the_published_one():
 
 def test_damaged_cricavpr_files_name_the_method(tmp_path, published):
     path, state = published
-    truncated = tmp_path / "CricaVPR.pth"
-    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(truncated)
-    assert "CricaVPR" in str(info.value) and "\n" not in str(info.value)
+    assert "CricaVPR" in truncated_load_error(path, tmp_path / "CricaVPR.pth", path.stat().st_size // 3)
     broken = tmp_path / "broken.pth"
     torch.save({"model_state_dict": {k: v for k, v in state.items() if k != "aggregation.1.p"}}, broken)
     with pytest.raises(CheckpointError, match="not a CricaVPR checkpoint: missing aggregation.1.p"):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import perturb_weights, truncated_load_error
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
 from vpr.models import edtformer
@@ -21,29 +22,15 @@ from vpr.models.vit import DinoV2, interpolate_pos_embed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BLOCKS = 2
-
-
-@torch.no_grad()
-def perturbed(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    for name, t in module.state_dict(keep_vars=True).items():
-        t = t.data
-        if name.endswith("gamma") or (t.dim() == 1 and name.endswith("weight")):
-            t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-        elif name.endswith("bias"):
-            t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-        elif name.endswith(("pos_embed", "cls_token", "queries")):
-            t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
-        elif name.endswith(("qkv.weight", "in_proj_weight", "D_fc1.weight")):
-            t.mul_(4.0)
-    return module.eval()
+SCALED = ("qkv.weight", "in_proj_weight", "D_fc1.weight")  # attention and the adapters' down-projections x4
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(5)
-    backbone = perturbed(edtformer.EDTformerDinoV2("dinov2_vitb14", blocks=BLOCKS), gen)
-    head = perturbed(edtformer.EDTformer(768, queries=8, out_channels=16, out_rows=4), gen)
+    backbone = perturb_weights(edtformer.EDTformerDinoV2("dinov2_vitb14", blocks=BLOCKS), gen, SCALED)
+    head = perturb_weights(edtformer.EDTformer(768, queries=8, out_channels=16, out_rows=4), gen, SCALED)
     state = {f"module.backbone.{k}": v for k, v in backbone.state_dict().items()}
     state |= {f"module.{k}": v for k, v in head.state_dict().items()}
     path = tmp_path_factory.mktemp("edt") / "EDTformer.pth"
@@ -118,11 +105,7 @@ def test_default_edtformer_head_is_the_published_4096():
 
 def test_damaged_edtformer_files_name_the_method(tmp_path, published):
     path, state = published
-    truncated = tmp_path / "EDTformer.pth"
-    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(truncated)
-    assert "EDTformer" in str(info.value) and "\n" not in str(info.value)
+    assert "EDTformer" in truncated_load_error(path, tmp_path / "EDTformer.pth")
     broken = tmp_path / "broken.pth"
     torch.save({"model_state_dict": {k: v for k, v in state.items() if k != "row_proj.weight"}}, broken)
     with pytest.raises(CheckpointError, match="not a EDTformer checkpoint: missing row_proj.weight"):

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 
-from conftest import perturb_batchnorm
+from conftest import truncated_load_error
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import mixvpr
@@ -47,14 +46,6 @@ def restated_mixer(state: dict, x: torch.Tensor, depth: int) -> torch.Tensor:
     z = F.linear(x.transpose(1, 2), state["aggregator.channel_proj.weight"], state["aggregator.channel_proj.bias"])
     o = F.linear(z.transpose(1, 2), state["aggregator.row_proj.weight"], state["aggregator.row_proj.bias"])
     return F.normalize(o.flatten(1), dim=1)
-
-
-@pytest.fixture(scope="module")
-def resnet50():
-    """A random torchvision ResNet-50 with BatchNorm statistics away from their init."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
-    return perturb_batchnorm(model, torch.Generator().manual_seed(1))
 
 
 def trunk_to_layer3(resnet: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -116,11 +107,7 @@ def test_default_mixvpr_head_is_the_published_4096(resnet50):
 
 def test_damaged_mixvpr_files_name_the_method(tmp_path, resnet50):
     path, state = mixvpr_file(tmp_path, resnet50)
-    truncated = tmp_path / "resnet50_MixVPR_512_channels(256)_rows(2).ckpt"
-    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(truncated)
-    assert "MixVPR" in str(info.value) and "\n" not in str(info.value)
+    assert "MixVPR" in truncated_load_error(path, tmp_path / "resnet50_MixVPR_512_channels(256)_rows(2).ckpt")
     broken = tmp_path / "broken.ckpt"
     torch.save({k: v for k, v in state.items() if not k.startswith("aggregator.mix.")}, broken)
     with pytest.raises(CheckpointError, match="not a MixVPR checkpoint: missing aggregator.mix.0"):
