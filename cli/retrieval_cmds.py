@@ -18,7 +18,7 @@ from cli.answer_options import (
 from cli.common import (
     AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, INT32_MAX, MAX_BATCH, MAX_CLUSTERS, MAX_DIM, MAX_EF_SEARCH, MAX_WORKERS,
     GPU_DECODE_HELP, NPROBE_HELP, POSITIVE, check_amp, check_output_file, console, distributed_run, err_console, extract_options, parse_int_list,
-    parse_resize, parse_size, print_json, progress_bar, resolve_device,
+    parse_resize, print_json, progress_bar, resolve_device,
 )
 from vpr import distributed
 from vpr.api import Index, QueryResult
