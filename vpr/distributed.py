@@ -22,6 +22,7 @@ from vpr.errors import UsageError, VPRError
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600  # a collective waits this long for a dead or stuck rank before failing
+ROW_CHUNK = 1 << 16  # rows per message when descriptors travel to rank 0: bounded memory on both sides
 
 
 class Reported(VPRError):
@@ -90,15 +91,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (a one-item list outside torchrun)."""
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def gather_object(obj: Any) -> list[Any] | None:
     """Every rank's `obj`, in rank order, on rank 0 (None on the others; a one-item list outside torchrun).
 
@@ -147,6 +139,70 @@ def _lost_rank(exc: RuntimeError) -> VPRError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return VPRError(f"rank {rank()}: another rank of the {world_size()} died or timed out ({reason}); "
                     "see its log, then rerun (cached descriptors are reused)")
+
+
+def _wire() -> torch.device:
+    """Where tensors travel between ranks: NCCL moves CUDA tensors only, gloo CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_rows(rows: np.ndarray) -> np.ndarray:
+    """Every rank's `rows` (n_r x d float32; n_r may differ, even be 0) stacked in rank order, on every rank:
+    one padded tensor all-gather, so nothing is pickled (`rows` itself outside torchrun)."""
+    if not dist.is_initialized():
+        return rows
+    wire = _wire()
+    try:
+        counts = [torch.zeros(1, dtype=torch.int64, device=wire) for _ in range(world_size())]
+        dist.all_gather(counts, torch.tensor([len(rows)], dtype=torch.int64, device=wire))
+        sizes = [int(c.item()) for c in counts]
+        padded = torch.zeros((max(sizes), rows.shape[1]), dtype=torch.float32, device=wire)
+        padded[:len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        blocks = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(blocks, padded)
+    except RuntimeError as exc:
+        raise _lost_rank(exc) from exc
+    return torch.cat([block[:n] for block, n in zip(blocks, sizes)]).cpu().numpy()
+
+
+def gather_rows(rows, counts: list[int] | None, out) -> None:
+    """Every rank's `rows` (an array or a `RowReader`), written into rank 0's `out` in rank order.
+
+    Rank 0 passes `counts` (each rank's row count) and `out` (sum(counts) x d: an array or a spill
+    file); the others pass None for both and send. Rows travel `ROW_CHUNK` at a time, one chunk from
+    each rank in turn (so no rank waits on the others' whole blocks), and no rank holds more than its
+    own rows and one chunk. Outside torchrun this copies `rows` into `out`.
+    """
+    wire = _wire() if dist.is_initialized() else torch.device("cpu")
+    try:
+        if not is_main():
+            for first in range(0, len(rows), ROW_CHUNK):
+                block = np.ascontiguousarray(rows[first:first + ROW_CHUNK], dtype=np.float32)
+                dist.send(torch.from_numpy(block).to(wire), dst=0)
+            return
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for first in range(0, max(counts), ROW_CHUNK):
+            for source, count in enumerate(counts):
+                n = min(ROW_CHUNK, count - first)
+                if n <= 0:
+                    continue
+                if source == 0:
+                    block = np.asarray(rows[first:first + n], dtype=np.float32)
+                else:
+                    buffer = torch.empty((n, out.shape[1]), dtype=torch.float32, device=wire)
+                    dist.recv(buffer, src=source)
+                    block = buffer.cpu().numpy()
+                out[starts[source] + first:starts[source] + first + n] = block
+    except RuntimeError as exc:
+        raise _lost_rank(exc) from exc
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: DDP syncs them before each training
+    forward only, so after a step each rank's differ; sharded extraction with the model needs one model."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def shutdown() -> None:

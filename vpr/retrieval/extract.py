@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -139,33 +139,55 @@ def extract_sharded(
 ) -> Extraction:
     """`extract_descriptors` with `paths` sharded over the ranks of a distributed run (`vpr.distributed`).
 
-    Each rank extracts its contiguous block into its own cache parts; rank 0 then holds the whole
-    result (in input order, as one process would compute it) and merges the cache, while every other
-    rank gets only its block's. Any rank's error is raised on rank 0, naming the rank (the others
-    raise `distributed.Reported`).
+    Each rank extracts its contiguous block into its own cache parts (and, with `spill`, its own spill
+    file); rank 0 then holds the whole result (in input order, as one process would compute it: sent
+    as tensors in chunks, into a spill file of its own with `spill`) and merges the cache, while every
+    other rank gets only its block's. Any rank's error is raised on rank 0, naming the rank (the
+    others raise `distributed.Reported`).
     """
-    if not distributed.joined():  # `spill` serves one process; ranks gather their blocks in memory
+    if not distributed.joined():
         return extract_descriptors(model, paths, options, cache=cache, progress=progress, spill=spill)
     block = distributed.shard(len(paths))
     with ExitStack() as stack:
         store = stack.enter_context(_shared_cache(model, cache, options.amp)) if cache is not None else None
         try:
-            mine: Extraction | BaseException = _extract(model, [paths[i] for i in block], options, store, progress)
+            mine: Extraction | BaseException = _extract(model, [paths[i] for i in block], options, store, progress, spill)
             mine.kept = block[mine.kept]
         except Exception as exc:  # reported to rank 0 first, then raised here
             mine = exc
         if store is not None:
             store.flush()  # before reporting: rank 0 merges what every rank wrote
-        gathered = distributed.gather_object(mine)
-    if gathered is None:  # not rank 0: its error, if any, is now rank 0's to report
+        summary = mine if isinstance(mine, BaseException) else replace(mine, descriptors=None)
+        gathered = distributed.gather_object(summary)
+    failure = _failure(gathered) if gathered is not None else None
+    if not distributed.broadcast_object(failure is None):  # every rank learns whether the rows travel
+        if failure is not None:
+            raise failure
         if isinstance(mine, BaseException):
             raise distributed.Reported(str(mine)) from mine
         return mine
-    for rank, outcome in enumerate(gathered):
+    if gathered is None:
+        distributed.gather_rows(mine.descriptors, None, None)
+        return mine
+    counts = [len(part.kept) for part in gathered]
+    shape = (sum(counts), model.config.descriptor_dim)
+    out = spill_rows(spill, shape) if spill is not None else np.empty(shape, dtype=np.float32)
+    distributed.gather_rows(mine.descriptors, counts, out)
+    return Extraction(descriptors=RowReader(out, spill) if spill is not None else out,
+                      kept=np.concatenate([part.kept for part in gathered]),
+                      skipped=[item for part in gathered for item in part.skipped],
+                      reused=sum(part.reused for part in gathered))
+
+
+def _failure(outcomes: list[Extraction | BaseException]) -> VPRError | None:
+    """The first rank's error among the gathered outcomes, naming the rank (None when all succeeded)."""
+    for rank, outcome in enumerate(outcomes):
         if isinstance(outcome, BaseException):
             kind = type(outcome) if isinstance(outcome, VPRError) else VPRError
-            raise kind(f"rank {rank} of {len(gathered)}: {outcome}") from outcome
-    return _joined(gathered)
+            error = kind(f"rank {rank} of {len(outcomes)}: {outcome}")
+            error.__cause__ = outcome
+            return error
+    return None
 
 
 @contextmanager
@@ -186,21 +208,6 @@ def _shared_cache(model: VPRModel, cache: Path, amp: bool) -> Iterator[Descripto
         if distributed.is_main():
             store.refresh()
             store.close()
-
-
-def _joined(parts: list[Extraction]) -> Extraction:
-    """The ranks' extractions as one, in rank (= input) order, filled block by block."""
-    total = sum(len(part.kept) for part in parts)
-    out = np.empty((total, parts[0].descriptors.shape[1]), dtype=np.float32)
-    kept, skipped, reused, start = [], [], 0, 0
-    for i, part in enumerate(parts):
-        out[start:start + len(part.kept)] = part.descriptors
-        start += len(part.kept)
-        kept.append(part.kept)
-        skipped.extend(part.skipped)
-        reused += part.reused
-        parts[i] = None  # free each block once copied
-    return Extraction(descriptors=out, kept=np.concatenate(kept), skipped=skipped, reused=reused)
 
 
 def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store: DescriptorCache | None,

@@ -77,9 +77,10 @@ def build_index(
     Under torchrun the images are sharded over the ranks (`extract_sharded`); rank 0 alone checks,
     locks and writes the output, and every other rank returns a report of its own share.
 
-    Past `spill_bytes` of descriptors (one process), extraction writes them to an unnamed file next
-    to `out_dir` instead of memory, the PCA fits on a sample and the index is written chunk by chunk:
-    memory then holds the model, one batch, the PCA sample and the FAISS index, not the database.
+    Past `spill_bytes` of descriptors, extraction writes them to an unnamed file next to `out_dir`
+    instead of memory (under torchrun every rank spills its block and rank 0 receives all rows into
+    its own file), the PCA fits on a sample and the index is written chunk by chunk: memory then holds
+    the model, one batch, the PCA sample and the FAISS index, not the database.
     """
     out_dir = Path(out_dir)
     check_index_kind(kind)
@@ -97,7 +98,7 @@ def build_index(
         return output_lock(out_dir)
 
     spill = None
-    if len(database) * model.config.descriptor_dim * 4 > spill_bytes and not distributed.joined():
+    if len(database) * model.config.descriptor_dim * 4 > spill_bytes:
         spill = out_dir.parent
         spill.mkdir(parents=True, exist_ok=True)
     with distributed.main_first(claim_output):
