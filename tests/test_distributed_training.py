@@ -136,6 +136,8 @@ def test_netvlad_two_ranks_equal_one_process(netvlad_city, tmp_path, monkeypatch
     log = json.loads((tmp_path / "ddp" / "log.jsonl").read_text())
     assert (log["steps"], log["tuples"], log["images"]) == tuple(single.records[0][k] for k in ("steps", "tuples", "images"))
     assert log["loss"] == pytest.approx(single.records[0]["loss"], abs=1e-5)
+    recalls = {key: value for key, value in single.records[0].items() if key.startswith("R@")}
+    assert recalls and {key: log[key] for key in recalls} == recalls  # validation shared by the ranks
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ and its safety rules, resume, validation after each epoch, `best.pt` by the best
 (`is_better`: highest R@1, ties broken by R@5), `last.pt`, the log and the result.
 
 Under torchrun (`vpr.distributed`) every rank runs `train`: the method trains through `parallel(model)`
-(DistributedDataParallel) on its share of each step's batch, while rank 0 alone holds the run's lock,
-writes the run folder and validates (the other ranks wait for its recalls).
+(DistributedDataParallel) on its share of each step's batch; validation shares the images too, and
+rank 0 alone holds the run's lock, searches and writes the run folder.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from vpr.models.checkpoints import load_payload, model_from_payload, save_checkp
 from vpr.models.inference import amp_dtype
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
-from vpr.retrieval.extract import ExtractOptions, Progress, extract_descriptors
+from vpr.retrieval.extract import ExtractOptions, Progress, extract_sharded
 from vpr.retrieval.index import torch_search
 from vpr.training.config import TrainConfig
 
@@ -197,12 +197,19 @@ def validate(
     model: VPRModel, database: GeoImageSet, queries: GeoImageSet, options: ExtractOptions, *,
     ns: tuple[int, ...] = RECALLS, threshold: float = 25.0, progress: Progress | None = None,
 ) -> dict[int, float]:
-    """Recall@N (percent) of `model` on a labelled split, exact search, standard 25 m protocol."""
-    db = extract_descriptors(model, database.paths, options, progress=progress).descriptors
-    q = extract_descriptors(model, queries.paths, options).descriptors
-    positives = positives_within(database.require_labels("validation"), queries.require_labels("validation"), threshold)
-    _, predictions = torch_search(db, q, max(ns), device=str(options.device))
-    return recall_at_n(predictions, positives, ns)
+    """Recall@N (percent) of `model` on a labelled split, exact search, standard 25 m protocol.
+
+    Under torchrun every rank calls it: the ranks share the images (with rank 0's BatchNorm statistics),
+    rank 0 searches, and every rank returns its figures."""
+    distributed.broadcast_buffers(model)
+    db = extract_sharded(model, database.paths, options, progress=progress).descriptors
+    q = extract_sharded(model, queries.paths, options).descriptors
+    found = None
+    if distributed.is_main():
+        positives = positives_within(database.require_labels("validation"), queries.require_labels("validation"), threshold)
+        _, predictions = torch_search(db, q, max(ns), device=str(options.device))
+        found = recall_at_n(predictions, positives, ns)
+    return distributed.broadcast_object(found)
 
 
 def is_better(recalls: dict[str, float], best: dict | None) -> bool:
@@ -402,8 +409,8 @@ def train(
             tic = time.perf_counter()
             phase = phases(progress, f"epoch {epoch + 1}/{cfg.epochs} ")
             record = {"epoch": epoch + 1, **method.train_epoch(epoch, phase)}
-            found = validate(method.model, val_db, val_q, cfg.extract_options(), progress=phase("validating")) if main else None
-            recalls = {f"R@{n}": value for n, value in distributed.broadcast_object(found).items()}
+            found = validate(method.model, val_db, val_q, cfg.extract_options(), progress=phase("validating"))
+            recalls = {f"R@{n}": value for n, value in found.items()}
             improved = is_better(recalls, best)
             if improved:
                 best = {"epoch": epoch + 1, "recalls": recalls}

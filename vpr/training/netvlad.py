@@ -220,11 +220,13 @@ class NetVLADMethod(Method):
         return FeatureCache(database_ids, database, query_ids, self.describe([self.queries.paths[i] for i in query_ids]))
 
     def describe(self, paths: list[Path], progress: Progress | None = None) -> np.ndarray:
-        """Descriptors of `paths` on every rank; each rank describes its share (`distributed.shard`)."""
+        """Descriptors of `paths` on every rank; each rank describes its share (`distributed.shard`) with
+        rank 0's BatchNorm statistics, and the shares are all-gathered as one tensor."""
+        distributed.broadcast_buffers(self.model)
         part = distributed.shard(len(paths))
-        mine = None if len(part) == 0 else extract_descriptors(
+        mine = np.zeros((0, self.model.config.descriptor_dim), dtype=np.float32) if len(part) == 0 else extract_descriptors(
             self.model, [paths[i] for i in part], self.cfg.extract_options(), progress=progress).descriptors
-        return np.concatenate([d for d in distributed.all_gather_object(mine) if d is not None])
+        return distributed.all_gather_rows(mine)
 
     def train_on(self, triplets: list[Triplet], stats: dict, progress: Progress | None) -> None:
         """Train on mined tuples in their mined order, each step's tuples shared by the ranks; workers only decode images.
