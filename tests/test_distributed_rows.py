@@ -39,7 +39,7 @@ def join(rank: int, world: int, port: int) -> None:
 def gather_ranks(rank: int, world: int, port: int, out_dir: str) -> None:
     """Each rank all-gathers and gathers its rows (3 per message); rank 0 saves what it received."""
     join(rank, world, port)
-    distributed.ROW_CHUNK = 3
+    distributed.MESSAGE_BYTES = 3 * 6 * 4
     try:
         mine = rows_of(rank)
         np.save(Path(out_dir) / f"all-{rank}.npy", distributed.all_gather_rows(mine))
@@ -67,7 +67,7 @@ def test_rows_reach_every_rank_by_all_gather_and_rank_0_by_chunks_in_rank_order(
 def build_ranks(rank: int, world: int, port: int, places: str, out: str, config) -> None:
     """A torchrun build that spills (`spill_bytes=0`): every rank its block, rank 0 the whole database."""
     join(rank, world, port)
-    distributed.ROW_CHUNK = 5
+    distributed.MESSAGE_BYTES = 5 * config.descriptor_dim * 4
     try:
         build_index(load_image_set(Path(places) / "database"), Path(out), model=build_model(config, seed=0),
                     options=ExtractOptions(batch_size=4, num_workers=0), pca_dim=8, spill_bytes=0)

@@ -22,7 +22,7 @@ from vpr.errors import UsageError, VPRError
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600  # a collective waits this long for a dead or stuck rank before failing
-ROW_CHUNK = 1 << 16  # rows per message when descriptors travel to rank 0: bounded memory on both sides
+MESSAGE_BYTES = 64 << 20  # descriptors travel to rank 0 in messages of at most this size: bounded memory on both sides
 
 
 class Reported(VPRError):
@@ -169,21 +169,22 @@ def gather_rows(rows, counts: list[int] | None, out) -> None:
     """Every rank's `rows` (an array or a `RowReader`), written into rank 0's `out` in rank order.
 
     Rank 0 passes `counts` (each rank's row count) and `out` (sum(counts) x d: an array or a spill
-    file); the others pass None for both and send. Rows travel `ROW_CHUNK` at a time, one chunk from
-    each rank in turn (so no rank waits on the others' whole blocks), and no rank holds more than its
-    own rows and one chunk. Outside torchrun this copies `rows` into `out`.
+    file); the others pass None for both and send. Rows travel `MESSAGE_BYTES` at a time, one message
+    from each rank in turn (so no rank waits on the others' whole blocks), and no rank holds more than
+    its own rows and one message. Outside torchrun this copies `rows` into `out`.
     """
     wire = _wire() if dist.is_initialized() else torch.device("cpu")
+    chunk = max(1, MESSAGE_BYTES // (4 * rows.shape[1]))
     try:
         if not is_main():
-            for first in range(0, len(rows), ROW_CHUNK):
-                block = np.ascontiguousarray(rows[first:first + ROW_CHUNK], dtype=np.float32)
+            for first in range(0, len(rows), chunk):
+                block = np.ascontiguousarray(rows[first:first + chunk], dtype=np.float32)
                 dist.send(torch.from_numpy(block).to(wire), dst=0)
             return
         starts = np.concatenate([[0], np.cumsum(counts)])
-        for first in range(0, max(counts), ROW_CHUNK):
+        for first in range(0, max(counts), chunk):
             for source, count in enumerate(counts):
-                n = min(ROW_CHUNK, count - first)
+                n = min(chunk, count - first)
                 if n <= 0:
                     continue
                 if source == 0:
