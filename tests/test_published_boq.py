@@ -117,7 +117,7 @@ def dino_file(tmp_path, name="dinov2_12288.pth"):
 
 def assert_strict(state: dict, path) -> None:
     """Every tensor of the file is used, and the model has no weight the file lacks (except DINOv2's unused norm)."""
-    converted = boq.convert_boq(state, path)
+    converted = boq.convert_boq(state, path, {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     assert set(converted.weights) == set(fresh.state_dict())
@@ -190,7 +190,7 @@ def test_the_published_sizes_are_recognised_from_full_size_files(tmp_path):
     for state, name, backbone, dim, size, heads in ((resnet_state, "resnet50_16384.pth", "resnet50", 16384, (384, 384), 8),
                                                      (dino_state, "dinov2_12288.pth", "dinov2_vitb14", 12288, (322, 322), 6)):
         assert boq.detect_boq(state)
-        converted = boq.convert_boq(state, tmp_path / name)
+        converted = boq.convert_boq(state, tmp_path / name, {})
         config = ModelConfig(**converted.config)
         assert (config.backbone, config.descriptor_dim, config.input_size) == (backbone, dim, size)
         assert config.head_options["heads"] == heads and config.head_options["num_queries"] == 64

@@ -197,7 +197,7 @@ def test_apgem_resnet101_layout_detected_from_shapes():
     with torch.device("meta"):
         state = {k: v for k, v in torchvision.models.resnet101().state_dict().items() if not k.startswith("fc.")}
         state |= {"fc.weight": torch.empty(2048, 2048), "fc.bias": torch.empty(2048), "adpool.p": torch.empty(1)}
-    converted = apgem.convert_apgem(state, Path("not-a-file.pt"))
+    converted = apgem.convert_apgem(state, Path("not-a-file.pt"), {})
     assert converted.config["backbone"] == "resnet101" and converted.config["descriptor_dim"] == 2048
     assert apgem.detect_apgem(state) and not sfrs.detect_sfrs(state)
 

@@ -58,7 +58,7 @@ def test_convap_file_loads_strictly_and_gives_the_papers_descriptor(published):
     assert pca is None and (c.backbone, c.layer, c.head) == ("resnet50", 4, "convap")
     assert c.head_options == {"out_channels": 8, "s1": 2, "s2": 2} and c.descriptor_dim == 32
     assert (c.input_size, c.resize, c.multiple, c.interpolation, c.resampler) == ((320, 320), "fixed", 1, "bilinear", "torch")
-    converted = convap.convert(state, path)
+    converted = convap.convert(state, path, {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     assert set(converted.weights) == set(fresh.state_dict()) and len(converted.weights) == len(state)

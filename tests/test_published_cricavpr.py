@@ -76,7 +76,7 @@ def test_cricavpr_file_loads_strictly_and_gives_the_papers_descriptor(published)
     assert c.backbone_options == {"blocks": BLOCKS} and c.head_options["cross_image"] == "single"
     assert c.descriptor_dim == 10752 and c.input_size == (224, 224)
     assert (c.resize, c.multiple, c.interpolation, c.resampler) == ("fixed", 1, "bilinear", "torch")
-    converted = cricavpr.convert(state, path)
+    converted = cricavpr.convert(state, path, {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     assert set(converted.weights) == set(fresh.state_dict()) and len(converted.weights) == len(state)

@@ -82,7 +82,7 @@ def test_edtformer_file_loads_strictly_and_gives_the_papers_descriptor(published
     assert c.head_options == {"queries": 8, "heads": 16, "layers": 2, "out_channels": 16, "out_rows": 4}
     assert c.descriptor_dim == 64 and c.input_size == (322, 322)
     assert (c.resize, c.multiple, c.interpolation, c.resampler) == ("fixed", 14, "bilinear", "torch")
-    converted = edtformer.convert(state, path)
+    converted = edtformer.convert(state, path, {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     assert set(converted.weights) == set(fresh.state_dict()) and len(converted.weights) == len(state)

@@ -41,7 +41,7 @@ def test_megaloc_file_loads_strictly_and_gives_the_papers_descriptor(published):
     c = model.config
     assert pca is None and (c.backbone, c.head, c.descriptor_dim) == ("dinov2_vits14", "megaloc", 8)
     assert c.head_options == {"num_clusters": 4, "cluster_dim": 6, "token_dim": 5, "mlp_dim": 16, "out_dim": 8}
-    converted = megaloc.convert_megaloc(state, path)
+    converted = megaloc.convert_megaloc(state, path, {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     # strict: every tensor of the file is used; the only addition is vpr's unused DINOv2 mask token

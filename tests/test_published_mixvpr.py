@@ -71,7 +71,7 @@ def test_mixvpr_file_loads_strictly_and_gives_the_papers_descriptor(tmp_path, re
     assert c.descriptor_dim == 24 and c.input_size == (64, 64)
     assert (c.resize, c.multiple, c.interpolation, c.resampler) == ("fixed", 1, "bilinear", "torch")
     # strict: every tensor of the file is used, and the model has no weight the file lacks
-    converted = mixvpr.convert_mixvpr(state, path)
+    converted = mixvpr.convert_mixvpr(state, path, {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     assert set(converted.weights) == set(fresh.state_dict()) and len(converted.weights) == len(state)
@@ -139,7 +139,7 @@ def test_dinomix_lightning_file_loads_strictly_and_mixes_unnormalised_patch_toke
     c = model.config
     assert (c.backbone, c.head, c.backbone_options) == ("dinov2_vits14", "mixvpr", {"final_norm": False, "blocks": 2})
     assert c.input_size == (28, 28) and c.descriptor_dim == 12 and c.resampler == "torch" and c.multiple == 1
-    converted = mixvpr.convert_dinomix(state, path)
+    converted = mixvpr.convert_dinomix(state, path, {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     assert set(converted.weights) == set(fresh.state_dict()) and len(converted.weights) == len(state)

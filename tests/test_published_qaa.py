@@ -77,7 +77,7 @@ def test_qaa_file_loads_strictly_and_gives_the_papers_descriptor(tmp_path, norm_
     assert c.backbone_options == ({"blocks": 2} if norm_layer else {"final_norm": False, "blocks": 2})
     assert (c.head_options["out_norm"], c.head_options["feature_nheads"]) == (out_norm, 2)
     assert c.descriptor_dim == K * D and c.input_size == (322, 322) and (c.multiple, c.resampler) == (14, "torch")
-    converted = qaa.convert(state, path)
+    converted = qaa.convert(state, path, {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     assert set(converted.weights) == set(fresh.state_dict())

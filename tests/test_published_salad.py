@@ -106,7 +106,7 @@ def test_salad_file_loads_strictly_and_gives_the_papers_descriptor(published):
     assert pca is None and (c.backbone, c.head, c.descriptor_dim) == ("dinov2_vits14", "salad", 5 + 4 * 8)
     assert c.head_options == {"num_clusters": 4, "cluster_dim": 8, "token_dim": 5, "mlp_dim": 16}
     # strict: every tensor of the file is used, and the model has no weight the file lacks
-    converted = salad.convert_salad(state, folder / "dino_salad.ckpt")
+    converted = salad.convert_salad(state, folder / "dino_salad.ckpt", {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     assert set(converted.weights) == set(fresh.state_dict()) and len(converted.weights) == len(state)

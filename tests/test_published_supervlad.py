@@ -66,7 +66,7 @@ def test_supervlad_files_load_strictly_and_give_the_papers_descriptor(tmp_path, 
     assert (c.head_options["clusters"], c.head_options["ghost_clusters"]) == (clusters, rows - clusters)
     assert c.descriptor_dim == clusters * C and c.input_size == (322, 322)
     assert (c.resize, c.multiple, c.interpolation, c.resampler) == ("fixed", 14, "bilinear", "torch")
-    converted = supervlad.convert(state, path)
+    converted = supervlad.convert(state, path, {})
     with torch.device("meta"):
         fresh = VPRModel(ModelConfig(**converted.config))
     assert set(converted.weights) == set(fresh.state_dict()) and len(converted.weights) == len(state)

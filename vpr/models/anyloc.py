@@ -108,7 +108,7 @@ def detect_anyloc(state: dict[str, torch.Tensor]) -> bool:
     return "blocks.0.attn.qkv.weight" in state and all(k.startswith(DINOV2_KEYS) for k in state)
 
 
-def convert_anyloc(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_anyloc(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """A combined AnyLoc file: DINOv2's torch.hub state dict + `anyloc.{c_centers, layer, facet}`."""
     method = "AnyLoc (DINOv2 + VLAD vocabulary)"
     if "anyloc.c_centers" not in state and "blocks.0.attn.qkv.weight" in state:
@@ -211,7 +211,7 @@ def combine(dinov2: Path, centers: Path, out: Path, layer: int | None = None, fa
                 and not (k.startswith("blocks.") and int(k.split(".")[1]) > layer)}
     combined.update({"anyloc.c_centers": c_centers.float().contiguous(), "anyloc.layer": torch.tensor(layer),
                      "anyloc.facet": torch.tensor(FACETS.index(facet))})
-    convert_anyloc(combined, Path(out))  # refuse a mismatched pair before writing anything
+    convert_anyloc(combined, Path(out), {})  # refuse a mismatched pair before writing anything
     out = Path(out)
     check_replaceable_file(out, is_joined_anyloc, "AnyLoc file", "OUT")
     with atomic_file(out) as tmp:

@@ -113,19 +113,6 @@ def whitening_from(pca_obj, name: str, path: Path) -> PCA:
                scale=scale.astype(np.float32), whiten=True)
 
 
-def read_extras(path: Path) -> dict:
-    """The non-tensor parts of a dirtorch file (`pca`, `preprocess`, `model_options`), read weights-only."""
-    from vpr.models.checkpoints import _numpy_globals  # late: checkpoints imports the model modules
-
-    try:
-        with torch.serialization.safe_globals([*_numpy_globals(), *PICKLE_GLOBALS]):
-            payload = torch.load(path, map_location="cpu", weights_only=True)  # no mmap: 2019 files are pre-zip
-    except Exception as exc:  # a file vpr already read once: only a refused global can fail here
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"{path}: cannot read AP-GeM's whitening and preprocessing ({reason})") from exc
-    return payload if isinstance(payload, dict) else {}
-
-
 # ----------------------------------------------------------------------------------- layout
 @lru_cache(maxsize=None)
 def trunk_shapes(name: str) -> dict[str, tuple[int, ...]]:
@@ -138,7 +125,7 @@ def detect_apgem(state: dict[str, torch.Tensor]) -> bool:
     return "adpool.p" in state and "fc.weight" in state and "layer4.0.conv1.weight" in state
 
 
-def convert_apgem(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_apgem(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """dirtorch's ResNet_RMAC: `conv1, bn1, layer1..4` (torchvision names) + `adpool.p` + `fc.*` [+ file `pca`]."""
     method = "AP-GeM (dirtorch)"
     gem_p, fc_w, fc_b = take(state, ("adpool.p", "fc.weight", "fc.bias"), path, method)
@@ -162,7 +149,6 @@ def convert_apgem(state: dict[str, torch.Tensor], path: Path) -> Converted:
         raise CheckpointError(f"{path}: {method} GeM/FC shapes {list(gem_p.shape)}, {list(fc_w.shape)}, {list(fc_b.shape)} "
                               f"do not fit a {name} (expected p [1], weight [D, {channels}], bias [D])")
     weights = {**trunk, "head.gem.p": gem_p.reshape(1), "head.fc.weight": fc_w, "head.fc.bias": fc_b}
-    extras = read_extras(path) if Path(path).is_file() else {}
     options = extras.get("model_options") if isinstance(extras.get("model_options"), dict) else {}
     if options.get("pooling", "gem") != "gem" or options.get("without_fc") or options.get("norm_features") \
             or options.get("center_bias", 0):

@@ -186,7 +186,7 @@ def detect_boq(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith("aggregator.boqs.") for k in state) and "aggregator.proj_c.weight" in state
 
 
-def convert_boq(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_boq(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """BoQ's VPRModel (hubconf.py): `backbone.net.*` (ResNet) or `backbone.dino.*` (DINOv2) + `aggregator.*`."""
     options, channels = head_options(state, path)
     if any(k.startswith("backbone.dino.") for k in state):

@@ -67,7 +67,7 @@ def detect(state: dict[str, torch.Tensor]) -> bool:  # any part of it, so that a
     return any(k.startswith("aggregator.channel_pool.") for k in state) and any(k.startswith("backbone.model.") for k in state)
 
 
-def convert(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """GSV-Cities' VPRModel: `backbone.model.*` (torchvision ResNet) + `aggregator.channel_pool.*`."""
     weight, _ = take(state, ("aggregator.channel_pool.weight", "aggregator.channel_pool.bias"), path, "Conv-AP")
     if weight.ndim != 4 or tuple(weight.shape[2:]) != (1, 1):

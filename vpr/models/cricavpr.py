@@ -208,7 +208,7 @@ def detect(state: dict[str, torch.Tensor]) -> bool:
     return "backbone.blocks.0.adapter.D_fc1.weight" in state and "encoder.layers.0.self_attn.in_proj_weight" in state
 
 
-def convert(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """CricaVPR.pth: `backbone.*` (DINOv2 ViT-B/14 + adapters) + `aggregation.1.p` + `encoder.layers.N.*`."""
     what = "CricaVPR"
     proj, _, _ = take(state, ("backbone.patch_embed.proj.weight", "aggregation.1.p",

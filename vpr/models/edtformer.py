@@ -149,7 +149,7 @@ def detect(state: dict[str, torch.Tensor]) -> bool:
     return "backbone.adapters.0.D_fc1.weight" in state and "queries" in state and "decoder.layers.0.norm1.weight" in state
 
 
-def convert(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """EDTformer.pth: `backbone.*` (DINOv2 + side adapters) + `fc`, `queries`, `decoder.layers.N`, `channel_proj`, `row_proj`."""
     what = "EDTformer"
     proj, queries, channel_w, row_w, _ = take(state, ("backbone.patch_embed.proj.weight", "queries", "channel_proj.weight",

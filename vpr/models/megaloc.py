@@ -67,7 +67,7 @@ def detect_megaloc(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith("aggregator.agg.") for k in state)  # any part of it: a damaged file is named
 
 
-def convert_megaloc(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_megaloc(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """MegaLoc: `backbone.*` (DINOv2 ViT) + `aggregator.agg.*` (SALAD) + `aggregator.linear.*`."""
     method = "MegaLoc"
     options = salad_options(state, "aggregator.agg.", path, method)

@@ -169,7 +169,7 @@ def detect_mixvpr(state: dict[str, torch.Tensor]) -> bool:  # any part of it, so
     return _has(state, MIXER_PREFIXES) and _has(state, "backbone.model.")
 
 
-def convert_mixvpr(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_mixvpr(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """MixVPR's VPRModel: `backbone.model.*` (torchvision ResNet cut after layer3) + `aggregator.*`."""
     options = mixer_options(state, path, "MixVPR")
     name, layer, weights = resnet_trunk(state, "backbone.model.", path, "MixVPR")
@@ -188,7 +188,7 @@ def detect_dinomix(state: dict[str, torch.Tensor]) -> bool:
     return _has(state, MIXER_PREFIXES) and _has(state, "backbone.dino_model.")
 
 
-def convert_dinomix(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_dinomix(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """DINO-Mix: `backbone.dino_model.*` (torch.hub DINOv2 with `norm` and `head` emptied) + `aggregator.*`."""
     options = mixer_options(state, path, "DINO-Mix")
     prefix = "backbone.dino_model."

@@ -308,9 +308,10 @@ IMPORTERS: dict[str, Callable[[dict, Path], tuple[VPRModel, PCA | None]]] = {
 }
 
 
-def import_converted(layout: Layout, state: dict[str, torch.Tensor], path: Path) -> tuple[VPRModel, PCA | None]:
-    """A method module's layout: its `convert` gives config and weights; build and load them strictly."""
-    converted: Converted = layout.convert(state, path)
+def import_converted(layout: Layout, state: dict[str, torch.Tensor], path: Path, extras: dict) -> tuple[VPRModel, PCA | None]:
+    """A method module's layout: its `convert` gives config and weights (from the tensors and the file's
+    other top-level `extras`); build and load them strictly."""
+    converted: Converted = layout.convert(state, path, extras)
     try:
         config = ModelConfig(**converted.config)
     except (TypeError, UsageError) as exc:
@@ -326,7 +327,8 @@ def import_published(payload: dict, path: Path, fmt: str | None = None) -> tuple
         raise CheckpointError(f"{path}: not a vpr checkpoint (no 'format': 'vpr-checkpoint'); drop --format vpr")
     if layout in IMPORTERS:
         return IMPORTERS[layout](state, path)
-    return import_converted(LAYOUTS[layout], state, path)
+    extras = {key: value for key, value in payload.items() if key not in WRAPPER_KEYS and not isinstance(value, torch.Tensor)}
+    return import_converted(LAYOUTS[layout], state, path, extras)
 
 
 def published_file_hint(path: Path) -> str:

@@ -139,7 +139,7 @@ def _hub_config(path: Path) -> dict:
     return data.get("model_config_dict", data) if isinstance(data, dict) else {}
 
 
-def convert(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """QAA's model.safetensors: `backbone.model.*` (DINOv2) + `aggregator.*`; flags from config.json."""
     what = "QAA"
     prefix = "backbone.model."

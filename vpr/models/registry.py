@@ -65,8 +65,9 @@ class Converted:
 class Layout:
     """A checkpoint layout vpr reads: where it comes from, the keys that identify it, its files.
 
-    `detect(state)` says from the keys whether a state dict has this layout; `convert(state, path)`
-    maps it onto a vpr model (None for the layouts `vpr.models.published` converts itself).
+    `detect(state)` says from the keys whether a state dict has this layout; `convert(state, path,
+    extras)` maps it onto a vpr model, `extras` being the file's other top-level entries (AP-GeM's
+    whitening); None for the layouts `vpr.models.published` converts itself.
     """
 
     name: str
@@ -75,7 +76,7 @@ class Layout:
     keys: str
     published: tuple[PublishedFile, ...] = ()
     detect: Callable[[dict[str, torch.Tensor]], bool] | None = None
-    convert: Callable[[dict[str, torch.Tensor], Path], Converted] | None = field(default=None)
+    convert: Callable[[dict[str, torch.Tensor], Path, dict], Converted] | None = field(default=None)
 
 
 def merged_options(config, defaults: dict, head: str) -> dict:

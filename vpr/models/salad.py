@@ -220,7 +220,7 @@ def detect_salad(state: dict[str, torch.Tensor]) -> bool:
     return looks_like_salad(state, "")
 
 
-def convert_salad(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_salad(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     return convert_salad_at(state, path, "", "SALAD/CliqueMining")
 
 
@@ -228,7 +228,7 @@ def detect_salad_indoor(state: dict[str, torch.Tensor]) -> bool:
     return looks_like_salad(state, "model.")
 
 
-def convert_salad_indoor(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_salad_indoor(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     return convert_salad_at(state, path, "model.", "SALAD-indoor")
 
 
@@ -247,7 +247,7 @@ def detect_eigenplaces_indoor(state: dict[str, torch.Tensor]) -> bool:
     return all(k in state for k in COSPLACE_HEAD) and any(k.startswith("model.backbone.") for k in state)
 
 
-def convert_eigenplaces_indoor(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_eigenplaces_indoor(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """Indoor-VPR's EigenPlaces: `model.backbone.N.*` (torchvision children) + `model.aggregation.*`."""
     method = "EigenPlaces-indoor"
     gem_p, fc_w, fc_b = take(state, COSPLACE_HEAD, path, method)

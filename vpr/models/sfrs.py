@@ -52,7 +52,7 @@ def detect_sfrs(state: dict[str, torch.Tensor]) -> bool:
     return "net_vlad.centroids" in state and "base_model.base.0.weight" in state
 
 
-def convert_sfrs(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert_sfrs(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """OpenIBL's EmbedNetPCA (or EmbedNet): VGG16 `base_model.base.*` + `net_vlad.*` [+ `pca_layer.*`]."""
     method = "SFRS (OpenIBL vgg16_netvlad)"
     centroids, conv_w = take(state, ("net_vlad.centroids", "net_vlad.conv.weight"), path, method)

@@ -113,7 +113,7 @@ def detect(state: dict[str, torch.Tensor]) -> bool:
         and "backbone.blocks.0.attn.qkv.weight" in state
 
 
-def convert(state: dict[str, torch.Tensor], path: Path) -> Converted:
+def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
     """SuperVLAD.pth: `backbone.*` (DINOv2) + `aggregation.conv.weight` [+ `encoder.layers.N.*`]."""
     what = "SuperVLAD"
     proj, conv = take(state, ("backbone.patch_embed.proj.weight", "aggregation.conv.weight"), path, what)
