@@ -3,13 +3,16 @@ then queried in a fresh process (load + queries): build time, size on disk, quer
 top-1 agreement with exact search (computed chunk-wise on the file).
 
     .venv/bin/python benchmarks/search_scale.py --sizes 1000000 10000000 --workdir /tmp/vpr-scale
+    .venv/bin/python benchmarks/search_scale.py --sizes 10000000 --workdir /tmp/vpr-scale --reuse-index --cold
+
+The second form measures the queries again on the index the first built, from disk (page cache dropped).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -68,22 +71,48 @@ def queries_near(path: Path, count: int, seed: int) -> np.ndarray:
     return unit(rows + 0.04 * rng.standard_normal(rows.shape).astype(np.float32))
 
 
-def run_size(n: int, workdir: Path, queries: int) -> dict:
-    """Build an ivfpq index over `n` synthetic descriptors and measure it."""
-    source, index = workdir / f"descriptors-{n}.h5", workdir / f"ivfpq-{n}"
-    if not source.exists():
-        write_descriptors(source, n, seed=n)
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory now (VmRSS) and its peak (VmHWM), in MB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {key: int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def build(n: int, source: Path, index: Path) -> dict:
+    """Build the ivfpq index over `source` in this process: its time and peak RSS (the peak reset first,
+    so writing the source does not count), and the RSS with the N image paths alone (any build of N holds them)."""
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
     database = GeoImageSet(paths=[Path(f"/synthetic/{i}.jpg") for i in range(n)])
+    paths_mb = memory_mb()["VmRSS"]
     model = build_model(ModelConfig(descriptor_dim=DIM, input_size=(48, 64)), seed=0)
     t0 = time.perf_counter()
     write_index_from_file(index, source, model=model, model_pca=None, pca=None, database=database,
                           kind="ivfpq", source="synthetic")
-    build_s = time.perf_counter() - t0
-    del database
-    build_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"build_s": round(time.perf_counter() - t0, 1), "build_peak_rss_mb": round(memory_mb()["VmHWM"]),
+            "rss_with_paths_mb": round(paths_mb)}
+
+
+def drop_page_cache() -> None:
+    """Empty Linux's page cache (root only), so the queries read database.h5 from disk, as on a machine
+    whose RAM cannot hold it."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError as exc:
+        sys.exit(f"--cold: cannot drop the page cache ({exc.strerror}); run as root, or without --cold")
+
+
+def run_size(n: int, workdir: Path, queries: int, built: dict | None, cold: bool) -> dict:
+    """Build an ivfpq index over `n` synthetic descriptors (unless `built` holds the figures of the
+    index already in `workdir`) and measure it (`cold`: with the page cache dropped first)."""
+    source, index = workdir / f"descriptors-{n}.h5", workdir / f"ivfpq-{n}"
+    if not source.exists():
+        write_descriptors(source, n, seed=n)
+    built = built or build(n, source, index)
     q = queries_near(source, queries, seed=1)
-    np.save(workdir / "queries.npy", q)
-    out = subprocess.run([sys.executable, "-c", QUERY_SCRIPT, str(index), str(workdir / "queries.npy")],
+    np.save(workdir / f"queries-{n}.npy", q)
+    if cold:
+        drop_page_cache()
+    out = subprocess.run([sys.executable, "-c", QUERY_SCRIPT, str(index), str(workdir / f"queries-{n}.npy")],
                          check=True, capture_output=True, text=True)
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     t0 = time.perf_counter()
@@ -91,21 +120,23 @@ def run_size(n: int, workdir: Path, queries: int) -> dict:
     exact_s = time.perf_counter() - t0
     agreement = float(np.mean(np.asarray(measured.pop("top1")) == exact[:, 0]))
     size = {name: (index / name).stat().st_size / 2**20 for name in ("index.faiss", "database.h5")}
-    return {"images": n, "dim": DIM, "build_s": round(build_s, 1), "build_peak_rss_mb": round(build_peak_mb),
+    return {"images": n, "dim": DIM, **built,
             "index_faiss_mb": round(size["index.faiss"]), "database_h5_mb": round(size["database.h5"]),
             "query_rss_mb": round(measured["rss_mb"]), "query_peak_rss_mb": round(measured["peak_rss_mb"]),
             "load_s": round(measured["load_s"], 2), "ms_single_p50": round(measured["ms_single_p50"], 2),
             "ms_batched": round(measured["ms_batched"], 2), "top1_agreement_exact": agreement,
-            "queries": queries, "exact_search_s": round(exact_s, 1)}
+            "queries": queries, "exact_search_s": round(exact_s, 1),
+            "page_cache": "dropped" if cold else "as the build left it"}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| images | build (s) | build peak RSS (MB) | index.faiss (MB) | database.h5 (MB) | query RSS (MB) "
-            "| query peak RSS (MB) | ms/query single p50 | ms/query batched | top-1 = exact |\n" + "|---" * 10 + "|\n")
+    head = ("| images | build (s) | build peak RSS (MB) | RSS before the build, with the N paths (MB) | index.faiss (MB) "
+            "| database.h5 (MB) | query RSS (MB) | query peak RSS (MB) | ms/query single p50 | ms/query batched "
+            "| top-1 = exact |\n" + "|---" * 11 + "|\n")
     return head + "".join(
-        f"| {r['images']:,} | {r['build_s']} | {r['build_peak_rss_mb']} | {r['index_faiss_mb']} "
-        f"| {r['database_h5_mb']} | {r['query_rss_mb']} | {r['query_peak_rss_mb']} | {r['ms_single_p50']} | {r['ms_batched']} "
-        f"| {r['top1_agreement_exact']:.2f} |\n" for r in rows)
+        f"| {r['images']:,} | {r['build_s']} | {r['build_peak_rss_mb']} | {r.get('rss_with_paths_mb', '-')} "
+        f"| {r['index_faiss_mb']} | {r['database_h5_mb']} | {r['query_rss_mb']} | {r['query_peak_rss_mb']} "
+        f"| {r['ms_single_p50']} | {r['ms_batched']} | {r['top1_agreement_exact']:.2f} |\n" for r in rows)
 
 
 def main() -> None:
@@ -113,16 +144,25 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vpr-search-scale"))
     parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before the queries (root)")
+    parser.add_argument("--reuse-index", action="store_true",
+                        help="measure the queries of an index a previous run built in --workdir, keeping its build figures")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
     for n in args.sizes:  # one process per size: the build peak RSS is that size's alone
         if n != args.sizes[0]:
             subprocess.run([sys.executable, __file__, "--sizes", str(n), "--workdir", str(args.workdir),
-                            "--queries", str(args.queries)], check=True)
+                            "--queries", str(args.queries), *(["--reuse-index"] if args.reuse_index else []), *(["--cold"] if args.cold else [])], check=True)
             rows = json.loads(RESULTS.read_text())["rows"]
             continue
-        row = run_size(n, args.workdir, args.queries)
+        built = None
+        if args.reuse_index:
+            previous = [r for r in rows if r["images"] == n]
+            if not previous or not (args.workdir / f"ivfpq-{n}").is_dir():
+                sys.exit(f"--reuse-index: no index of {n:,} in {args.workdir} with figures in {RESULTS}; run without it")
+            built = {k: previous[0][k] for k in ("build_s", "build_peak_rss_mb", "rss_with_paths_mb") if k in previous[0]}
+        row = run_size(n, args.workdir, args.queries, built, args.cold)
         rows = sorted([r for r in rows if r["images"] != n] + [row], key=lambda r: r["images"])
         RESULTS.write_text(json.dumps({"rows": rows, "table": table(rows)}, indent=2) + "\n")
         print(json.dumps(row), flush=True)
