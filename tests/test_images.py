@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vpr.data.images import image_to_tensor, load_rgb
+from vpr.data.images import Preprocess, load_rgb, preprocess
 from vpr.errors import ImageError
 
 
@@ -47,7 +47,7 @@ def test_exif_rotated_photo_is_turned_upright(tmp_path):
 def test_tiny_and_wide_images_resize_to_the_model_input(tmp_path):
     for size in ((1, 1), (4000, 3)):
         img = load_rgb(_save(tmp_path / f"{size[0]}.png", Image.new("RGB", size, (9, 9, 9))))
-        assert image_to_tensor(img, (48, 64)).shape == (3, 48, 64)
+        assert preprocess(img, Preprocess("fixed", (48, 64))).shape == (3, 48, 64)
 
 
 def test_truncated_jpeg_is_an_image_error(tmp_path):

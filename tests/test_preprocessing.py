@@ -16,7 +16,7 @@ from cli.app import app
 from conftest import run_cli
 
 from vpr.api import Index
-from vpr.data.images import Preprocess, image_to_tensor, preprocess
+from vpr.data.images import Preprocess, preprocess
 from vpr.errors import UsageError
 from vpr.models.model import ModelConfig, build_model
 from vpr.retrieval.extract import ExtractOptions, extract_descriptors
@@ -58,7 +58,8 @@ def test_float_resampling_equals_torchvisions_tensor_resize_after_normalisation(
 
 def test_pil_resampling_is_vprs_own_8_bit_resize():
     image = photo(48, 64, seed=2)
-    assert torch.equal(preprocess(image, Preprocess("fixed", (24, 32))), image_to_tensor(image, (24, 32)))
+    reference = torch.from_numpy(np.asarray(image.resize((32, 24), Image.BILINEAR), dtype=np.uint8).copy()).permute(2, 0, 1)
+    assert torch.equal(preprocess(image, Preprocess("fixed", (24, 32))), reference)
 
 
 def test_a_bad_rule_is_refused_when_the_config_is_built():

@@ -188,14 +188,6 @@ def preprocess(img: Image.Image, rule: Preprocess) -> torch.Tensor:
     return _resize_float(_resize_float(pixels, first, rule.interpolation), final, rule.interpolation)
 
 
-def image_to_tensor(img: Image.Image, input_size: tuple[int, int]) -> torch.Tensor:
-    """Resize a PIL RGB image to (H, W) and return a 3 x H x W uint8 tensor."""
-    height, width = input_size
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
 def normalize_batch(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 N x 3 x H x W -> float normalised, done once per batch (on whichever device holds it)."""
     mean_t = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from vpr.data.images import image_to_tensor, load_rgb
+from vpr.data.images import Preprocess, load_rgb, preprocess
 from vpr.errors import ImageError
 from vpr.training.mining import Triplet
 
@@ -42,7 +42,7 @@ class TupleImages(Dataset):
         self.triplets = triplets
         self.database = database
         self.queries = queries
-        self.input_size = input_size
+        self.rule = Preprocess("fixed", tuple(input_size))
 
     def __len__(self) -> int:
         return len(self.triplets)
@@ -51,7 +51,7 @@ class TupleImages(Dataset):
         t = self.triplets[i]
         paths = [self.queries[t.query], self.database[t.positive], *(self.database[n] for n in t.negatives)]
         try:
-            return torch.stack([image_to_tensor(load_rgb(p), self.input_size) for p in paths]), ""
+            return torch.stack([preprocess(load_rgb(p), self.rule) for p in paths]), ""
         except ImageError as exc:  # re-raised in the main process with its one-line message
             return torch.zeros(0, dtype=torch.uint8), str(exc)
 
