@@ -25,6 +25,7 @@ from PIL import Image
 from vpr.data.datasets import GeoImageSet, load_image_set
 from vpr.data.geo import utm_to_latlon
 from vpr.data.images import MAX_PIXELS, Preprocess, decode_rgb, load_rgb, preprocess, to_rgb, upright_rgb
+from vpr.data.loading import same_size_groups
 from vpr.errors import ImageError, ImageTooLarge, NotAnImage, UsageError
 from vpr.models.inference import amp_dtype, forward_batch, inference_model
 from vpr.models.model import ModelConfig, VPRModel
@@ -216,10 +217,7 @@ class Index:
         dtype = amp_dtype(self.device) if self.amp else None
         images = list(batch)
         out = np.zeros((len(images), self.bundle.model.config.descriptor_dim), dtype=np.float32)
-        sizes: dict[tuple, list[int]] = {}
-        for i, image in enumerate(images):
-            sizes.setdefault((tuple(image.shape), image.dtype), []).append(i)
-        for rows in sizes.values():
+        for rows in same_size_groups(images):
             stack = torch.stack([images[i] for i in rows]).to(self.device, non_blocking=True)
             out[rows] = forward_batch(self._model, stack, dtype).cpu().numpy()
         return self.bundle.project(out)

@@ -8,6 +8,7 @@ file never raises inside a worker: its item carries the error text, and the call
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +46,19 @@ class ImageFiles(Dataset):
             return torch.zeros(3, *(self.rule.fixed_output or (1, 1)), dtype=torch.uint8), i, str(exc)
 
 
+def same_size_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Positions of `images` grouped by shape and dtype, in first-seen order: one stacked batch each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault((tuple(image.shape), image.dtype), []).append(i)
+    return list(groups.values())
+
+
 def collate_sizes(batch: list[tuple[torch.Tensor, int, str]]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """`ImageFiles` items as (images, indices, errors) groups of one image size each, in first-seen order."""
-    groups: dict[tuple, list[tuple[torch.Tensor, int, str]]] = {}
-    for item in batch:
-        groups.setdefault((tuple(item[0].shape), item[0].dtype), []).append(item)
     return [
-        (torch.stack([m[0] for m in members]), torch.tensor([m[1] for m in members]), [m[2] for m in members])
-        for members in groups.values()
+        (torch.stack([batch[i][0] for i in rows]), torch.tensor([batch[i][1] for i in rows]), [batch[i][2] for i in rows])
+        for rows in same_size_groups([item[0] for item in batch])
     ]
 
 

@@ -18,7 +18,7 @@ import torch
 from vpr.api import QueryResult
 
 log = logging.getLogger(__name__)
-Run = Callable[[torch.Tensor, int], list[QueryResult]]
+Run = Callable[[list[torch.Tensor], int], list[QueryResult]]
 
 
 @dataclass
