@@ -14,8 +14,7 @@ Layouts (state-dict keys after any DataParallel `module.` is dropped):
 
 All published VGG16 trunks stop before conv5_3's ReLU, as our `vgg16` does. NetVLAD without a conv
 bias gets a zero bias, which is the same soft-assignment. A Linear (+ L2) after the global
-descriptor, y = L2(W x + b), is stored as our PCA: y = L2(((x - m) C^T) s) with s = row norms of W,
-C = W / s and m any point with C m = -b / s.
+descriptor is stored as our PCA (`vpr.models.statedict.linear_to_pca`, which states the equation).
 Published files do not record their input size: they get DEFAULT_INPUT_SIZE and ImageNet mean/std.
 
 The DINOv2-era methods (SALAD, MegaLoc, BoQ, MixVPR, ...) live one per module under `vpr.models`
@@ -162,10 +161,6 @@ def match_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path) -> t
         f"{path}: the {prefix}* weights ({len(found)} tensors: {first}, ...) match no supported trunk; "
         "expected torchvision children of vgg16 (conv5_3) or resnet18/50/101/152 (layer3 or layer4)"
     )
-
-
-
-
 
 
 def assemble(config: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> VPRModel:
