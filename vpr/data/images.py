@@ -108,6 +108,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation every ImageNet-trained backbone expects
+IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("fixed", "shorter", "native")
 INTERPOLATIONS = ("bilinear", "bicubic")
 RESAMPLERS = ("pil", "torch")

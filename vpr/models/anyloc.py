@@ -35,14 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, summarize_keys, take
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULTS = {"num_clusters": 32}  # the published vocabularies: `--head anyloc` builds this size
 PUBLISHED_LAYER, PUBLISHED_FACET = 31, "value"
 FACETS = ("query", "key", "value", "token")  # `anyloc.facet` indexes this tuple

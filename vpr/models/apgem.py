@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.backbones import backbone_channels, build_backbone
@@ -38,8 +39,6 @@ from vpr.models.pca import PCA
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WHITEN_NAME, WHITEN_P, WHITEN_M = "Landmarks_clean", 0.25, 1.0  # VPR-methods-evaluation's / the README's settings
 DEFAULTS = {"gem_p": 3.0, "eps": 1e-6}  # the initial p and GeM's clamp; `--head apgem` builds the published head
 URL = "https://drive.google.com/open?id=1UWJGDuHtzaQdFhSMojoYVQjmCXhIwVvy"

@@ -32,13 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RELEASE = "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/"
 # The published hyperparameters: `--head boq` builds them (d = 384 on a ViT, 512 on a CNN, as published).
 DEFAULTS = {"num_queries": 64, "num_layers": 2, "row_dim": 32}

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpr.errors import CheckpointError
-from vpr.models.mixvpr import IMAGENET_MEAN, IMAGENET_STD, resnet_trunk
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
+from vpr.models.mixvpr import resnet_trunk
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 

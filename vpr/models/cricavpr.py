@@ -40,14 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.layers import GeM
 from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 URL = "https://github.com/Lu-Feng/CricaVPR/releases/download/v1.0/CricaVPR.pth"
 BACKBONE = "dinov2_vitb14_cricavpr"
 ADAPTER_WEIGHT = 0.2  # the adapter's weight inside the MLP branch (block.py)

@@ -27,13 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 URL = "https://github.com/Tong-Jin01/EDTformer/releases/download/v1.0.0/EDTformer.pth"
 BACKBONE = "dinov2_vitb14_edtformer"
 DEFAULTS = {"queries": 64, "heads": 16, "layers": 2, "out_channels": 256, "out_rows": 16}

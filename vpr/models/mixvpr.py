@@ -25,13 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The published MixVPR (4096-d) hyperparameters: `--head mixvpr` builds it.
 DEFAULTS = {"out_channels": 1024, "out_rows": 4, "mix_depth": 4, "mlp_ratio": 1.0}
 MIXVPR_URL = "https://drive.google.com/file/d/{ID}/view"

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from vpr.data.images import INTERPOLATIONS, RESAMPLERS, RESIZE_MODES, Preprocess
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, RESAMPLERS, RESIZE_MODES, Preprocess
 from vpr.errors import UsageError
 from vpr.models import methods
 from vpr.models.backbones import BACKBONES, backbone_channels, build_backbone
@@ -16,8 +16,6 @@ from vpr.models.heads import CosPlaceHead, NetVLAD, PatchNorm
 
 CORE_HEADS = ("cosplace", "netvlad", "patchnorm")
 HEADS = CORE_HEADS + tuple(methods.HEADS)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HF = "https://huggingface.co/xjh19972/QAA-{DIM}/resolve/main/model.safetensors"
 DEFAULTS = {"num_clusters": 64, "cluster_dim": 128, "token_dim": 0, "num_queries": 256, "feature_nheads": 16,
             "score_nheads": 16, "self_attn_out_norm": True, "out_norm": False}

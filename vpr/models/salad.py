@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.backbones import backbone_channels, build_backbone
@@ -48,8 +49,6 @@ from vpr.models.layers import log_optimal_transport
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The published SALAD's hyperparameters: `--head salad` builds it.
 DEFAULTS = {"num_clusters": 64, "cluster_dim": 128, "token_dim": 256, "mlp_dim": 512}
 SINKHORN_ITERS = 3

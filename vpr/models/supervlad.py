@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import summarize_keys, take, with_prefix
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DRIVE = "https://drive.google.com/file/d/{ID}/view"
 FILES = {  # VPR-methods-evaluation's MODELS_INFO / the authors' README
     "SuperVLAD": "1wRkUO4E8s5hNRNNIWcuA8RUvlGob3Tbf",
