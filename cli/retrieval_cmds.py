@@ -30,6 +30,7 @@ from vpr.evaluation.predictions import save_descriptors as save_descriptors_file
 from vpr.evaluation.predictions import save_predictions as save_predictions_file
 from vpr.evaluation.viz import save_matches_figure, save_positions_map
 from vpr.models.model import ModelConfig
+from vpr.models.vit import default_preprocessing
 from vpr.retrieval.answer import AnswerOptions
 from vpr.retrieval.expansion import Expansion
 from vpr.retrieval.local_features import LocalFeatureConfig
@@ -79,11 +80,10 @@ def build_index_cmd(
     elif fmt is not None:
         raise UsageError("--format describes a --checkpoint file; give --checkpoint FILE or drop --format")
     else:
-        vit = backbone.startswith("dinov2_")
-        default_size = "32x64" if backbone == "pixels" else "322x322" if vit else "240x320"
-        preprocessing = dict(multiple=14, resampler="torch") if vit else {}
+        preprocessing = {**parse_resize("32x64" if backbone == "pixels" else "240x320"), **default_preprocessing(backbone),
+                         **(parse_resize(resize) if resize else {})}
         config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer,
-                             patch_size=patch, **parse_resize(resize or default_size), **preprocessing)
+                             patch_size=patch, **preprocessing)
         model, model_pca = load_model(None, config, pretrained)
     if not local_features and (local_method != "sift" or max_keypoints != 1000):
         raise UsageError("--local-method and --max-keypoints describe --local-features; add --local-features")

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models import vit
@@ -50,8 +49,6 @@ DOMAINS = ("urban", "indoor", "aerial", "structured", "unstructured", "global")
 CENTERS_URL = "https://github.com/AnyLoc/DINO/releases/download/v1/"
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth"
 # VPR-methods-evaluation's preprocessing: native size, sides to the nearest multiple of 14 (tensor resize).
-PREPROCESS = dict(input_size=(322, 322), resize="native", multiple=vit.PATCH, interpolation="bilinear",
-                  resampler="torch", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 DINOV2_KEYS = ("cls_token", "pos_embed", "mask_token", "patch_embed.", "blocks.", "norm.")  # torch.hub DINOv2's
 CENTERS_NAME = re.compile(r"(dinov2_vit[sblg]14)_l(\d+)_(query|key|value|token)_c(\d+)_(\w+?)_c_centers\.pt$")
 
@@ -147,7 +144,7 @@ def convert_anyloc(state: dict[str, torch.Tensor], path: Path, extras: dict) -> 
     if facet == "token":  # the block's output tokens, without DINOv2's final LayerNorm (AnyLoc's hook)
         backbone_options["final_norm"] = False
     config = dict(backbone=name, layer=4, head="anyloc", head_options={"num_clusters": num_clusters},
-                  backbone_options=backbone_options, descriptor_dim=num_clusters * width, **PREPROCESS)
+                  backbone_options=backbone_options, descriptor_dim=num_clusters * width, **vit.dinov2_preprocessing("native"))
     return Converted(config, weights)
 
 

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
@@ -165,8 +164,7 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
                "out_rows": int(row_w.shape[0])}
     config = dict(backbone=BACKBONE, layer=4, head="edtformer", head_options=options,
                   backbone_options={} if depth == 12 else {"blocks": depth},
-                  input_size=(322, 322), resize="fixed", multiple=vit.PATCH, interpolation="bilinear",
-                  resampler="torch", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                  **vit.dinov2_preprocessing())
     weights = {**with_prefix(state, "backbone.", "backbone."), **{f"head.{k}": state[k] for k in head_keys}}
     return Converted(config, weights)
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpr.errors import CheckpointError
+from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.salad import (DINOV2_PREPROCESS, NATIVE_14, SALAD, check_all_used, dinov2_backbone, require_vit,
+from vpr.models.salad import (NATIVE_14, SALAD, check_all_used, dinov2_backbone, require_vit,
                               salad_options, salad_weights)
 from vpr.models.statedict import take, with_prefix
 
@@ -84,7 +85,7 @@ def convert_megaloc(state: dict[str, torch.Tensor], path: Path, extras: dict) ->
     head = {**salad_weights(state, "aggregator.agg.", salad_keys, "head.agg.", path, method),
             **with_prefix(state, "aggregator.linear.", "head.linear.")}
     config = dict(backbone=name, layer=4, head="megaloc", head_options=options, descriptor_dim=options["out_dim"],
-                  **DINOV2_PREPROCESS)
+                  **vit.dinov2_preprocessing("native"))
     return Converted(config, {**weights, **head})
 
 

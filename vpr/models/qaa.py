@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
@@ -165,8 +164,7 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     if depth != vit.SIZES[names[0]][1]:
         backbone_options["blocks"] = depth
     config = dict(backbone=names[0], layer=4, head="qaa", head_options=options, backbone_options=backbone_options,
-                  input_size=(322, 322), resize="fixed", multiple=vit.PATCH, interpolation="bilinear",
-                  resampler="torch", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                  **vit.dinov2_preprocessing())
     return Converted(config, {**trunk, **with_prefix(state, "aggregator.", "head.")})
 
 

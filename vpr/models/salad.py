@@ -53,8 +53,6 @@ from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
 DEFAULTS = {"num_clusters": 64, "cluster_dim": 128, "token_dim": 256, "mlp_dim": 512}
 SINKHORN_ITERS = 3
 # VPR-methods-evaluation's preprocessing of every DINOv2 SALAD-style model (and MegaLoc's own).
-DINOV2_PREPROCESS = dict(input_size=(322, 322), resize="native", multiple=vit.PATCH, interpolation="bilinear",
-                         resampler="torch", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 NATIVE_14 = "native, sides to multiples of 14"
 SALAD_URL = "https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt"
 CLIQUEMINING_URL = "https://drive.google.com/file/d/1B06ysb-Wjb4KDcNrl-7pyj1mJve1jqdk/view"
@@ -200,7 +198,7 @@ def convert_salad_at(state: dict[str, torch.Tensor], path: Path, prefix: str, me
     head = salad_weights(state, f"{prefix}aggregator.", options, "head.", path, method)
     config = dict(backbone=name, layer=4, head="salad", head_options=options,
                   descriptor_dim=options["token_dim"] + options["num_clusters"] * options["cluster_dim"],
-                  **DINOV2_PREPROCESS)
+                  **vit.dinov2_preprocessing("native"))
     return Converted(config, {**weights, **head})
 
 

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
@@ -132,8 +131,7 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     defaults = CROSS_DEFAULTS if layers else DEFAULTS
     config = dict(backbone=names[0], layer=4, backbone_options=backbone_options, head="supervlad-crossimage" if layers else "supervlad",
                   head_options={**defaults, "clusters": clusters, "ghost_clusters": ghosts, "layers": layers},
-                  input_size=(322, 322), resize="fixed", multiple=vit.PATCH, interpolation="bilinear",
-                  resampler="torch", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                  **vit.dinov2_preprocessing())
     return Converted(config, {**backbone, **head})
 
 

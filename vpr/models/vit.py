@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import UsageError
 
 PATCH = 14
@@ -37,6 +38,19 @@ DESCRIPTIONS = {
     "dinov2_vitl14": "DINOv2 ViT-L/14 (timm blocks, DINOv2 keys): (patch map, CLS) of 1024 channels",
     "dinov2_vitg14": "DINOv2 ViT-G/14 (timm blocks, SwiGLU, DINOv2 keys): (patch map, CLS) of 1536 channels",
 }
+
+
+def dinov2_preprocessing(resize: str = "fixed") -> dict:
+    """ModelConfig fields of the published DINOv2 models' input, as their authors' pipelines compute it:
+    ToTensor -> Normalize(ImageNet) -> Resize to 322 x 322 on the float tensor (bilinear, antialiased;
+    `resize` "native" keeps the image's size), then sides to multiples of 14."""
+    return dict(input_size=(322, 322), resize=resize, multiple=PATCH, interpolation="bilinear", resampler="torch",
+                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def default_preprocessing(backbone: str) -> dict:
+    """A new (random-init) model's input rule: DINOv2's for a DINOv2-based backbone, else {} (vpr's defaults)."""
+    return dinov2_preprocessing() if backbone.startswith("dinov2_") else {}
 
 
 def vit_channels(name: str) -> int:
