@@ -39,7 +39,7 @@ from vpr.errors import CheckpointError, UsageError
 from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import dinov2_keys, summarize_keys, take
+from vpr.models.statedict import dinov2_keys, refuse_unused, take
 
 DEFAULTS = {"num_clusters": 32}  # the published vocabularies: `--head anyloc` builds this size
 PUBLISHED_LAYER, PUBLISHED_FACET = 31, "value"
@@ -129,9 +129,7 @@ def convert_anyloc(state: dict[str, torch.Tensor], path: Path, extras: dict) -> 
     if blocks not in (set(range(depth)), set(range(layer + 1))):  # DINOv2's file, or `combine`'s trimmed copy
         raise CheckpointError(f"{path}: an {method} file with {len(blocks)} DINOv2 blocks; expected {depth} ({name}) "
                               f"or the {layer + 1} up to block {layer} (a truncated or different file)")
-    left = sorted(k for k in state if not k.startswith((*DINOV2_KEYS, "anyloc.")))
-    if left:
-        raise CheckpointError(f"{path}: an {method} file with unexpected tensors: {summarize_keys(left)}")
+    refuse_unused(state, path, method, (*DINOV2_KEYS, "anyloc."))
     # Dropped on purpose: blocks after `layer` and the final LayerNorm `norm.*` (AnyLoc reads the facet of
     # block `layer`, so they are never run). `mask_token` (DINOv2's masked-modelling token) is kept: vpr's
     # DinoV2 holds it so files load strictly.

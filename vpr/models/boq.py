@@ -36,7 +36,7 @@ from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
+from vpr.models.statedict import dinov2_keys, refuse_unused, take, with_prefix
 
 RELEASE = "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/"
 # The published hyperparameters: `--head boq` builds them (d = 384 on a ViT, 512 on a CNN, as published).
@@ -197,9 +197,7 @@ def convert_boq(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Con
     else:
         raise CheckpointError(f"{path}: a BoQ checkpoint without its backbone (no backbone.net.* or backbone.dino.*); "
                               "the file is truncated or not one of the published BoQ models")
-    left = set(state) - {k for k in state if k.startswith((backbone_prefix, "aggregator."))}
-    if left:
-        raise CheckpointError(f"{path}: a BoQ checkpoint with unexpected tensors: {summarize_keys(sorted(left))}")
+    refuse_unused(state, path, "BoQ", (backbone_prefix, "aggregator."))
     config.update(head="boq", head_options=options, resize="fixed", interpolation="bilinear", resampler="torch",
                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
     expected = vit.vit_channels(config["backbone"]) if config["backbone"] in vit.SIZES else 1024

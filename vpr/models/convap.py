@@ -23,7 +23,7 @@ from vpr.errors import CheckpointError
 from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.models.mixvpr import resnet_trunk
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import summarize_keys, take, with_prefix
+from vpr.models.statedict import refuse_unused, take, with_prefix
 
 # The reference tool's default Conv-AP (8192-d): `--head convap` builds it.
 DEFAULTS = {"out_channels": 2048, "s1": 2, "s2": 2}
@@ -74,9 +74,7 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     if weight.ndim != 4 or tuple(weight.shape[2:]) != (1, 1):
         raise CheckpointError(f"{path}: a Conv-AP checkpoint whose channel_pool is not a 1x1 convolution")
     name, layer, weights = resnet_trunk(state, "backbone.model.", path, "Conv-AP")
-    left = set(state) - {k for k in state if k.startswith(("backbone.model.", "aggregator.channel_pool."))}
-    if left:
-        raise CheckpointError(f"{path}: a Conv-AP checkpoint with unexpected tensors: {summarize_keys(sorted(left))}")
+    refuse_unused(state, path, "Conv-AP", ("backbone.model.", "aggregator.channel_pool."))
     # The pooling grid has no weights; the published files say it in their name (..._2x2.ckpt), all 2x2.
     grid = re.search(r"_(\d+)x(\d+)\.[^.]+$", Path(path).name)
     s1, s2 = (int(grid[1]), int(grid[2])) if grid else (2, 2)

@@ -45,7 +45,7 @@ from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.layers import GeM
 from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import summarize_keys, take, with_prefix
+from vpr.models.statedict import refuse_unused, take, with_prefix
 
 URL = "https://github.com/Lu-Feng/CricaVPR/releases/download/v1.0/CricaVPR.pth"
 BACKBONE = "dinov2_vitb14_cricavpr"
@@ -218,9 +218,7 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
     backbone = with_prefix(state, "backbone.", "backbone.")
     head = {"head.gem.p": state["aggregation.1.p"], **with_prefix(state, "encoder.", "head.encoder.")}
-    left = set(state) - set(backbone) - {"aggregation.1.p"} - {k for k in state if k.startswith("encoder.")}
-    if left:
-        raise CheckpointError(f"{path}: a {what} checkpoint with unexpected tensors: {summarize_keys(sorted(left))}")
+    refuse_unused(state, path, what, ("backbone.", "encoder."), ("aggregation.1.p",))
     backbone_options = {} if depth == vit.SIZES["dinov2_vitb14"][1] else {"blocks": depth}
     config = dict(backbone=BACKBONE, layer=4, head="cricavpr", backbone_options=backbone_options,
                   head_options={**DEFAULTS, "layers": layers}, input_size=(224, 224), resize="fixed", multiple=1,

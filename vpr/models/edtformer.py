@@ -30,11 +30,12 @@ from torch import nn
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import summarize_keys, take, with_prefix
+from vpr.models.statedict import refuse_unused, take, with_prefix
 
 URL = "https://github.com/Tong-Jin01/EDTformer/releases/download/v1.0.0/EDTformer.pth"
 BACKBONE = "dinov2_vitb14_edtformer"
 DEFAULTS = {"queries": 64, "heads": 16, "layers": 2, "out_channels": 256, "out_rows": 16}
+HEAD_PREFIXES = ("fc.", "decoder.", "channel_proj.", "row_proj.")  # the published head's tensors, with `queries`
 
 
 # ----------------------------------------------------------------------------------- backbone
@@ -156,10 +157,8 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
         raise CheckpointError(f"{path}: a {what} checkpoint with a {proj.shape[0]}-wide ViT; EDTformer uses ViT-B/14 (768)")
     depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
     layers = len({k.split(".")[2] for k in state if k.startswith("decoder.layers.")})
-    head_keys = [k for k in state if k.startswith(("fc.", "decoder.", "channel_proj.", "row_proj.")) or k == "queries"]
-    left = set(state) - set(head_keys) - {k for k in state if k.startswith("backbone.")}
-    if left:
-        raise CheckpointError(f"{path}: a {what} checkpoint with unexpected tensors: {summarize_keys(sorted(left))}")
+    head_keys = [k for k in state if k.startswith(HEAD_PREFIXES) or k == "queries"]
+    refuse_unused(state, path, what, ("backbone.", *HEAD_PREFIXES), ("queries",))
     options = {**DEFAULTS, "queries": int(queries.shape[1]), "layers": layers, "out_channels": int(channel_w.shape[0]),
                "out_rows": int(row_w.shape[0])}
     config = dict(backbone=BACKBONE, layer=4, head="edtformer", head_options=options,

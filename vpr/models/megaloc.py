@@ -21,9 +21,9 @@ from torch import nn
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.salad import (NATIVE_14, SALAD, check_all_used, dinov2_backbone, require_vit,
+from vpr.models.salad import (NATIVE_14, SALAD, dinov2_backbone, require_vit,
                               salad_options, salad_weights)
-from vpr.models.statedict import take, with_prefix
+from vpr.models.statedict import refuse_unused, take, with_prefix
 
 # The published MegaLoc's hyperparameters: `--head megaloc` builds it.
 DEFAULTS = {"num_clusters": 64, "cluster_dim": 256, "token_dim": 256, "mlp_dim": 512, "out_dim": 8448}
@@ -79,7 +79,7 @@ def convert_megaloc(state: dict[str, torch.Tensor], path: Path, extras: dict) ->
                               f"fit its {salad_dim}-d SALAD output (expected [D, {salad_dim}])")
     options["out_dim"] = int(linear_w.shape[0])
     name, weights = dinov2_backbone(state, "backbone.", path, method)
-    check_all_used(state, ("backbone.", "aggregator.agg.", "aggregator.linear."), path, method)
+    refuse_unused(state, path, method, ("backbone.", "aggregator.agg.", "aggregator.linear."))
     # (MegaLoc's ViT has no mask_token: dinov2_backbone gives vpr's unused one zeros.)
     salad_keys = {k: v for k, v in options.items() if k != "out_dim"}
     head = {**salad_weights(state, "aggregator.agg.", salad_keys, "head.agg.", path, method),

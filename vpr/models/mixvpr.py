@@ -29,7 +29,7 @@ from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
+from vpr.models.statedict import dinov2_keys, refuse_unused, take, with_prefix
 
 # The published MixVPR (4096-d) hyperparameters: `--head mixvpr` builds it.
 DEFAULTS = {"out_channels": 1024, "out_rows": 4, "mix_depth": 4, "mlp_ratio": 1.0}
@@ -174,9 +174,7 @@ def convert_mixvpr(state: dict[str, torch.Tensor], path: Path, extras: dict) -> 
     name, layer, weights = resnet_trunk(state, "backbone.model.", path, "MixVPR")
     stride = 16 if layer == 3 else 32
     head = with_prefix(state, "aggregator.", "head.")
-    left = set(state) - {k for k in state if k.startswith(("backbone.model.", "aggregator."))}
-    if left:
-        raise CheckpointError(f"{path}: a MixVPR checkpoint with unexpected tensors: {summarize_keys(sorted(left))}")
+    refuse_unused(state, path, "MixVPR", ("backbone.model.", "aggregator."))
     config = dict(backbone=name, layer=layer, head="mixvpr", head_options=options,
                   input_size=(options["in_h"] * stride, options["in_w"] * stride), resize="fixed", multiple=1,
                   interpolation="bilinear", resampler="torch", mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -203,9 +201,7 @@ def convert_dinomix(state: dict[str, torch.Tensor], path: Path, extras: dict) ->
     backbone_options = {"final_norm": False}
     if blocks != vit.SIZES[names[0]][1]:
         backbone_options["blocks"] = blocks
-    left = set(state) - {k for k in state if k.startswith((prefix, "aggregator."))}
-    if left:
-        raise CheckpointError(f"{path}: a DINO-Mix checkpoint with unexpected tensors: {summarize_keys(sorted(left))}")
+    refuse_unused(state, path, "DINO-Mix", (prefix, "aggregator."))
     config = dict(backbone=names[0], layer=4, head="mixvpr", head_options=options, backbone_options=backbone_options,
                   input_size=(options["in_h"] * vit.PATCH, options["in_w"] * vit.PATCH), resize="fixed", multiple=1,
                   interpolation="bilinear", resampler="torch", mean=IMAGENET_MEAN, std=IMAGENET_STD)

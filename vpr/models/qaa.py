@@ -29,7 +29,7 @@ from torch import nn
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import summarize_keys, take, with_prefix
+from vpr.models.statedict import refuse_unused, take, with_prefix
 
 HF = "https://huggingface.co/xjh19972/QAA-{DIM}/resolve/main/model.safetensors"
 DEFAULTS = {"num_clusters": 64, "cluster_dim": 128, "token_dim": 0, "num_queries": 256, "feature_nheads": 16,
@@ -157,9 +157,7 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     trunk = with_prefix(state, prefix, "backbone.")
     if not norm_layer:  # the authors' backbone skips DINOv2's final norm unless norm_layer: dropped on purpose
         trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
-    left = set(state) - {k for k in state if k.startswith((prefix, "aggregator."))}
-    if left:
-        raise CheckpointError(f"{path}: a {what} checkpoint with unexpected tensors: {summarize_keys(sorted(left))}")
+    refuse_unused(state, path, what, (prefix, "aggregator."))
     backbone_options = {} if norm_layer else {"final_norm": False}
     if depth != vit.SIZES[names[0]][1]:
         backbone_options["blocks"] = depth

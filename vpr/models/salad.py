@@ -47,7 +47,7 @@ from vpr.models import vit
 from vpr.models.backbones import backbone_channels, build_backbone
 from vpr.models.layers import log_optimal_transport
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import dinov2_keys, summarize_keys, take, with_prefix
+from vpr.models.statedict import dinov2_keys, refuse_unused, take, with_prefix
 
 # The published SALAD's hyperparameters: `--head salad` builds it.
 DEFAULTS = {"num_clusters": 64, "cluster_dim": 128, "token_dim": 256, "mlp_dim": 512}
@@ -184,17 +184,11 @@ def salad_options(state: dict[str, torch.Tensor], prefix: str, path: Path, metho
     return options
 
 
-def check_all_used(state: dict[str, torch.Tensor], prefixes: tuple[str, ...], path: Path, method: str) -> None:
-    left = sorted(k for k in state if not k.startswith(prefixes))
-    if left:
-        raise CheckpointError(f"{path}: a {method} checkpoint with unexpected tensors: {summarize_keys(left)}")
-
-
 def convert_salad_at(state: dict[str, torch.Tensor], path: Path, prefix: str, method: str) -> Converted:
     """SALAD's VPRModel under `prefix`: `backbone.model.*` (DINOv2) + `aggregator.*` (SALAD)."""
     options = salad_options(state, f"{prefix}aggregator.", path, method)
     name, weights = dinov2_backbone(state, f"{prefix}backbone.model.", path, method)
-    check_all_used(state, (f"{prefix}backbone.model.", f"{prefix}aggregator."), path, method)
+    refuse_unused(state, path, method, (f"{prefix}backbone.model.", f"{prefix}aggregator."))
     head = salad_weights(state, f"{prefix}aggregator.", options, "head.", path, method)
     config = dict(backbone=name, layer=4, head="salad", head_options=options,
                   descriptor_dim=options["token_dim"] + options["num_clusters"] * options["cluster_dim"],
@@ -248,7 +242,7 @@ def convert_eigenplaces_indoor(state: dict[str, torch.Tensor], path: Path, extra
     """Indoor-VPR's EigenPlaces: `model.backbone.N.*` (torchvision children) + `model.aggregation.*`."""
     method = "EigenPlaces-indoor"
     gem_p, fc_w, fc_b = take(state, COSPLACE_HEAD, path, method)
-    check_all_used(state, ("model.backbone.", "model.aggregation."), path, method)
+    refuse_unused(state, path, method, ("model.backbone.", "model.aggregation."))
     trunk = with_prefix(state, "model.backbone.", "")
     found = {k: tuple(v.shape) for k, v in trunk.items()}
     for name in COSPLACE_TRUNKS:

@@ -42,6 +42,16 @@ def summarize_keys(keys: list[str], limit: int = 8) -> str:
     return ", ".join(shown) + (", ..." if len(groups) > limit else "")
 
 
+def refuse_unused(state: dict[str, torch.Tensor], path: Path, method: str,
+                  prefixes: tuple[str, ...] = (), keys: tuple[str, ...] = ()) -> None:
+    """A one-line error naming the tensors of a published `state` its converter would drop: those
+    neither under one of `prefixes` nor among `keys` (so a file of another architecture is refused)."""
+    left = sorted(k for k in state if not k.startswith(prefixes) and k not in keys)
+    if left:
+        article = "an" if method[:1] in "AEIOU" else "a"
+        raise CheckpointError(f"{path}: {article} {method} checkpoint with unexpected tensors: {summarize_keys(left)}")
+
+
 def linear_to_pca(weight: torch.Tensor, bias: torch.Tensor, whiten: bool, path: Path) -> PCA:
     """Our PCA equal to y = L2(W x + b) (see the module docstring); m is the min-norm solution."""
     components = weight.detach().to("cpu", torch.float64, copy=True)  # becomes C in place: one big copy

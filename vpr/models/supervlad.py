@@ -34,7 +34,7 @@ from torch import nn
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import summarize_keys, take, with_prefix
+from vpr.models.statedict import refuse_unused, take, with_prefix
 
 DRIVE = "https://drive.google.com/file/d/{ID}/view"
 FILES = {  # VPR-methods-evaluation's MODELS_INFO / the authors' README
@@ -125,9 +125,7 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     layers = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
     backbone = with_prefix(state, "backbone.", "backbone.")
     head = {"head.conv.weight": conv, **with_prefix(state, "encoder.", "head.encoder.")}
-    left = set(state) - set(backbone) - {"aggregation.conv.weight"} - {k for k in state if k.startswith("encoder.")}
-    if left:
-        raise CheckpointError(f"{path}: a {what} checkpoint with unexpected tensors: {summarize_keys(sorted(left))}")
+    refuse_unused(state, path, what, ("backbone.", "encoder."), ("aggregation.conv.weight",))
     defaults = CROSS_DEFAULTS if layers else DEFAULTS
     config = dict(backbone=names[0], layer=4, backbone_options=backbone_options, head="supervlad-crossimage" if layers else "supervlad",
                   head_options={**defaults, "clusters": clusters, "ghost_clusters": ghosts, "layers": layers},
