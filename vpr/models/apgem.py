@@ -37,7 +37,7 @@ from vpr.models.backbones import backbone_channels, build_backbone
 from vpr.models.layers import GeM
 from vpr.models.pca import PCA
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import refuse_unused, take
+from vpr.models.statedict import numbered, refuse_unused, take
 
 WHITEN_NAME, WHITEN_P, WHITEN_M = "Landmarks_clean", 0.25, 1.0  # VPR-methods-evaluation's / the README's settings
 DEFAULTS = {"gem_p": 3.0, "eps": 1e-6}  # the initial p and GeM's clamp; `--head apgem` builds the published head
@@ -129,7 +129,7 @@ def convert_apgem(state: dict[str, torch.Tensor], path: Path, extras: dict) -> C
     method = "AP-GeM (dirtorch)"
     gem_p, fc_w, fc_b = take(state, ("adpool.p", "fc.weight", "fc.bias"), path, method)
     refuse_unused(state, path, method, tuple(f"{group}." for group in (*TRUNK_CHILDREN, "adpool", "fc")))
-    counts = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    counts = tuple(numbered(state, f"layer{i}.") for i in range(1, 5))
     name = TRUNKS.get(counts)
     trunk = {f"backbone.{TRUNK_CHILDREN[k.split('.')[0]]}.{k.split('.', 1)[1]}": v
              for k, v in state.items() if k.split(".")[0] in TRUNK_CHILDREN}

@@ -36,7 +36,7 @@ from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import dinov2_keys, refuse_unused, take, with_prefix
+from vpr.models.statedict import dinov2_keys, numbered, refuse_unused, take, with_prefix
 
 RELEASE = "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/"
 # The published hyperparameters: `--head boq` builds them (d = 384 on a ViT, 512 on a CNN, as published).
@@ -130,7 +130,7 @@ def head_options(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, int]
     """BoQ's hyperparameters from the `aggregator.*` shapes, and the channels it expects."""
     proj, fc, queries = take(state, ("aggregator.proj_c.weight", "aggregator.fc.weight", "aggregator.boqs.0.queries"),
                              path, "BoQ")
-    layers = len({k.split(".")[2] for k in state if k.startswith("aggregator.boqs.")})
+    layers = numbered(state, "aggregator.boqs.")
     dim = int(proj.shape[0])
     if queries.dim() != 3 or queries.shape[2] != dim or fc.shape[1] != layers * queries.shape[1]:
         raise CheckpointError(f"{path}: a BoQ checkpoint with inconsistent shapes (queries {tuple(queries.shape)}, "
@@ -152,7 +152,7 @@ def _resnet(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
     if not children <= {"0", "1", "4", "5", "6"}:
         raise CheckpointError(f"{path}: a BoQ checkpoint with a ResNet trunk beyond layer3 "
                               f"(children {', '.join(sorted(children))}); the published trunk stops at layer3")
-    blocks = len({k.split(".")[2] for k in trunk if k.startswith("backbone.6.")})
+    blocks = numbered(trunk, "backbone.6.")
     name = RESNET_DEPTHS.get(blocks)
     if name is None:
         raise CheckpointError(f"{path}: a BoQ checkpoint with a ResNet of {blocks} layer3 blocks; "
@@ -172,10 +172,7 @@ def _dinov2(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
     # The authors' DinoV2.forward runs the blocks and drops the CLS token; it never applies `dino.norm`
     # (their hubconf keeps the module only so the file loads strictly): those two tensors are unused.
     trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
-    blocks = len({k.split(".")[2] for k in trunk if k.startswith("backbone.blocks.")})
-    backbone_options: dict = {"final_norm": False}
-    if blocks != vit.SIZES[names[0]][1]:
-        backbone_options["blocks"] = blocks
+    backbone_options = {"final_norm": False, **vit.blocks_option(names[0], numbered(trunk, "backbone.blocks."))}
     # DINOv2 needs sides that are multiples of 14: a --resize override is rounded as the DINOv2 tools do
     config = dict(backbone=names[0], layer=4, backbone_options=backbone_options, input_size=DINOV2_INPUT, multiple=14)
     return config, trunk

@@ -45,7 +45,7 @@ from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.layers import GeM
 from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import refuse_unused, take, with_prefix
+from vpr.models.statedict import numbered, refuse_unused, take, with_prefix
 
 URL = "https://github.com/Lu-Feng/CricaVPR/releases/download/v1.0/CricaVPR.pth"
 BACKBONE = "dinov2_vitb14_cricavpr"
@@ -214,12 +214,11 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
                               "encoder.layers.1.self_attn.in_proj_weight"), path, what)
     if proj.shape[0] != 768:
         raise CheckpointError(f"{path}: a {what} checkpoint with a {proj.shape[0]}-wide ViT; CricaVPR uses ViT-B/14 (768)")
-    layers = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
-    depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
+    layers = numbered(state, "encoder.layers.")
     backbone = with_prefix(state, "backbone.", "backbone.")
     head = {"head.gem.p": state["aggregation.1.p"], **with_prefix(state, "encoder.", "head.encoder.")}
     refuse_unused(state, path, what, ("backbone.", "encoder."), ("aggregation.1.p",))
-    backbone_options = {} if depth == vit.SIZES["dinov2_vitb14"][1] else {"blocks": depth}
+    backbone_options = vit.blocks_option("dinov2_vitb14", numbered(state, "backbone.blocks."))
     config = dict(backbone=BACKBONE, layer=4, head="cricavpr", backbone_options=backbone_options,
                   head_options={**DEFAULTS, "layers": layers}, input_size=(224, 224), resize="fixed", multiple=1,
                   interpolation="bilinear", resampler="torch", mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -30,7 +30,7 @@ from torch import nn
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Backbone, Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import refuse_unused, take, with_prefix
+from vpr.models.statedict import numbered, refuse_unused, take, with_prefix
 
 URL = "https://github.com/Tong-Jin01/EDTformer/releases/download/v1.0.0/EDTformer.pth"
 BACKBONE = "dinov2_vitb14_edtformer"
@@ -155,14 +155,13 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
                                                       "row_proj.weight", "fc.weight"), path, what)
     if proj.shape[0] != 768:
         raise CheckpointError(f"{path}: a {what} checkpoint with a {proj.shape[0]}-wide ViT; EDTformer uses ViT-B/14 (768)")
-    depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
-    layers = len({k.split(".")[2] for k in state if k.startswith("decoder.layers.")})
+    layers = numbered(state, "decoder.layers.")
     head_keys = [k for k in state if k.startswith(HEAD_PREFIXES) or k == "queries"]
     refuse_unused(state, path, what, ("backbone.", *HEAD_PREFIXES), ("queries",))
     options = {**DEFAULTS, "queries": int(queries.shape[1]), "layers": layers, "out_channels": int(channel_w.shape[0]),
                "out_rows": int(row_w.shape[0])}
     config = dict(backbone=BACKBONE, layer=4, head="edtformer", head_options=options,
-                  backbone_options={} if depth == 12 else {"blocks": depth},
+                  backbone_options=vit.blocks_option("dinov2_vitb14", numbered(state, "backbone.blocks.")),
                   **vit.dinov2_preprocessing())
     weights = {**with_prefix(state, "backbone.", "backbone."), **{f"head.{k}": state[k] for k in head_keys}}
     return Converted(config, weights)

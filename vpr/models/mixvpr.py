@@ -29,7 +29,7 @@ from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import dinov2_keys, refuse_unused, take, with_prefix
+from vpr.models.statedict import dinov2_keys, numbered, refuse_unused, take, with_prefix
 
 # The published MixVPR (4096-d) hyperparameters: `--head mixvpr` builds it.
 DEFAULTS = {"out_channels": 1024, "out_rows": 4, "mix_depth": 4, "mlp_ratio": 1.0}
@@ -145,7 +145,7 @@ def resnet_trunk(state: dict[str, torch.Tensor], prefix: str, path: Path, method
 def mixer_options(state: dict[str, torch.Tensor], path: Path, method: str) -> dict:
     """MixVPR's hyperparameters from its `aggregator.*` shapes (the map is square in every published model)."""
     channel_w, row_w = take(state, ("aggregator.channel_proj.weight", "aggregator.row_proj.weight"), path, method)
-    depth = len({k.split(".")[2] for k in state if k.startswith("aggregator.mix.")})
+    depth = numbered(state, "aggregator.mix.")
     if depth == 0:
         raise CheckpointError(f"{path}: not a {method} checkpoint: missing aggregator.mix.0.*")
     hw = row_w.shape[1]
@@ -193,14 +193,11 @@ def convert_dinomix(state: dict[str, torch.Tensor], path: Path, extras: dict) ->
     names = [n for n, size in vit.SIZES.items() if size[0] == proj.shape[0]]
     if not names:
         raise CheckpointError(f"{path}: a DINO-Mix checkpoint with a {proj.shape[0]}-wide ViT, not a DINOv2 size")
-    blocks = len({k[len(prefix):].split(".")[1] for k in state if k.startswith(prefix + "blocks.")})
     # The authors replace DINOv2's final norm (and head) by empty nn.Sequential(): no tensors, no final LayerNorm.
     trunk = dinov2_keys(with_prefix(state, prefix, "backbone."))
     if any(k.startswith("backbone.norm.") for k in trunk):  # a norm the authors' forward never applies
         trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
-    backbone_options = {"final_norm": False}
-    if blocks != vit.SIZES[names[0]][1]:
-        backbone_options["blocks"] = blocks
+    backbone_options = {"final_norm": False, **vit.blocks_option(names[0], numbered(state, prefix + "blocks."))}
     refuse_unused(state, path, "DINO-Mix", (prefix, "aggregator."))
     config = dict(backbone=names[0], layer=4, head="mixvpr", head_options=options, backbone_options=backbone_options,
                   input_size=(options["in_h"] * vit.PATCH, options["in_w"] * vit.PATCH), resize="fixed", multiple=1,

@@ -29,7 +29,7 @@ from torch import nn
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import refuse_unused, take, with_prefix
+from vpr.models.statedict import numbered, refuse_unused, take, with_prefix
 
 HF = "https://huggingface.co/xjh19972/QAA-{DIM}/resolve/main/model.safetensors"
 DEFAULTS = {"num_clusters": 64, "cluster_dim": 128, "token_dim": 0, "num_queries": 256, "feature_nheads": 16,
@@ -153,14 +153,11 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     options = {**DEFAULTS, **{k: agg[k] for k in DEFAULTS if k in agg},
                "num_clusters": int(conv.shape[0]), "cluster_dim": int(qf.shape[2]), "num_queries": int(qf.shape[1]),
                "token_dim": int(token.shape[0]) if token is not None else 0}
-    depth = len({k[len(prefix):].split(".")[1] for k in state if k.startswith(prefix + "blocks.")})
     trunk = with_prefix(state, prefix, "backbone.")
     if not norm_layer:  # the authors' backbone skips DINOv2's final norm unless norm_layer: dropped on purpose
         trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
     refuse_unused(state, path, what, (prefix, "aggregator."))
-    backbone_options = {} if norm_layer else {"final_norm": False}
-    if depth != vit.SIZES[names[0]][1]:
-        backbone_options["blocks"] = depth
+    backbone_options = {**({} if norm_layer else {"final_norm": False}), **vit.blocks_option(names[0], numbered(state, prefix + "blocks."))}
     config = dict(backbone=names[0], layer=4, head="qaa", head_options=options, backbone_options=backbone_options,
                   **vit.dinov2_preprocessing())
     return Converted(config, {**trunk, **with_prefix(state, "aggregator.", "head.")})

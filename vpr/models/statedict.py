@@ -33,6 +33,11 @@ def dinov2_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2."): v for k, v in tensors.items()}
 
 
+def numbered(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many numbered children `state` holds under `prefix` (keys `prefix`N.*): a ViT's blocks, an encoder's layers."""
+    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+
 def summarize_keys(keys: list[str], limit: int = 8) -> str:
     """'conv1.* (1 tensor), layer1.* (30 tensors)': the top-level groups of a state dict, for errors."""
     groups: dict[str, int] = {}

@@ -34,7 +34,7 @@ from torch import nn
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import refuse_unused, take, with_prefix
+from vpr.models.statedict import numbered, refuse_unused, take, with_prefix
 
 DRIVE = "https://drive.google.com/file/d/{ID}/view"
 FILES = {  # VPR-methods-evaluation's MODELS_INFO / the authors' README
@@ -119,10 +119,9 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     if not names or conv.shape[1] != proj.shape[0]:
         raise CheckpointError(f"{path}: a {what} checkpoint with a {proj.shape[0]}-wide ViT and a "
                               f"{tuple(conv.shape)} assignment: not a DINOv2 SuperVLAD")
-    depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
-    backbone_options = {} if depth == vit.SIZES[names[0]][1] else {"blocks": depth}
+    backbone_options = vit.blocks_option(names[0], numbered(state, "backbone.blocks."))
     clusters, ghosts = PUBLISHED_SPLITS.get(conv.shape[0], (conv.shape[0] - 1, 1))
-    layers = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
+    layers = numbered(state, "encoder.layers.")
     backbone = with_prefix(state, "backbone.", "backbone.")
     head = {"head.conv.weight": conv, **with_prefix(state, "encoder.", "head.encoder.")}
     refuse_unused(state, path, what, ("backbone.", "encoder."), ("aggregation.conv.weight",))

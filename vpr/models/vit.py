@@ -53,6 +53,11 @@ def default_preprocessing(backbone: str) -> dict:
     return dinov2_preprocessing() if backbone.startswith("dinov2_") else {}
 
 
+def blocks_option(name: str, blocks: int) -> dict:
+    """backbone_options for a DINOv2 `name` whose file holds its first `blocks` blocks: {} when it holds them all."""
+    return {} if blocks == SIZES[name][1] else {"blocks": blocks}
+
+
 def vit_channels(name: str) -> int:
     """Embedding width of a DINOv2 backbone."""
     return SIZES[name][0]
