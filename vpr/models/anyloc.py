@@ -44,7 +44,6 @@ from vpr.models.statedict import dinov2_keys, refuse_unused, take
 DEFAULTS = {"num_clusters": 32}  # the published vocabularies: `--head anyloc` builds this size
 PUBLISHED_LAYER, PUBLISHED_FACET = 31, "value"
 FACETS = ("query", "key", "value", "token")  # `anyloc.facet` indexes this tuple
-WIDTHS = {width: name for name, (width, _, _, _) in vit.SIZES.items()}
 DOMAINS = ("urban", "indoor", "aerial", "structured", "unstructured", "global")
 CENTERS_URL = "https://github.com/AnyLoc/DINO/releases/download/v1/"
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth"
@@ -113,7 +112,7 @@ def convert_anyloc(state: dict[str, torch.Tensor], path: Path, extras: dict) -> 
                               f"anyloc_DOMAIN.pth` ({CENTERS_URL}) and pass that file")
     centers, pos_embed = take(state, ("anyloc.c_centers", "pos_embed"), path, method)
     width = int(pos_embed.shape[-1])
-    name = WIDTHS.get(width)
+    name = vit.name_for_width(width)
     if name is None or tuple(pos_embed.shape) != (1, vit.GRID * vit.GRID + 1, width):
         raise CheckpointError(f"{path}: an {method} file whose DINOv2 pos_embed is {list(pos_embed.shape)}; expected "
                               f"[1, {vit.GRID * vit.GRID + 1}, 384|768|1024|1536] (a patch-14 DINOv2 without registers)")
@@ -210,5 +209,5 @@ def combine(dinov2: Path, centers: Path, out: Path, layer: int | None = None, fa
     check_replaceable_file(out, is_joined_anyloc, "AnyLoc file", "OUT")
     with atomic_file(out) as tmp:
         torch.save(combined, tmp)
-    return {"out": str(out), "backbone": WIDTHS[int(state["pos_embed"].shape[-1])], "layer": layer, "facet": facet,
+    return {"out": str(out), "backbone": vit.name_for_width(state["pos_embed"].shape[-1]), "layer": layer, "facet": facet,
             "num_clusters": int(c_centers.shape[0])}

@@ -165,16 +165,16 @@ def _dinov2(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
     """`backbone.dino.*` (torch.hub DINOv2) -> vpr's DinoV2 without the final LayerNorm."""
     prefix = "backbone.dino."
     (proj,) = take(state, (prefix + "patch_embed.proj.weight",), path, "BoQ")
-    names = [n for n, size in vit.SIZES.items() if size[0] == proj.shape[0]]
-    if not names:
+    name = vit.name_for_width(proj.shape[0])
+    if name is None:
         raise CheckpointError(f"{path}: a BoQ checkpoint with a {proj.shape[0]}-wide ViT, not a DINOv2 size")
     trunk = dinov2_keys(with_prefix(state, prefix, "backbone."))
     # The authors' DinoV2.forward runs the blocks and drops the CLS token; it never applies `dino.norm`
     # (their hubconf keeps the module only so the file loads strictly): those two tensors are unused.
     trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
-    backbone_options = {"final_norm": False, **vit.blocks_option(names[0], numbered(trunk, "backbone.blocks."))}
+    backbone_options = {"final_norm": False, **vit.blocks_option(name, numbered(trunk, "backbone.blocks."))}
     # DINOv2 needs sides that are multiples of 14: a --resize override is rounded as the DINOv2 tools do
-    config = dict(backbone=names[0], layer=4, backbone_options=backbone_options, input_size=DINOV2_INPUT, multiple=14)
+    config = dict(backbone=name, layer=4, backbone_options=backbone_options, input_size=DINOV2_INPUT, multiple=14)
     return config, trunk
 
 

@@ -190,16 +190,16 @@ def convert_dinomix(state: dict[str, torch.Tensor], path: Path, extras: dict) ->
     options = mixer_options(state, path, "DINO-Mix")
     prefix = "backbone.dino_model."
     (proj,) = take(state, (prefix + "patch_embed.proj.weight",), path, "DINO-Mix")
-    names = [n for n, size in vit.SIZES.items() if size[0] == proj.shape[0]]
-    if not names:
+    name = vit.name_for_width(proj.shape[0])
+    if name is None:
         raise CheckpointError(f"{path}: a DINO-Mix checkpoint with a {proj.shape[0]}-wide ViT, not a DINOv2 size")
     # The authors replace DINOv2's final norm (and head) by empty nn.Sequential(): no tensors, no final LayerNorm.
     trunk = dinov2_keys(with_prefix(state, prefix, "backbone."))
     if any(k.startswith("backbone.norm.") for k in trunk):  # a norm the authors' forward never applies
         trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
-    backbone_options = {"final_norm": False, **vit.blocks_option(names[0], numbered(state, prefix + "blocks."))}
+    backbone_options = {"final_norm": False, **vit.blocks_option(name, numbered(state, prefix + "blocks."))}
     refuse_unused(state, path, "DINO-Mix", (prefix, "aggregator."))
-    config = dict(backbone=names[0], layer=4, head="mixvpr", head_options=options, backbone_options=backbone_options,
+    config = dict(backbone=name, layer=4, head="mixvpr", head_options=options, backbone_options=backbone_options,
                   input_size=(options["in_h"] * vit.PATCH, options["in_w"] * vit.PATCH), resize="fixed", multiple=1,
                   interpolation="bilinear", resampler="torch", mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return Converted(config, {**trunk, **with_prefix(state, "aggregator.", "head.")})

@@ -143,8 +143,8 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     prefix = "backbone.model."
     proj, qf, conv = take(state, (prefix + "patch_embed.proj.weight", "aggregator.queries_feature.queries",
                                   "aggregator.score.conv.weight"), path, what)
-    names = [n for n, size in vit.SIZES.items() if size[0] == proj.shape[0] and not size[3]]
-    if not names:
+    name = vit.name_for_width(proj.shape[0])
+    if name is None or vit.SIZES[name][3]:  # not ViT-G (SwiGLU)
         raise CheckpointError(f"{path}: a {what} checkpoint with a {proj.shape[0]}-wide ViT, not a DINOv2 size")
     hub = _hub_config(path)
     agg = hub.get("agg_config", {})
@@ -157,8 +157,8 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     if not norm_layer:  # the authors' backbone skips DINOv2's final norm unless norm_layer: dropped on purpose
         trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
     refuse_unused(state, path, what, (prefix, "aggregator."))
-    backbone_options = {**({} if norm_layer else {"final_norm": False}), **vit.blocks_option(names[0], numbered(state, prefix + "blocks."))}
-    config = dict(backbone=names[0], layer=4, head="qaa", head_options=options, backbone_options=backbone_options,
+    backbone_options = {**({} if norm_layer else {"final_norm": False}), **vit.blocks_option(name, numbered(state, prefix + "blocks."))}
+    config = dict(backbone=name, layer=4, head="qaa", head_options=options, backbone_options=backbone_options,
                   **vit.dinov2_preprocessing())
     return Converted(config, {**trunk, **with_prefix(state, "aggregator.", "head.")})
 

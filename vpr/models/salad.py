@@ -57,7 +57,6 @@ NATIVE_14 = "native, sides to multiples of 14"
 SALAD_URL = "https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt"
 CLIQUEMINING_URL = "https://drive.google.com/file/d/1B06ysb-Wjb4KDcNrl-7pyj1mJve1jqdk/view"
 INDOOR_URL = "https://github.com/Enrico-Chiavassa/Indoor-VPR/releases/download/v0.1.0/"
-WIDTHS = {width: name for name, (width, _, _, _) in vit.SIZES.items()}
 META_CHANNELS = 8  # channels for building SALAD on the meta device only to list its keys
 
 
@@ -132,7 +131,7 @@ def dinov2_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path, met
     """A torch.hub DINOv2 under `prefix`: (vpr backbone name, its tensors under vpr's `backbone.*` keys)."""
     (pos_embed,) = take(state, (f"{prefix}pos_embed",), path, method)
     width = int(pos_embed.shape[-1])
-    name = WIDTHS.get(width)
+    name = vit.name_for_width(width)
     if name is None or tuple(pos_embed.shape) != (1, vit.GRID * vit.GRID + 1, width):
         raise CheckpointError(f"{path}: a {method} checkpoint whose DINOv2 {prefix}pos_embed is {list(pos_embed.shape)}; "
                               f"expected [1, {vit.GRID * vit.GRID + 1}, 384|768|1024|1536] (a patch-14 DINOv2 without registers)")

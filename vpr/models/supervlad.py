@@ -115,18 +115,18 @@ def convert(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Convert
     """SuperVLAD.pth: `backbone.*` (DINOv2) + `aggregation.conv.weight` [+ `encoder.layers.N.*`]."""
     what = "SuperVLAD"
     proj, conv = take(state, ("backbone.patch_embed.proj.weight", "aggregation.conv.weight"), path, what)
-    names = [n for n, size in vit.SIZES.items() if size[0] == proj.shape[0] and not size[3]]
-    if not names or conv.shape[1] != proj.shape[0]:
+    name = vit.name_for_width(proj.shape[0])
+    if name is None or vit.SIZES[name][3] or conv.shape[1] != proj.shape[0]:  # not ViT-G (SwiGLU)
         raise CheckpointError(f"{path}: a {what} checkpoint with a {proj.shape[0]}-wide ViT and a "
                               f"{tuple(conv.shape)} assignment: not a DINOv2 SuperVLAD")
-    backbone_options = vit.blocks_option(names[0], numbered(state, "backbone.blocks."))
+    backbone_options = vit.blocks_option(name, numbered(state, "backbone.blocks."))
     clusters, ghosts = PUBLISHED_SPLITS.get(conv.shape[0], (conv.shape[0] - 1, 1))
     layers = numbered(state, "encoder.layers.")
     backbone = with_prefix(state, "backbone.", "backbone.")
     head = {"head.conv.weight": conv, **with_prefix(state, "encoder.", "head.encoder.")}
     refuse_unused(state, path, what, ("backbone.", "encoder."), ("aggregation.conv.weight",))
     defaults = CROSS_DEFAULTS if layers else DEFAULTS
-    config = dict(backbone=names[0], layer=4, backbone_options=backbone_options, head="supervlad-crossimage" if layers else "supervlad",
+    config = dict(backbone=name, layer=4, backbone_options=backbone_options, head="supervlad-crossimage" if layers else "supervlad",
                   head_options={**defaults, "clusters": clusters, "ghost_clusters": ghosts, "layers": layers},
                   **vit.dinov2_preprocessing())
     return Converted(config, {**backbone, **head})

@@ -53,6 +53,11 @@ def default_preprocessing(backbone: str) -> dict:
     return dinov2_preprocessing() if backbone.startswith("dinov2_") else {}
 
 
+def name_for_width(width: int) -> str | None:
+    """The DINOv2 model whose embeddings are `width` wide (each size has its own), or None."""
+    return next((name for name, size in SIZES.items() if size[0] == int(width)), None)
+
+
 def blocks_option(name: str, blocks: int) -> dict:
     """backbone_options for a DINOv2 `name` whose file holds its first `blocks` blocks: {} when it holds them all."""
     return {} if blocks == SIZES[name][1] else {"blocks": blocks}
