@@ -42,8 +42,9 @@ RELEASE = "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/"
 # The published hyperparameters: `--head boq` builds them (d = 384 on a ViT, 512 on a CNN, as published).
 DEFAULTS = {"num_queries": 64, "num_layers": 2, "row_dim": 32}
 OPTIONS = ("proj_channels", "num_queries", "num_layers", "row_dim", "heads")
-RESNET_INPUT = (384, 384)
-DINOV2_INPUT = (322, 322)
+# the authors' ResNet input: a 384 x 384 float resize (antialiased) after Normalize, as VPR-methods-evaluation runs it
+RESNET_PREPROCESSING = dict(input_size=(384, 384), resize="fixed", multiple=1, interpolation="bilinear", resampler="torch",
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
 # The authors' ResNet trunk nn.Sequential(conv1, bn1, relu, maxpool, layer1, layer2, layer3) numbers its
 # children as vpr's torchvision trunk cut after layer3 does: `backbone.net.N.*` -> `backbone.N.*`.
 RESNET_DEPTHS = {6: "resnet50", 23: "resnet101", 36: "resnet152"}  # Bottleneck blocks in layer3
@@ -157,7 +158,7 @@ def _resnet(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
     if name is None:
         raise CheckpointError(f"{path}: a BoQ checkpoint with a ResNet of {blocks} layer3 blocks; "
                               "only ResNet-50/101/152 trunks are supported")
-    config = dict(backbone=name, layer=3, input_size=RESNET_INPUT, multiple=1)
+    config = dict(backbone=name, layer=3, **RESNET_PREPROCESSING)
     return config, trunk
 
 
@@ -174,7 +175,7 @@ def _dinov2(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
     trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
     backbone_options = {"final_norm": False, **vit.blocks_option(name, numbered(trunk, "backbone.blocks."))}
     # DINOv2 needs sides that are multiples of 14: a --resize override is rounded as the DINOv2 tools do
-    config = dict(backbone=name, layer=4, backbone_options=backbone_options, input_size=DINOV2_INPUT, multiple=14)
+    config = dict(backbone=name, layer=4, backbone_options=backbone_options, **vit.dinov2_preprocessing())
     return config, trunk
 
 
@@ -195,8 +196,7 @@ def convert_boq(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Con
         raise CheckpointError(f"{path}: a BoQ checkpoint without its backbone (no backbone.net.* or backbone.dino.*); "
                               "the file is truncated or not one of the published BoQ models")
     refuse_unused(state, path, "BoQ", (backbone_prefix, "aggregator."))
-    config.update(head="boq", head_options=options, resize="fixed", interpolation="bilinear", resampler="torch",
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    config.update(head="boq", head_options=options)
     expected = vit.vit_channels(config["backbone"]) if config["backbone"] in vit.SIZES else 1024
     if channels != expected:
         raise CheckpointError(f"{path}: a BoQ checkpoint whose projection reads {channels} channels, "
