@@ -139,6 +139,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """Make this spawned process rank `rank` of `world` on localhost, as torchrun would (one torch thread; a
+    120 s collective timeout), and join the gloo group."""
+    from vpr import distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), VPR_DIST_TIMEOUT="120")
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+
+
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """Run `vpr ARGS` in-process; return (exit code, stdout, stderr)."""
     from cli.app import main

@@ -4,7 +4,6 @@ and rank 0's BatchNorm statistics on every rank before a sharded extraction."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import free_port, join_gloo
 from vpr import distributed
 from vpr.data.datasets import load_image_set
 from vpr.models.model import build_model
@@ -29,16 +28,9 @@ def rows_of(rank: int) -> np.ndarray:
     return np.random.default_rng(rank).standard_normal((COUNTS[rank], 6)).astype(np.float32)
 
 
-def join(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), VPR_DIST_TIMEOUT="120")
-    torch.set_num_threads(1)
-    distributed.init("cpu")
-
-
 def gather_ranks(rank: int, world: int, port: int, out_dir: str) -> None:
     """Each rank all-gathers and gathers its rows (3 per message); rank 0 saves what it received."""
-    join(rank, world, port)
+    join_gloo(rank, world, port)
     distributed.MESSAGE_BYTES = 3 * 6 * 4
     try:
         mine = rows_of(rank)
@@ -66,7 +58,7 @@ def test_rows_reach_every_rank_by_all_gather_and_rank_0_by_chunks_in_rank_order(
 
 def build_ranks(rank: int, world: int, port: int, places: str, out: str, config) -> None:
     """A torchrun build that spills (`spill_bytes=0`): every rank its block, rank 0 the whole database."""
-    join(rank, world, port)
+    join_gloo(rank, world, port)
     distributed.MESSAGE_BYTES = 5 * config.descriptor_dim * 4
     try:
         build_index(load_image_set(Path(places) / "database"), Path(out), model=build_model(config, seed=0),
@@ -87,7 +79,7 @@ def test_a_spilled_two_rank_build_equals_the_one_process_build_and_leaves_nothin
 
 
 def buffer_ranks(rank: int, world: int, port: int, out_dir: str) -> None:
-    join(rank, world, port)
+    join_gloo(rank, world, port)
     try:
         norm = torch.nn.BatchNorm1d(4)
         norm.running_mean.fill_(float(rank + 1))  # as after a training step on each rank's own images

@@ -31,7 +31,7 @@ import test_netvlad_training
 from test_cosplace import tiny_config as cosplace_config
 from test_cosplace import weights as cosplace_weights
 from test_netvlad_training import tiny_config as netvlad_config
-from tests.conftest import free_port
+from tests.conftest import free_port, join_gloo
 from vpr import distributed
 from vpr.models.checkpoints import load_payload
 from vpr.training.cosplace import train_cosplace
@@ -75,11 +75,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # one thread per proce
 
 def rank_main(rank: int, world: int, port: int, jobs: list) -> None:
     """One rank: torchrun's environment, join, run each (trainer, config, resume), leave."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), VPR_DIST_TIMEOUT="120")
-    torch.set_num_threads(1)
     eval_batchnorm()
-    distributed.init("cpu")
+    join_gloo(rank, world, port)
     try:
         for trainer, config, resume in jobs:
             trainer(config, resume=resume)
