@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from vpr.bench.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 from vpr.data.datasets import GeoImageSet
 from vpr.models.model import ModelConfig, build_model
 from vpr.retrieval.index import exact_search
@@ -32,8 +33,9 @@ CHUNK = 1 << 18
 RESULTS = Path(__file__).parent / "results" / "search_scale.json"
 
 QUERY_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
+from vpr.bench.measure import peak_rss_bytes, rss_bytes
 from vpr.retrieval.store import load_index
 index, queries = sys.argv[1], np.load(sys.argv[2])
 t0 = time.perf_counter(); bundle = load_index(index); load_s = time.perf_counter() - t0
@@ -41,10 +43,9 @@ single = []
 for q in queries:
     t = time.perf_counter(); bundle.search(q[None], 5); single.append(time.perf_counter() - t)
 t = time.perf_counter(); _, idx = bundle.search(queries, 5); batched = time.perf_counter() - t
-rss = {k: int(v.split()[0]) for k, v in (l.split(":") for l in open("/proc/self/status")) if k in ("VmRSS", "VmHWM")}
 print(json.dumps({"load_s": load_s, "ms_single_p50": 1e3 * float(np.median(single)),
-                  "ms_batched": 1e3 * batched / len(queries), "rss_mb": rss["VmRSS"] / 1024,
-                  "peak_rss_mb": rss["VmHWM"] / 1024, "top1": idx[:, 0].tolist()}))
+                  "ms_batched": 1e3 * batched / len(queries), "rss_mb": rss_bytes() / 2**20,
+                  "peak_rss_mb": peak_rss_bytes() / 2**20, "top1": idx[:, 0].tolist()}))
 """
 
 
@@ -71,23 +72,17 @@ def queries_near(path: Path, count: int, seed: int) -> np.ndarray:
     return unit(rows + 0.04 * rng.standard_normal(rows.shape).astype(np.float32))
 
 
-def memory_mb() -> dict[str, float]:
-    """This process's resident memory now (VmRSS) and its peak (VmHWM), in MB."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return {key: int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
-
-
 def build(n: int, source: Path, index: Path) -> dict:
     """Build the ivfpq index over `source` in this process: its time and peak RSS (the peak reset first,
     so writing the source does not count), and the RSS with the N image paths alone (any build of N holds them)."""
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    reset_peak_rss()
     database = GeoImageSet(paths=[Path(f"/synthetic/{i}.jpg") for i in range(n)])
-    paths_mb = memory_mb()["VmRSS"]
+    paths_mb = rss_bytes() / 2**20
     model = build_model(ModelConfig(descriptor_dim=DIM, input_size=(48, 64)), seed=0)
     t0 = time.perf_counter()
     write_index_from_file(index, source, model=model, model_pca=None, pca=None, database=database,
                           kind="ivfpq", source="synthetic")
-    return {"build_s": round(time.perf_counter() - t0, 1), "build_peak_rss_mb": round(memory_mb()["VmHWM"]),
+    return {"build_s": round(time.perf_counter() - t0, 1), "build_peak_rss_mb": round(peak_rss_bytes() / 2**20),
             "rss_with_paths_mb": round(paths_mb)}
 
 

@@ -31,6 +31,11 @@ def rss_bytes() -> int | None:
     return _proc_status("VmRSS")
 
 
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process since it started or since `reset_peak_rss`."""
+    return _proc_status("VmHWM")
+
+
 def reset_peak_rss() -> bool:
     """Restart the kernel's peak-RSS counter (Linux `clear_refs` 5); False where unsupported."""
     try:
@@ -61,7 +66,7 @@ def measure_memory(device: torch.device | None = None) -> Iterator[Memory]:
         torch.cuda.reset_peak_memory_stats(device)
         gpu_before = torch.cuda.memory_allocated(device)
     yield memory
-    after, peak = rss_bytes(), _proc_status("VmHWM")
+    after, peak = rss_bytes(), peak_rss_bytes()
     if before is not None and after is not None:
         memory.held_mb = round((after - before) / MB, 1)
         if resettable and peak is not None:
