@@ -36,7 +36,7 @@ from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import dinov2_keys, numbered, refuse_unused, take, with_prefix
+from vpr.models.statedict import dinov2_without_norm, numbered, refuse_unused, take, with_prefix
 
 RELEASE = "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/"
 # The published hyperparameters: `--head boq` builds them (d = 384 on a ViT, 512 on a CNN, as published).
@@ -164,16 +164,9 @@ def _resnet(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
 
 def _dinov2(state: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict]:
     """`backbone.dino.*` (torch.hub DINOv2) -> vpr's DinoV2 without the final LayerNorm."""
-    prefix = "backbone.dino."
-    (proj,) = take(state, (prefix + "patch_embed.proj.weight",), path, "BoQ")
-    name = vit.name_for_width(proj.shape[0])
-    if name is None:
-        raise CheckpointError(f"{path}: a BoQ checkpoint with a {proj.shape[0]}-wide ViT, not a DINOv2 size")
-    trunk = dinov2_keys(with_prefix(state, prefix, "backbone."))
     # The authors' DinoV2.forward runs the blocks and drops the CLS token; it never applies `dino.norm`
     # (their hubconf keeps the module only so the file loads strictly): those two tensors are unused.
-    trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
-    backbone_options = {"final_norm": False, **vit.blocks_option(name, numbered(trunk, "backbone.blocks."))}
+    name, trunk, backbone_options = dinov2_without_norm(state, "backbone.dino.", path, "BoQ")
     # DINOv2 needs sides that are multiples of 14: a --resize override is rounded as the DINOv2 tools do
     config = dict(backbone=name, layer=4, backbone_options=backbone_options, **vit.dinov2_preprocessing())
     return config, trunk

@@ -29,7 +29,7 @@ from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.statedict import dinov2_keys, numbered, refuse_unused, take, with_prefix
+from vpr.models.statedict import dinov2_without_norm, numbered, refuse_unused, take, with_prefix
 
 # The published MixVPR (4096-d) hyperparameters: `--head mixvpr` builds it.
 DEFAULTS = {"out_channels": 1024, "out_rows": 4, "mix_depth": 4, "mlp_ratio": 1.0}
@@ -189,15 +189,9 @@ def convert_dinomix(state: dict[str, torch.Tensor], path: Path, extras: dict) ->
     """DINO-Mix: `backbone.dino_model.*` (torch.hub DINOv2 with `norm` and `head` emptied) + `aggregator.*`."""
     options = mixer_options(state, path, "DINO-Mix")
     prefix = "backbone.dino_model."
-    (proj,) = take(state, (prefix + "patch_embed.proj.weight",), path, "DINO-Mix")
-    name = vit.name_for_width(proj.shape[0])
-    if name is None:
-        raise CheckpointError(f"{path}: a DINO-Mix checkpoint with a {proj.shape[0]}-wide ViT, not a DINOv2 size")
-    # The authors replace DINOv2's final norm (and head) by empty nn.Sequential(): no tensors, no final LayerNorm.
-    trunk = dinov2_keys(with_prefix(state, prefix, "backbone."))
-    if any(k.startswith("backbone.norm.") for k in trunk):  # a norm the authors' forward never applies
-        trunk = {k: v for k, v in trunk.items() if not k.startswith("backbone.norm.")}
-    backbone_options = {"final_norm": False, **vit.blocks_option(name, numbered(state, prefix + "blocks."))}
+    # The authors replace DINOv2's final norm (and head) by empty nn.Sequential(): no tensors (a norm in the file is
+    # one their forward never applies), no final LayerNorm.
+    name, trunk, backbone_options = dinov2_without_norm(state, prefix, path, "DINO-Mix")
     refuse_unused(state, path, "DINO-Mix", (prefix, "aggregator."))
     config = dict(backbone=name, layer=4, head="mixvpr", head_options=options, backbone_options=backbone_options,
                   input_size=(options["in_h"] * vit.PATCH, options["in_w"] * vit.PATCH), resize="fixed", multiple=1,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from vpr.errors import CheckpointError
+from vpr.models import vit
 from vpr.models.pca import PCA
 
 
@@ -31,6 +32,17 @@ def with_prefix(state: dict[str, torch.Tensor], prefix: str, new_prefix: str) ->
 def dinov2_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """DINOv2's SwiGLU names (ViT-G: `mlp.w12`, `mlp.w3`) as timm's (`mlp.fc1`, `mlp.fc2`); others unchanged."""
     return {k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2."): v for k, v in tensors.items()}
+
+
+def dinov2_without_norm(state: dict[str, torch.Tensor], prefix: str, path: Path, method: str) -> tuple[str, dict, dict]:
+    """A torch.hub DINOv2 under `prefix` whose final LayerNorm its authors never apply (BoQ, DINO-Mix):
+    (vpr backbone name, its tensors under `backbone.*` without `norm.*`, the backbone_options)."""
+    (proj,) = take(state, (prefix + "patch_embed.proj.weight",), path, method)
+    name = vit.name_for_width(proj.shape[0])
+    if name is None:
+        raise CheckpointError(f"{path}: a {method} checkpoint with a {proj.shape[0]}-wide ViT, not a DINOv2 size")
+    trunk = {k: v for k, v in dinov2_keys(with_prefix(state, prefix, "backbone.")).items() if not k.startswith("backbone.norm.")}
+    return name, trunk, {"final_norm": False, **vit.blocks_option(name, numbered(trunk, "backbone.blocks."))}
 
 
 def numbered(state: dict[str, torch.Tensor], prefix: str) -> int:
