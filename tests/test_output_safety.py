@@ -18,7 +18,7 @@ from conftest import run_cli, write_places
 from vpr.data.datasets import load_image_set
 from vpr.data.geo import format_at_name
 from vpr.errors import CheckpointError, IndexFormatError, OutputError, VPRError
-from vpr.fileio import MARKER, is_vpr_png, save_png
+from vpr.fileio import MARKER, is_vpr_png, save_png, write_marker
 from vpr.models.checkpoints import save_checkpoint
 from vpr.models.model import build_model
 from vpr.retrieval import store as store_module
@@ -111,16 +111,19 @@ def test_leftover_cleanup_touches_only_marked_temporaries(monkeypatch, capsys, d
     user_folder(tmp_path / "t" / "a")  # what the glob '[ab]' would have matched
     user_folder(tmp_path / "t" / "[ab].tmp-mine")  # the user's own folder with a temporary-looking name
     user_folder(tmp_path / "t" / "[ab].old-2024")
-    stale = tmp_path / "t" / "[ab].tmp-killed"  # what a killed vpr run leaves: marked
+    stale = tmp_path / "t" / "[ab].tmp-k1lled_x"  # what a killed vpr run leaves: mkdtemp's name, marked as its temporary
     stale.mkdir()
-    (stale / MARKER).write_text(json.dumps({"written_by": "vpr", "kind": "tmp"}))
+    write_marker(stale, "tmp", "[ab]")
+    other = tmp_path / "t" / "[ab].tmp-0ther_ab"  # the same shape, but a temporary of another output
+    other.mkdir()
+    write_marker(other, "tmp", "[ab]x")
     before = snapshot(tmp_path / "t")
     code, out_text, err = build(monkeypatch, capsys, data / "database", out)
     assert code == 0, err
     assert str(out) in out_text  # a bracketed path prints literally
-    assert not stale.exists()
+    assert not stale.exists() and other.exists()
     after = snapshot(tmp_path / "t")
-    kept = {k: v for k, v in before.items() if not k.startswith("[ab].tmp-killed")}
+    kept = {k: v for k, v in before.items() if not k.startswith("[ab].tmp-k1lled_x")}
     assert {k: after.get(k) for k in kept} == kept
 
 

@@ -46,3 +46,7 @@ class DependencyError(VPRError):
 
 class OutputError(VPRError):
     """An output path vpr must not write to: a user's own files, an input folder, or no write permission."""
+
+
+class TrainingError(VPRError):
+    """A training run that cannot go on: its loss or weights became NaN or infinite (it diverged)."""

@@ -1,8 +1,10 @@
 """Output-path safety: vpr deletes or replaces only what it can prove it wrote.
 
 - Every directory vpr creates (index, descriptor cache, training run, temporaries) holds a marker
-  file `.vpr-owned` naming what it is; clean-up of leftovers deletes a sibling only when its name
-  starts with the exact `NAME.tmp-`/`NAME.old-` prefix (no pattern expansion) and it holds the marker.
+  file `.vpr-owned` naming what it is; clean-up of leftovers deletes a sibling only when it is a
+  temporary of this very output: its name has the exact shape a run creates (`NAME.tmp-XXXXXXXX`,
+  `NAME.old-XXXXXXXX`: no pattern expansion) and its marker says `tmp` for `NAME`. A complete index,
+  cache or run never carries that marker, whatever its name.
 - Outputs are written to a temporary sibling and renamed into place, so a kill at any moment leaves
   either the old complete file/directory or the new complete one.
 - One writer per output at a time: an OS file lock (`flock`) on a hidden sibling `.NAME.lock`; a
@@ -18,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -47,13 +50,15 @@ def _normal_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def write_marker(directory: Path, kind: str) -> None:
-    """Mark `directory` as written by vpr (`kind`: index, cache, run, tmp)."""
+def write_marker(directory: Path, kind: str, target: str | None = None) -> None:
+    """Mark `directory` as written by vpr (`kind`: index, cache, run, or tmp: a temporary of the output
+    named `target`, which alone may be cleaned up as a leftover)."""
     from vpr import __version__
 
     marker = Path(directory) / MARKER
     tmp = marker.with_name(f"{MARKER}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"written_by": "vpr", "kind": kind, "vpr_version": __version__}) + "\n")
+    data = {"written_by": "vpr", "kind": kind, "vpr_version": __version__, **({"target": target} if target else {})}
+    tmp.write_text(json.dumps(data) + "\n")
     os.replace(tmp, marker)  # never a half-written marker, whenever a kill lands
 
 
@@ -67,16 +72,23 @@ def make_owned_dir(path: Path, kind: str, what: str, fix: str) -> None:
         raise OutputError(f"{path}: cannot create the {what} ({exc.strerror}); {fix}") from exc
 
 
-def marker_kind(directory: Path) -> str | None:
-    """The kind recorded in `directory`'s vpr marker, or None when it has no valid marker."""
+def _marker(directory: Path) -> dict | None:
+    """`directory`'s vpr marker as a dict, or None when it has no valid marker (links are not followed)."""
     path = Path(directory) / MARKER
     try:
         if path.is_symlink() or not path.is_file():
             return None
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return data.get("kind") if isinstance(data, dict) and data.get("written_by") == "vpr" else None
+    return data if isinstance(data, dict) and data.get("written_by") == "vpr" else None
+
+
+def marker_kind(directory: Path) -> str | None:
+    """The kind recorded in `directory`'s vpr marker, or None when it has no valid marker."""
+    data = _marker(directory)
+    kind = None if data is None else data.get("kind")
+    return kind if isinstance(kind, str) else None
 
 
 def _os_error(path: Path, exc: OSError, what: str) -> OutputError:
@@ -94,8 +106,10 @@ def output_lock(path: Path, *, wait: bool = True) -> Iterator[None]:
     lock_path = path.parent / f".{path.name}.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)  # a planted link is refused
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(f"{lock_path}: the lock file is a symbolic link, which vpr never makes; remove the link") from exc
         raise _os_error(path.parent, exc, "create the output folder or its lock") from exc
     try:
         try:
@@ -213,15 +227,32 @@ def remove_tree(path: Path) -> None:
     path.rmdir()
 
 
+TEMP_SUFFIX = re.compile(r"\.(tmp|old)-[a-z0-9_]{8}")  # what tempfile.mkdtemp (and the .old- rename of it) names
+
+
 def _leftovers(path: Path) -> list[Path]:
-    """Temporaries and backups of `path` left by a killed vpr run: exact prefix and a vpr marker."""
-    prefixes = (f"{path.name}.tmp-", f"{path.name}.old-")
+    """Temporaries of `path` left by a killed vpr run: the exact name shape this kind of run creates
+    and a `tmp` marker naming `path`; anything else with a similar name (a user's own index called
+    `NAME.old-2023`, a cache, a folder without a marker) is never touched."""
     try:
         names = os.listdir(path.parent)
     except OSError:
         return []
-    candidates = [path.parent / name for name in names if name.startswith(prefixes)]
-    return [c for c in candidates if c.is_dir() and not c.is_symlink() and marker_kind(c) is not None]
+    candidates = [path.parent / name for name in names
+                  if name.startswith(path.name) and TEMP_SUFFIX.fullmatch(name[len(path.name):])]
+    return [c for c in candidates if c.is_dir() and not c.is_symlink() and _is_temporary_of(c, path.name)]
+
+
+def _is_temporary_of(directory: Path, target: str) -> bool:
+    data = _marker(directory)
+    return data is not None and data.get("kind") == "tmp" and data.get("target") == target
+
+
+def _retire(directory: Path, target: str) -> None:
+    """Re-mark a directory that held the previous output as a temporary of `target`, so that a kill
+    before it is deleted leaves a leftover the next run may clean (a kill before this line leaves it
+    marked as what it was: kept, never deleted)."""
+    write_marker(directory, "tmp", target)
 
 
 @contextmanager
@@ -243,16 +274,19 @@ def atomic_dir(path: Path, *, kind: str, foreign: Callable[[Path], list[str]], o
     except OSError as exc:
         raise _os_error(path.parent, exc, "create a folder") from exc
     try:
-        write_marker(tmp, "tmp")
+        write_marker(tmp, "tmp", path.name)
         _normal_mode(tmp, directory=True)
         yield tmp
         check_replaceable_dir(path, foreign, option)  # nothing of the user's appeared meanwhile
         write_marker(tmp, kind)
         if not path.exists():
             os.replace(tmp, path)
-        elif not _exchange(tmp, path):
-            old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-            os.replace(path, old)  # the old directory keeps its own marker: a leftover `.old-` is still cleanable
+        elif _exchange(tmp, path):
+            _retire(tmp, path.name)
+        else:
+            old = tmp.with_name(path.name + ".old-" + tmp.name[-8:])
+            os.replace(path, old)
+            _retire(old, path.name)
             os.replace(tmp, path)
             tmp = old
     except OSError as exc:

@@ -7,6 +7,7 @@ by its EXIF orientation, resized to the model's input size and normalised.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import warnings
@@ -30,7 +31,25 @@ def load_rgb(path: Path) -> Image.Image:
     """Open an image as an upright 8-bit RGB PIL image, or raise `ImageError` naming the file."""
     path = Path(path)
     _check_file(path)
-    return decode_rgb(path, str(path), advice="; re-copy or remove it, or use --skip-bad")
+    return decode_rgb(path, str(path), advice=BAD_FILE_ADVICE)
+
+
+BAD_FILE_ADVICE = "; re-copy or remove it, or use --skip-bad"
+
+
+def read_image_bytes(path: Path) -> bytes:
+    """The bytes of an image file (checked as `load_rgb` checks it), for decoding and content keys alike."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be read ({exc.strerror}){BAD_FILE_ADVICE}") from None
+
+
+def decode_bytes(data: bytes, path: Path) -> Image.Image:
+    """`read_image_bytes`' result as `load_rgb` would decode the file."""
+    return decode_rgb(io.BytesIO(data), str(path), advice=BAD_FILE_ADVICE)
 
 
 def decode_rgb(source: Path | BinaryIO, name: str, max_pixels: int | None = None, advice: str = "") -> Image.Image:

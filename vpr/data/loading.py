@@ -7,16 +7,16 @@ file never raises inside a worker: its item carries the error text, and the call
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, Preprocess, load_rgb, preprocess
+from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, Preprocess, decode_bytes, load_rgb, preprocess, read_image_bytes
 from vpr.errors import ImageError, UsageError
 
 
@@ -25,25 +25,46 @@ def as_rule(rule: Preprocess | tuple[int, int]) -> Preprocess:
     return rule if isinstance(rule, Preprocess) else Preprocess("fixed", tuple(rule))
 
 
+def content_key(path: Path, data: bytes) -> str:
+    """What identifies an image's descriptor: its absolute path, size and a hash of its bytes, so a file
+    whose content changes (even keeping its size and mtime, or swapped with another) is recomputed."""
+    return f"{Path(path).resolve()}|{len(data)}|{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+
+
+def file_content_key(path: Path) -> str | None:
+    """`content_key` of a file read now; None when it cannot be read (its error comes when it is decoded)."""
+    try:
+        return content_key(path, read_image_bytes(path))
+    except ImageError:
+        return None
+
+
 class ImageFiles(Dataset):
     """Reads images as model inputs (uint8, or float for the "torch" resampler); a bad file yields its error text.
 
-    With a resize rule whose output depends on the image (shorter side, native), batch with
-    `collate_sizes`, which keeps images of different sizes in separate groups.
+    Items are (image, index, error text, content key): the key (`content_key` of the bytes just decoded,
+    "" for a bad file) is computed only when `keyed`. With a resize rule whose output depends on the
+    image (shorter side, native), batch with `collate_sizes`, which keeps images of different sizes in
+    separate groups.
     """
 
-    def __init__(self, paths: list[Path], rule: Preprocess | tuple[int, int]) -> None:
+    def __init__(self, paths: list[Path], rule: Preprocess | tuple[int, int], keyed: bool = False) -> None:
         self.paths = paths
         self.rule = as_rule(rule)
+        self.keyed = keyed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str, str]:
+        path = self.paths[i]
         try:
-            return preprocess(load_rgb(self.paths[i]), self.rule), i, ""
+            if not self.keyed:
+                return preprocess(load_rgb(path), self.rule), i, "", ""
+            data = read_image_bytes(path)
+            return preprocess(decode_bytes(data, path), self.rule), i, "", content_key(path, data)
         except ImageError as exc:
-            return torch.zeros(3, *(self.rule.fixed_output or (1, 1)), dtype=torch.uint8), i, str(exc)
+            return torch.zeros(3, *(self.rule.fixed_output or (1, 1)), dtype=torch.uint8), i, str(exc), ""
 
 
 def same_size_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -54,10 +75,11 @@ def same_size_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def collate_sizes(batch: list[tuple[torch.Tensor, int, str]]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """`ImageFiles` items as (images, indices, errors) groups of one image size each, in first-seen order."""
+def collate_sizes(batch: list[tuple[torch.Tensor, int, str, str]]) -> list[tuple[torch.Tensor, torch.Tensor, list[str], list[str]]]:
+    """`ImageFiles` items as (images, indices, errors, keys) groups of one image size each, in first-seen order."""
     return [
-        (torch.stack([batch[i][0] for i in rows]), torch.tensor([batch[i][1] for i in rows]), [batch[i][2] for i in rows])
+        (torch.stack([batch[i][0] for i in rows]), torch.tensor([batch[i][1] for i in rows]), [batch[i][2] for i in rows],
+         [batch[i][3] for i in rows])
         for rows in same_size_groups([item[0] for item in batch])
     ]
 
@@ -75,31 +97,35 @@ def device_decodable(path: Path) -> bool:
 class JpegFiles(Dataset):
     """Raw JPEG bytes for decoding on the device; other files are decoded and resized here by PIL.
 
-    Items are (tensor, is_jpeg_bytes, index, error text): a 1-D uint8 byte tensor, or a 3 x H x W
-    uint8 image already at the input size. Batch them with `collate_lists`.
+    Items are (tensor, is_jpeg_bytes, index, error text, content key): a 1-D uint8 byte tensor, or a
+    3 x H x W uint8 image already at the input size; the key as `ImageFiles` gives it. Batch them
+    with `collate_lists`.
     """
 
-    def __init__(self, paths: list[Path], rule: Preprocess | tuple[int, int]) -> None:
+    def __init__(self, paths: list[Path], rule: Preprocess | tuple[int, int], keyed: bool = False) -> None:
         self.paths = paths
         self.rule = as_rule(rule)
+        self.keyed = keyed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, int, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, int, str, str]:
         path = self.paths[i]
         try:
+            data = read_image_bytes(path)
+            key = content_key(path, data) if self.keyed else ""
             if device_decodable(path):
-                return torch.from_numpy(np.fromfile(path, dtype=np.uint8)), True, i, ""
-            return preprocess(load_rgb(path), self.rule), False, i, ""
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, i, "", key
+            return preprocess(decode_bytes(data, path), self.rule), False, i, "", key
         except ImageError as exc:
-            return torch.zeros(0, dtype=torch.uint8), False, i, str(exc)
+            return torch.zeros(0, dtype=torch.uint8), False, i, str(exc), ""
 
 
-def collate_lists(batch: list[tuple]) -> tuple[list[torch.Tensor], list[bool], torch.Tensor, list[str]]:
+def collate_lists(batch: list[tuple]) -> tuple[list[torch.Tensor], list[bool], torch.Tensor, list[str], list[str]]:
     """`JpegFiles`' collate_fn: keep variable-size items (JPEG bytes) as lists."""
-    data, is_jpeg, index, errors = zip(*batch)
-    return list(data), list(is_jpeg), torch.tensor(index), list(errors)
+    data, is_jpeg, index, errors, keys = zip(*batch)
+    return list(data), list(is_jpeg), torch.tensor(index), list(errors), list(keys)
 
 
 def _decode_jpegs(items: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:

@@ -9,6 +9,7 @@ training checkpoints use for their recall fields.
 from __future__ import annotations
 
 import hashlib
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,7 @@ def load_payload(path: Path) -> dict:
             reason = next(line.strip() for line in str(exc).splitlines() if "Unsupported global" in line)[:160]
             raise CheckpointError(
                 f"{path}: not a weights-only checkpoint: it pickles objects besides its weights ({reason}), which vpr never loads. If you trust "
-                f"the file, keep only its weights: python -c \"import torch; c = torch.load('{path}', weights_only=False); "
-                f"torch.save(c.get('state_dict', c), '{path.with_suffix('.pth')}')\" and give that file"
+                f"the file, keep only its weights with this command, then give the file it writes: {weights_only_command(path)}"
             ) from exc
         hint = published_file_hint(path)
         raise CheckpointError(
@@ -105,6 +105,13 @@ def load_payload(path: Path) -> dict:
                                   f"vpr join-anyloc dinov2_vitg14_pretrain.pth {path.name} anyloc.pth")
         raise CheckpointError(f"{path}: checkpoint holds a {type(payload).__name__}, expected a dict of tensors")
     return payload
+
+
+def weights_only_command(path: Path) -> str:
+    """A shell command that saves the weights of a trusted pickled checkpoint as `NAME.pth`: the file names
+    are quoted arguments, never part of the code, so pasting it runs nothing a file name could hide."""
+    code = "import sys, torch; c = torch.load(sys.argv[1], weights_only=False); torch.save(c.get('state_dict', c), sys.argv[2])"
+    return shlex.join(["python", "-c", code, str(path), str(Path(path).with_suffix(".pth"))])
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -1,9 +1,14 @@
-"""A crash-safe descriptor cache: a directory of HDF5 files keyed by image path, size and mtime.
+"""A crash-safe descriptor cache: a directory of HDF5 files keyed by image content.
+
+A row's key is the image's absolute path, size and a hash of its bytes (`vpr.data.loading.content_key`),
+so a file whose content changed is recomputed even when its size and modification time were kept
+(restored from an archive, or two files swapped); a later run hashes the cached images again (a read,
+no decode) to find what it can reuse.
 
 New descriptors go to small `part-*.h5` files, each written to a temporary name and renamed, so a
 kill at any moment loses at most the unflushed batches and never corrupts what was saved. On a
-clean close the parts are merged into `main.h5`, chunk by chunk. Only a key -> (file, row) map is
-held in memory, never the descriptors, so memory does not grow with the cache. The cache is tied
+clean close the parts are merged into `main.h5`, chunk by chunk. Only a path -> (key, file, row) map
+is held in memory, never the descriptors, so memory does not grow with the cache. The cache is tied
 to the model's fingerprint; a cache of another model is discarded.
 
 Safety: the directory carries vpr's marker and a path that is not a vpr cache is refused, never
@@ -25,7 +30,7 @@ import h5py
 import numpy as np
 
 from vpr.errors import OutputError
-from vpr.fileio import MARKER, atomic_file, make_owned_dir, marker_kind
+from vpr.fileio import atomic_file, make_owned_dir, marker_kind
 
 log = logging.getLogger(__name__)
 FLUSH_ROWS = 1024
@@ -33,7 +38,17 @@ FLUSH_SECONDS = 2.0
 CHUNK_BYTES = 4 << 20  # descriptors read or copied at a time: bounded memory whatever the cache size
 MAIN = "main.h5"
 PART = re.compile(r"part-(\d{10})(-[0-9a-f]{8})?\.h5")
-LEGACY_NAMES = re.compile(r"main\.h5|part-\d{10}(-[0-9a-f]{8})?\.h5|\.(main|part-[-0-9a-f]+)\.h5\.tmp-.*")
+
+
+def check_cache_path(path: Path) -> None:
+    """Refuse, writing nothing, a cache path that is not new, empty, or a descriptor cache vpr wrote (its
+    marker): a file, a link, or a folder of the user's own (a `main.h5` included, which is never unlinked)."""
+    path = Path(path)
+    refuse = f"{path}: exists and is not a vpr descriptor cache; move it away or build with --no-cache"
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(refuse)
+    if path.is_dir() and marker_kind(path) != "cache" and os.listdir(path):
+        raise OutputError(refuse)
 
 
 def _create(f: h5py.File, fingerprint: str, dim: int, rows: int) -> tuple[h5py.Dataset, h5py.Dataset]:
@@ -61,7 +76,7 @@ class DescriptorCache:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.dim = dim
-        self.rows: dict[str, tuple[str, int]] = {}  # key -> (file name, row): the newest copy of each key
+        self.rows: dict[str, tuple[str, str, int]] = {}  # path -> (content part of its key, file name, row): the newest
         self.pending_keys: list[str] = []
         self.pending: list[np.ndarray] = []
         self.parts = 0
@@ -76,14 +91,7 @@ class DescriptorCache:
         return ([main] if main.is_file() else []) + parts
 
     def _claim(self) -> None:
-        """Use `path` only when it is new, empty, or a descriptor cache vpr wrote; refuse anything else."""
-        refuse = f"{self.path}: exists and is not a vpr descriptor cache; move it away or build with --no-cache"
-        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
-            raise OutputError(refuse)
-        if self.path.is_dir() and marker_kind(self.path) != "cache":
-            names = [name for name in os.listdir(self.path) if name != MARKER]
-            if not all(LEGACY_NAMES.fullmatch(name) for name in names):  # caches of earlier vpr versions have no marker
-                raise OutputError(refuse)
+        check_cache_path(self.path)
         make_owned_dir(self.path, "cache", "descriptor cache", "choose a writable --out or use --no-cache")
 
     def _open(self) -> None:
@@ -92,7 +100,7 @@ class DescriptorCache:
             for file in self._files():
                 with h5py.File(file, "r") as f:
                     self._check(f, file)
-                    self.rows.update((key, (file.name, row)) for row, key in enumerate(f["keys"].asstr()[:]))
+                    self._take(f, file.name)
         except (OSError, KeyError, ValueError) as exc:
             log.warning("descriptor cache %s unusable (%s); starting afresh", self.path, exc)
             for file in self._files():
@@ -107,14 +115,14 @@ class DescriptorCache:
     def refresh(self) -> None:
         """Take in the parts other processes wrote since this one opened the cache (the ranks of a
         distributed run, before rank 0 merges); a part that cannot be read is left out and kept."""
-        known = {name for name, _ in self.rows.values()}
+        known = {name for _, name, _ in self.rows.values()}
         for file in self._files():
             if file.name in known:
                 continue
             try:
                 with h5py.File(file, "r") as f:
                     self._check(f, file)
-                    self.rows.update((key, (file.name, row)) for row, key in enumerate(f["keys"].asstr()[:]))
+                    self._take(f, file.name)
             except (OSError, KeyError, ValueError) as exc:
                 log.warning("descriptor cache %s: part %s unusable (%s); left out", self.path, file.name, exc)
         self._number_parts()
@@ -125,14 +133,28 @@ class DescriptorCache:
         if f["descriptors"].shape[1:] != (self.dim,) or f["descriptors"].shape[0] != f["keys"].shape[0]:
             raise ValueError(f"{file.name} has inconsistent shapes")
 
-    def fill(self, keys: list[str], out: np.ndarray) -> np.ndarray:
-        """Copy the cached descriptors of `keys` into the matching rows of `out`; return those row positions."""
+    def _take(self, f: h5py.File, name: str) -> None:
+        """List the rows of the open cache file `name` (later files win)."""
+        for row, key in enumerate(f["keys"].asstr()[:]):
+            path, content = _split(key)
+            self.rows[path] = (content, name, row)
+
+    def knows(self, path: str) -> bool:
+        """Whether the cache holds a descriptor for the image at the absolute `path` (of some content)."""
+        return path in self.rows
+
+    def fill(self, keys: list[str | None], out: np.ndarray) -> np.ndarray:
+        """Copy the cached descriptors of `keys` (None: not looked up) into the matching rows of `out`;
+        return those row positions."""
         by_file: dict[str, tuple[list[int], list[int]]] = {}
         for position, key in enumerate(keys):
-            found = self.rows.get(key)
-            if found is not None:
-                rows, positions = by_file.setdefault(found[0], ([], []))
-                rows.append(found[1])
+            if key is None:
+                continue
+            path, content = _split(key)
+            found = self.rows.get(path)
+            if found is not None and found[0] == content:
+                rows, positions = by_file.setdefault(found[1], ([], []))
+                rows.append(found[2])
                 positions.append(position)
         found: list[int] = []
         for name, (rows, positions) in by_file.items():
@@ -166,7 +188,9 @@ class DescriptorCache:
                 keys, data = _create(f, self.fingerprint, self.dim, len(self.pending_keys))
                 keys[:] = self.pending_keys
                 data[:] = np.concatenate(self.pending)
-            self.rows.update((key, (name, row)) for row, key in enumerate(self.pending_keys))
+            for row, key in enumerate(self.pending_keys):
+                path, content = _split(key)
+                self.rows[path] = (content, name, row)
             self.parts += 1
             self.pending_keys, self.pending = [], []
         self.last_flush = time.monotonic()
@@ -178,7 +202,8 @@ class DescriptorCache:
         if not any(file.name != MAIN for file in files):
             return
         order = {file.name: i for i, file in enumerate(files)}
-        keys = sorted(self.rows, key=lambda key: (order[self.rows[key][0]], self.rows[key][1]))
+        paths = sorted(self.rows, key=lambda path: (order[self.rows[path][1]], self.rows[path][2]))
+        keys = [_join(path, self.rows[path][0]) for path in paths]
         try:
             with atomic_file(self.path / MAIN) as tmp, h5py.File(tmp, "w") as f:
                 out_keys, out_data = _create(f, self.fingerprint, self.dim, len(keys))
@@ -192,7 +217,7 @@ class DescriptorCache:
         for file in files:
             if file.name != MAIN:
                 file.unlink()
-        self.rows = {key: (MAIN, row) for row, key in enumerate(keys)}
+        self.rows = {path: (self.rows[path][0], MAIN, row) for row, path in enumerate(paths)}
         self.parts = 0
 
     def _read_rows(self, keys: list[str]) -> np.ndarray:
@@ -200,6 +225,17 @@ class DescriptorCache:
         if len(self.fill(keys, out)) != len(keys):
             raise _Unmatched
         return out
+
+
+def _split(key: str) -> tuple[str, str]:
+    """A key `PATH|SIZE|HASH` as (path, "SIZE|HASH"), the path possibly holding '|' itself; a key of
+    another shape is a path of its own, with no content part (`_join` gives the key back)."""
+    parts = key.rsplit("|", 2)
+    return (parts[0], f"{parts[1]}|{parts[2]}") if len(parts) == 3 else (key, "")
+
+
+def _join(path: str, content: str) -> str:
+    return f"{path}|{content}" if content else path
 
 
 class _Unmatched(Exception):

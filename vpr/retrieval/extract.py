@@ -1,7 +1,8 @@
 """Batched descriptor extraction with a DataLoader, resumable through a descriptor cache.
 
-The cache is keyed by image path, size and modification time and tied to the model's fingerprint,
-so a rerun after a kill (or after adding images) only computes what is missing.
+The cache is keyed by image content (path, size and a hash of the bytes) and tied to the model's
+fingerprint, so a rerun after a kill (or after adding images) only computes what is missing, and an
+image whose bytes changed is recomputed.
 
 Under torchrun (`vpr.distributed`), `extract_sharded` splits the images over the ranks: each rank
 extracts one contiguous block and writes its own cache parts, and rank 0 gathers the blocks.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vpr import distributed
-from vpr.data.loading import ImageFiles, JpegFiles, collate_lists, collate_sizes, decode_batch
+from vpr.data.loading import ImageFiles, JpegFiles, collate_lists, collate_sizes, decode_batch, file_content_key
 from vpr.errors import ImageError, VPRError
 from vpr.fileio import output_lock
 from vpr.models.checkpoints import model_fingerprint
@@ -37,6 +39,7 @@ from vpr.retrieval.store import RowReader, spill_rows
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
+HASH_THREADS = 4  # files read and hashed at once to find cached rows (hashlib and reads release the GIL)
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,6 @@ class Extraction:
     kept: np.ndarray
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     reused: int = 0
-
-
-def file_key(path: Path) -> str:
-    """Cache key of an image file: path, size and mtime, so a changed file is recomputed."""
-    stat = Path(path).stat()
-    return f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 class _HostCopy:
@@ -210,6 +207,18 @@ def _shared_cache(model: VPRModel, cache: Path, amp: bool) -> Iterator[Descripto
             store.close()
 
 
+def cached_keys(store: DescriptorCache, paths: list[Path]) -> list[str | None]:
+    """Content keys of the images the cache has a row for (their bytes read and hashed, a few files at a
+    time); None for the others, whose keys come from the read that decodes them."""
+    resolved = [str(Path(p).resolve()) for p in paths]
+    seen = [i for i, path in enumerate(resolved) if store.knows(path)]
+    keys: list[str | None] = [None] * len(paths)
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        for i, key in zip(seen, pool.map(file_content_key, [paths[i] for i in seen])):
+            keys[i] = key
+    return keys
+
+
 def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store: DescriptorCache | None,
              progress: Progress | None, spill: Path | None = None) -> Extraction:
     """The extraction loop, reusing and extending an open `store`."""
@@ -232,11 +241,11 @@ def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store:
     out = spill_rows(spill, shape) if spill is not None else np.zeros(shape, dtype=np.float32)
     ok = np.ones(len(paths), dtype=bool)
     skipped: list[tuple[Path, str]] = []
-    keys: list[str] = []
+    keys: list[str | None] = [None] * len(paths)  # content keys: of cached images now, of the others as they are read
     todo = np.arange(len(paths))
     reused = 0
     if store is not None:
-        keys = [file_key(p) if p.is_file() else f"{p}|missing" for p in paths]
+        keys = cached_keys(store, paths)
         pos = store.fill(keys, out)
         todo = np.setdiff1d(todo, pos)
         reused = len(pos)
@@ -246,7 +255,7 @@ def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store:
     todo_paths = [paths[i] for i in todo]
     on_device = options.decode_on_device
     rule = config.preprocess
-    dataset = JpegFiles(todo_paths, rule) if on_device else ImageFiles(todo_paths, rule)
+    dataset = (JpegFiles if on_device else ImageFiles)(todo_paths, rule, keyed=store is not None)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False,
         num_workers=options.num_workers if len(todo) > batch_size else 0,
@@ -266,15 +275,21 @@ def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store:
             progress(done, len(paths))
 
     def size_groups(batch) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
-        """(images on the device, rows, errors) per image size of a loader batch."""
+        """(images on the device, rows, errors) per image size of a loader batch; the rows' content keys noted."""
         if on_device:
-            items, is_jpeg, local, errors = batch
+            items, is_jpeg, local, errors, read_keys = batch
             rows = todo[local.numpy()]
             images, decode_errors = decode_batch(items, is_jpeg, [paths[r] for r in rows], rule, dev)
+            keys_of(rows, read_keys)
             yield images, rows, [e or d for e, d in zip(errors, decode_errors)]
             return
-        for images, local, errors in batch:
+        for images, local, errors, read_keys in batch:
+            keys_of(todo[local.numpy()], read_keys)
             yield images.to(dev, non_blocking=True), todo[local.numpy()], errors
+
+    def keys_of(rows: np.ndarray, read_keys: list[str]) -> None:
+        for row, key in zip(rows, read_keys):
+            keys[row] = key
 
     pending: _HostCopy | None = None
     for batch in loader:

@@ -19,6 +19,7 @@ from vpr.fileio import check_replaceable_dir, check_separate, output_lock
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
+from vpr.retrieval.cache import check_cache_path
 from vpr.retrieval.expansion import Expansion, augment_database
 from vpr.retrieval.extract import ExtractOptions, Progress, extract_sharded
 from vpr.retrieval.local_features import (
@@ -92,6 +93,7 @@ def build_index(
         check_separate(out_dir, inputs)
         if cache is not None:
             check_separate(cache, inputs, "--out's descriptor cache")
+            check_cache_path(cache)
         check_replaceable_dir(out_dir, foreign_files, "--out")
         if local_features is not None:
             require_opencv()  # before hours of extraction, not after

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -206,17 +207,27 @@ def open_rows(path: Path, dataset: str = "descriptors") -> RowReader:
 
 
 def foreign_files(directory: Path) -> list[str]:
-    """Entries of `directory` that a complete vpr index does not hold (all of them when it is no vpr index)."""
+    """Entries of `directory` that a complete vpr index does not hold (all of them when it is no vpr index).
+
+    Kinds count as well as names: a folder or a link called like an index file (`pca.h5/`) is not vpr's."""
     directory = Path(directory)
     names = set(os.listdir(directory))
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return sorted(names)
     written = isinstance(manifest, dict) and manifest.get("format") == FORMAT and marker_kind(directory) in (None, "index")
     if not written or not set(REQUIRED_FILES) <= names:
         return sorted(names)
-    return sorted(names - INDEX_FILES)
+    return sorted(name for name in names if name not in INDEX_FILES or not _regular_file(directory / name))
+
+
+def _regular_file(path: Path) -> bool:
+    """A plain file, not a link, folder or device."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def is_vpr_index(directory: Path) -> bool:

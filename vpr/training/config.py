@@ -21,6 +21,15 @@ from vpr.retrieval.extract import ExtractOptions
 C = TypeVar("C", bound="TrainConfig")
 
 
+MAX_LR = 1000.0  # above this an optimiser's step overflows float32 (Adam divides by 1 - beta1 = 0.1) or diverges at once
+
+
+def check_learning_rate(value: float | None, option: str) -> None:
+    """Refuse a learning rate that is not a positive number up to MAX_LR (None: the default)."""
+    if value is not None and not 0 < value <= MAX_LR:
+        raise UsageError(f"{option} {value}: must be a positive number up to {MAX_LR:g}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings common to every method: data, model trunk, schedule, device. Subclasses add their own."""
@@ -68,8 +77,7 @@ class TrainConfig:
                              "vpr build-index DB --model pixels --head patchnorm")
         if self.workers < 0:
             raise UsageError(f"--workers {self.workers}: must be 0 or more")
-        if self.lr is not None and not self.lr > 0:
-            raise UsageError(f"--lr {self.lr}: must be positive")
+        check_learning_rate(self.lr, "--lr")
         pretrained = self.pretrained is not None
         done = replace(
             self, dataset=str(Path(self.dataset).resolve()), out=str(self.out),

@@ -35,7 +35,7 @@ from vpr.errors import UsageError
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.data.loading import ImageFiles
 from vpr.training.augment import AugmentParams, augment_batch
-from vpr.training.config import TrainConfig
+from vpr.training.config import TrainConfig, check_learning_rate
 from vpr.training.cosface import CosFaceClassifier, cosface_loss
 from vpr.training.cosplace_groups import GroupParams, build_groups
 from vpr.training.loop import (
@@ -68,6 +68,7 @@ class CosPlaceConfig(TrainConfig):
         return PAPER_LR if self.pretrained is not None else SCRATCH_LR
 
     def check(self) -> None:
+        check_learning_rate(self.classifier_lr, "--classifier-lr")
         if self.iterations_per_epoch is None:
             raise UsageError("--iterations-per-epoch: CosPlace needs a number of steps per epoch")
         for name in ("groups_num", "dim"):
@@ -175,7 +176,7 @@ class CosPlaceMethod(Method):
         progress = phase(f"group {group}")
         loss_sum, start = torch.zeros((), device=device), time.perf_counter()
         self.model.train()
-        for step, (images, positions, errors) in enumerate(loader):
+        for step, (images, positions, errors, _) in enumerate(loader):
             first_error(errors)
             target = torch.from_numpy(labels[positions.numpy()]).to(device)
             batch = augment_batch(images.to(device, non_blocking=True).float() / 255.0, cfg.augment, self.augmenter,

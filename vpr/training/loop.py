@@ -18,6 +18,7 @@ rank 0 alone holds the run's lock, searches and writes the run folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -33,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vpr import distributed
 from vpr.data.datasets import GeoImageSet, load_split, positives_within
-from vpr.errors import CheckpointError, ImageError, UsageError
+from vpr.errors import CheckpointError, ImageError, TrainingError, UsageError
 from vpr.evaluation.recall import recall_at_n
 from vpr.fileio import MARKER, atomic_file, check_replaceable_dir, check_separate, make_owned_dir, marker_kind, output_lock
 from vpr.models.checkpoints import load_payload, model_from_payload, save_checkpoint
@@ -135,6 +136,9 @@ class RunDir:
             if not self.last.is_file():
                 raise UsageError(f"{self.root}: nothing to resume (no last.pt); start a new run with another --out")
             saved = self.read_config()
+            if saved.get("method") != config["method"]:
+                raise UsageError(f"{self.config}: not the settings of a vpr {config['method']} run (method "
+                                 f"{saved.get('method')!r}); resume with the run's own --method or choose another --out")
             changed = sorted(k for k in config if k in saved and saved[k] != config[k] and k not in FREE_TO_CHANGE)
             if changed:
                 raise UsageError(f"{self.root}: --resume with changed settings {changed}; use the original ones or a new --out")
@@ -159,9 +163,9 @@ class RunDir:
         return saved
 
     def append_log(self, record: dict) -> None:
-        """One JSON line per epoch."""
+        """One strict JSON line per epoch (a non-finite figure is written as null)."""
         with open(self.log, "a") as handle:
-            handle.write(json.dumps(record, default=float) + "\n")
+            handle.write(json.dumps(_finite(record), default=float, allow_nan=False) + "\n")
 
     def trim_log(self, epochs_done: int) -> None:
         """Keep only log lines of epochs already in last.pt (a kill may have left a later one, or half a line)."""
@@ -170,12 +174,39 @@ class RunDir:
         kept = []
         for line in self.log.read_text().splitlines():
             try:
-                if json.loads(line).get("epoch", 0) <= epochs_done:
-                    kept.append(line)
-            except ValueError:  # a line cut short by the kill
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # a line cut short by the kill
                 continue
+            epoch = record.get("epoch", 0) if isinstance(record, dict) else None
+            if isinstance(epoch, int) and epoch <= epochs_done:  # anything else is not a line vpr wrote
+                kept.append(line)
         with atomic_file(self.log) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _finite(value):
+    """`value` with NaN and infinite floats replaced by None, inside dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def refuse_divergence(model: torch.nn.Module, record: dict, epoch: int, run: "RunDir", last_saved: int) -> None:
+    """Stop a run whose epoch ended with a non-finite loss or weights, before any checkpoint is replaced:
+    `last.pt` (and `best.pt`) keep the last healthy epoch."""
+    loss = record.get("loss")
+    finite_loss = isinstance(loss, (int, float)) and math.isfinite(loss)
+    finite_weights = all(bool(torch.isfinite(p).all()) for p in model.state_dict().values() if p.is_floating_point())
+    if finite_loss and finite_weights:
+        return
+    what = f"the loss is {loss}" if not finite_loss else "the weights hold NaN or infinite values"
+    kept = f"{run.last} still holds epoch {last_saved}" if last_saved else "no checkpoint was written"
+    raise TrainingError(f"epoch {epoch}: {what}, the training diverged; {kept}; start again in a new --out "
+                        "with a lower --lr (or --classifier-lr)")
 
 
 def save_training_checkpoint(path: Path, model: VPRModel, training: dict, pca: PCA | None = None) -> None:
@@ -183,11 +214,25 @@ def save_training_checkpoint(path: Path, model: VPRModel, training: dict, pca: P
     save_checkpoint(model, path, pca=pca, extra={"training": training})
 
 
+def load_resumable(run: "RunDir", method: str) -> tuple[VPRModel, dict]:
+    """The model and training state a resumed run continues from: `last.pt` must be a vpr training
+    checkpoint of `method`, else a one-line error before the run folder is touched."""
+    try:
+        model, _, state = load_training_checkpoint(run.last)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {run.root} is not a vpr run that --resume can continue: choose another --out") from exc
+    if state.get("method", method) != method or not isinstance(state.get("epoch"), int):
+        raise CheckpointError(f"{run.last}: a {state.get('method')} run's checkpoint, not {method}'s; "
+                              "resume with the run's own --method or choose another --out")
+    return model, state
+
+
 def load_training_checkpoint(path: Path) -> tuple[VPRModel, PCA | None, dict]:
     """(model, pca, training state) from `last.pt`."""
     payload = load_payload(path)
-    training = (payload.get("extra") or {}).get("training")
-    if training is None:
+    extra = payload.get("extra")
+    training = extra.get("training") if isinstance(extra, dict) else None
+    if not isinstance(training, dict):
         raise CheckpointError(f"{path}: holds no training state; resume from a run's last.pt")
     model, pca = model_from_payload(payload, path)
     return model, pca, training
@@ -390,10 +435,11 @@ def train(
             images.require_labels("validation")
         method = method_type(cfg)
         method.load()
+        resumed = load_resumable(run, cfg.method) if resume else None  # checked before anything is written
         rank0_first(lambda: run.prepare(cfg.to_dict(), resume, inputs), others=False)
         first, best = 0, None
-        if resume:
-            model, _, state = load_training_checkpoint(run.last)
+        if resumed is not None:
+            model, state = resumed
             method.start(run, model, state, phases(progress))
             if state.get("scaler"):
                 method.precision.scaler.load_state_dict(state["scaler"])
@@ -409,6 +455,7 @@ def train(
             tic = time.perf_counter()
             phase = phases(progress, f"epoch {epoch + 1}/{cfg.epochs} ")
             record = {"epoch": epoch + 1, **method.train_epoch(epoch, phase)}
+            refuse_divergence(method.model, record, epoch + 1, run, epoch)
             found = validate(method.model, val_db, val_q, cfg.extract_options(), progress=phase("validating"))
             recalls = {f"R@{n}": value for n, value in found.items()}
             improved = is_better(recalls, best)

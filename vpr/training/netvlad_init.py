@@ -71,7 +71,7 @@ def sample_local_features(
                         batch_size=options.batch_size, shuffle=False, num_workers=options.num_workers)
     features: list[np.ndarray] = []
     done = 0
-    for images, _, errors in loader:
+    for images, _, errors, _ in loader:
         for error in errors:
             if error:
                 raise ImageError(error)
