@@ -18,7 +18,7 @@ from vpr.data.datasets import load_image_set
 from vpr.models.model import build_model
 from vpr.retrieval.extract import ExtractOptions
 from vpr.retrieval.pipeline import build_index
-from vpr.retrieval.store import spill_rows
+from vpr.retrieval.rows import spill_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 COUNTS = (5, 0, 7)  # rows per rank: uneven, one rank with none

@@ -15,7 +15,8 @@ from vpr.retrieval.index import (
     empty_faiss_index, exact_search, faiss_available, merge_topk, sharded_search, shard_database, torch_search,
     training_rows,
 )
-from vpr.retrieval.store import RowReader, load_index, write_index, write_index_from_file
+from vpr.retrieval.rows import RowReader
+from vpr.retrieval.store import load_index, write_index, write_index_from_file
 
 pytestmark = pytest.mark.skipif(not faiss_available(), reason="needs FAISS")
 N, DIM = 1000, 16

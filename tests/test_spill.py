@@ -13,7 +13,8 @@ from vpr.data.datasets import load_image_set
 from vpr.errors import ImageError
 from vpr.retrieval.extract import ExtractOptions, extract_descriptors
 from vpr.retrieval.pipeline import build_index
-from vpr.retrieval.store import RowReader, load_index
+from vpr.retrieval.rows import RowReader
+from vpr.retrieval.store import load_index
 
 
 def stored(out) -> np.ndarray:

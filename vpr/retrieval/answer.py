@@ -14,7 +14,8 @@ from vpr.retrieval.local_features import LOCAL_FEATURES_FILE, extract_image_feat
 from vpr.retrieval.localize import DEFAULT_RADIUS, DEFAULT_TOP_K, Estimate, estimate_positions
 from vpr.retrieval.rerank import RerankOptions, rerank_shortlist
 from vpr.retrieval.sequence import SequenceOptions, sequence_search
-from vpr.retrieval.store import IndexBundle, RowReader
+from vpr.retrieval.rows import RowReader
+from vpr.retrieval.store import IndexBundle
 
 SEQUENCE_MAX_BYTES = 2 << 30  # sequence matching holds every database descriptor in memory: at most 2 GiB of them
 

@@ -23,7 +23,7 @@ from vpr.errors import UsageError
 from vpr.retrieval.index import exact_search
 
 if TYPE_CHECKING:
-    from vpr.retrieval.store import RowReader
+    from vpr.retrieval.rows import RowReader
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 DBA_CHUNK = 4096  # database rows augmented per exact search

@@ -35,7 +35,7 @@ from vpr.models.checkpoints import model_fingerprint
 from vpr.models.inference import amp_dtype, compiled, forward_batch, inference_model
 from vpr.models.model import VPRModel
 from vpr.retrieval.cache import DescriptorCache
-from vpr.retrieval.store import RowReader, spill_rows
+from vpr.retrieval.rows import RowReader, spill_rows
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]

@@ -182,7 +182,7 @@ def rerank(
     database, queries: np.ndarray, candidates: np.ndarray, k: int, query_chunk: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product re-ranking of each query's candidate rows (-1 marks none): top-k (similarities, indices).
-    `database` is an array or a row reader (`store.RowReader`), from which only the candidates' rows are read.
+    `database` is an array or a row reader (`rows.RowReader`), from which only the candidates' rows are read.
 
     Turns an approximate shortlist (IVF-PQ's compressed distances) into exact scores and order; at
     most 16 MB of gathered candidate vectors exist at once unless `query_chunk` says otherwise.

@@ -25,7 +25,8 @@ from vpr.retrieval.extract import ExtractOptions, Progress, extract_sharded
 from vpr.retrieval.local_features import (
     LOCAL_FEATURES_FILE, LocalFeatureConfig, extract_local_features, require_opencv, write_local_features,
 )
-from vpr.retrieval.store import IndexBundle, ProjectedRows, check_index_kind, foreign_files, project, write_index
+from vpr.retrieval.rows import ProjectedRows, project
+from vpr.retrieval.store import IndexBundle, check_index_kind, foreign_files, write_index
 
 SPILL_BYTES = 1 << 30  # database descriptors past this size go to disk during build-index, not memory
 
