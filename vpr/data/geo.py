@@ -99,6 +99,12 @@ def parse_zone_number(text: str, where: str) -> int:
     return int(value)
 
 
+def is_zone(number: object, letter: object) -> bool:
+    """Whether (number, letter) is a UTM zone: an integer 1..60 and a latitude band letter."""
+    return (isinstance(number, int) and not isinstance(number, bool) and 1 <= number <= 60
+            and isinstance(letter, str) and len(letter) == 1 and letter.upper() in UTM_LETTERS)
+
+
 def check_zone_letter(letter: str, where: str) -> str:
     """`letter` if it is a UTM latitude band (C..X without I and O), else a `LabelError` at `where`."""
     if len(letter) != 1 or letter not in UTM_LETTERS:

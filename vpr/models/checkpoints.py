@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import shlex
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -135,6 +136,18 @@ def load_checkpoint(path: Path, fmt: str | None = None) -> tuple[VPRModel, PCA |
     model, pca = import_published(payload, Path(path), layout)
     refuse_non_finite(model, pca, path)
     return model, pca
+
+
+def load_vpr_checkpoint(handle: BinaryIO, where: Path) -> tuple[VPRModel, PCA | None]:
+    """A vpr checkpoint read from an open file (an index's model.pt, opened inside its generation)."""
+    try:
+        payload = torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip or refused-global errors
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{where}: not a loadable weights-only checkpoint ({reason})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not a vpr checkpoint")
+    return model_from_payload(payload, where)
 
 
 def refuse_non_finite(model: VPRModel, pca: PCA | None, path: Path) -> None:

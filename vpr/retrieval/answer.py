@@ -10,7 +10,7 @@ import numpy as np
 
 from vpr.errors import UsageError
 from vpr.retrieval.expansion import Expansion, expand_queries
-from vpr.retrieval.local_features import LOCAL_FEATURES_FILE, extract_image_features, read_local_features
+from vpr.retrieval.local_features import extract_image_features
 from vpr.retrieval.localize import DEFAULT_RADIUS, DEFAULT_TOP_K, Estimate, estimate_positions
 from vpr.retrieval.rerank import RerankOptions, rerank_shortlist
 from vpr.retrieval.sequence import SequenceOptions, sequence_search
@@ -111,13 +111,9 @@ def _rerank(bundle: IndexBundle, query_paths: list[Path], indices: np.ndarray, s
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[np.ndarray]]]:
     """Geometric verification of each query's top `options.k` against the index's stored local features:
     the rows reordered in place (indices, similarities, scores), inlier counts and each match's inlier pairs."""
-    path = bundle.directory / LOCAL_FEATURES_FILE
-    if not path.is_file():
-        raise UsageError(f"{bundle.directory}: the index has no local features for --rerank local; "
-                         f"rebuild it with `vpr build-index ... --local-features`")
     inliers = np.zeros(indices.shape, dtype=np.int64)
     all_pairs = []
-    with read_local_features(path, len(bundle.database)) as store:
+    with bundle.local_features() as store:
         for q, query_path in enumerate(query_paths):
             top = min(options.k, int((indices[q] >= 0).sum()))
             features = extract_image_features(Path(query_path), store.config)

@@ -6,8 +6,10 @@ vectors, sqrt(2 - 2 * similarity).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -209,8 +211,21 @@ def write_faiss_index(index, path: Path) -> None:
     require_faiss().write_index(index, str(path))
 
 
-def read_faiss_index(path: Path):
-    return require_faiss().read_index(str(path))
+def read_faiss_index(handle: BinaryIO) -> tuple[object, str]:
+    """A FAISS index read from an open file, and the sha256 of the bytes it was read from (one pass)."""
+    faiss = require_faiss()
+    digest = hashlib.sha256()
+
+    def read(size: int) -> bytes:
+        chunk = handle.read(size)
+        digest.update(chunk)
+        return chunk
+
+    with handle:
+        index = faiss.read_index(faiss.PyCallbackIOReader(read))
+        while rest := handle.read(1 << 20):  # bytes FAISS did not need still count for the digest
+            digest.update(rest)
+    return index, digest.hexdigest()
 
 
 def search_database(descriptors: np.ndarray | torch.Tensor, device: str = "cpu", half: bool = False) -> torch.Tensor:

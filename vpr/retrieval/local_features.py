@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -37,6 +38,8 @@ FORMAT_VERSION = 1
 DESCRIPTOR_BYTES = {"sift": 128, "orb": 32}
 CHUNK_ROWS = 256  # keypoint rows per HDF5 chunk: one image's read touches few small chunks
 REBUILD = "rebuild the index with `vpr build-index --local-features`"
+MAX_KEYPOINTS = 100_000
+MAX_SIDE = 4096  # the working frame's longer side: SIFT's memory grows with its square
 
 
 def require_opencv():
@@ -60,9 +63,9 @@ class LocalFeatureConfig:
     def __post_init__(self) -> None:
         if self.method not in DESCRIPTOR_BYTES:
             raise UsageError(f"local feature method '{self.method}' is unknown; choose one of {', '.join(DESCRIPTOR_BYTES)}")
-        if self.max_keypoints < 1 or self.min_side < 1 or self.max_side < self.min_side:
+        if not (1 <= self.max_keypoints <= MAX_KEYPOINTS and 1 <= self.min_side <= self.max_side <= MAX_SIDE):
             raise UsageError(
-                f"local features need max_keypoints >= 1 and 1 <= min_side <= max_side "
+                f"local features need 1 <= max_keypoints <= {MAX_KEYPOINTS:,} and 1 <= min_side <= max_side <= {MAX_SIDE} "
                 f"(got {self.max_keypoints}, {self.min_side}, {self.max_side})"
             )
 
@@ -152,14 +155,15 @@ def extract_local_features(
     return LocalFeatures(config=config, paths=paths, images=images())
 
 
-def write_local_features(path: Path, features: LocalFeatures) -> None:
-    """Write a database's features to one HDF5 file atomically, streaming image by image."""
+def write_local_features(path: Path, features: LocalFeatures, generation: str | None = None) -> None:
+    """Write a database's features to one HDF5 file atomically, streaming image by image; `generation`
+    binds the file to the index build it belongs to."""
     config, count = features.config, len(features.paths)
     dim = DESCRIPTOR_BYTES[config.method]
     with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(
             format=FORMAT, version=FORMAT_VERSION, method=config.method, max_keypoints=config.max_keypoints,
-            max_side=config.max_side, min_side=config.min_side,
+            max_side=config.max_side, min_side=config.min_side, **({"generation": generation} if generation else {}),
         )
         f.create_dataset("paths", data=[str(p) for p in features.paths], dtype=h5py.string_dtype())
         xy = f.create_dataset("keypoints", shape=(0, 2), maxshape=(None, 2), dtype=np.float32, chunks=(CHUNK_ROWS, 2))
@@ -186,23 +190,27 @@ def write_local_features(path: Path, features: LocalFeatures) -> None:
 
 
 class LocalFeatureStore:
-    """A database's features file, open for lazy per-image reads (only the requested rows leave the disk)."""
+    """A database's features file, open for lazy per-image reads (only the requested rows leave the disk).
 
-    def __init__(self, path: Path, count: int | None = None):
+    `source` is the file's path or an open handle on it (`path` then names it in errors); `generation`,
+    when given, must be the one the file was written with."""
+
+    def __init__(self, path: Path, count: int | None = None, source: Path | BinaryIO | None = None,
+                 generation: str | None = None):
         self.path = Path(path)
         try:
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(source if source is not None else self.path, "r")
         except OSError as exc:
-            if not self.path.exists():
+            if source is None and not self.path.exists():
                 raise IndexFormatError(f"{self.path}: no local features here; {REBUILD}") from None
             raise IndexFormatError(f"{self.path}: unreadable local features file ({exc}); {REBUILD}") from exc
         try:
-            self._load(count)
+            self._load(count, generation)
         except BaseException:
             self._file.close()
             raise
 
-    def _load(self, count: int | None) -> None:
+    def _load(self, count: int | None, generation: str | None) -> None:
         f = self._file
         try:
             attrs = dict(f.attrs)
@@ -210,6 +218,8 @@ class LocalFeatureStore:
                 raise IndexFormatError(
                     f"{self.path}: not a vpr local features file of version {FORMAT_VERSION}; {REBUILD}"
                 )
+            if generation is not None and attrs.get("generation") != generation:
+                raise IndexFormatError(f"{self.path}: belongs to another build of the index than manifest.json; {REBUILD}")
             self.config = LocalFeatureConfig(
                 method=str(attrs["method"]), max_keypoints=int(attrs["max_keypoints"]),
                 max_side=int(attrs["max_side"]), min_side=int(attrs["min_side"]),
@@ -218,8 +228,8 @@ class LocalFeatureStore:
             self._offsets = f["offsets"][:]
             self._scales = f["scales"][:]
             self._xy, self._desc = f["keypoints"], f["descriptors"]
-        except (OSError, KeyError, ValueError, UsageError) as exc:
-            raise IndexFormatError(f"{self.path}: unreadable or missing local feature data ({exc}); {REBUILD}") from exc
+        except (OSError, KeyError, ValueError, TypeError, UsageError) as exc:
+            raise IndexFormatError(f"{self.path}: unreadable or missing local feature data ({str(exc)[:100]}); {REBUILD}") from None
         n = len(self.paths)
         rows = self._xy.shape[0]
         consistent = (
@@ -254,6 +264,8 @@ class LocalFeatureStore:
         self.close()
 
 
-def read_local_features(path: Path, count: int | None = None) -> LocalFeatureStore:
-    """Open a features file for lazy reads; a wrong, corrupt or mismatched (`count` images) file is an `IndexFormatError`."""
-    return LocalFeatureStore(path, count)
+def read_local_features(path: Path, count: int | None = None, source: Path | BinaryIO | None = None,
+                        generation: str | None = None) -> LocalFeatureStore:
+    """Open a features file for lazy reads; a wrong, corrupt or mismatched (`count` images, another
+    `generation`) file is an `IndexFormatError`."""
+    return LocalFeatureStore(path, count, source, generation)

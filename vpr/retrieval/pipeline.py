@@ -131,13 +131,13 @@ def build_index(
 
 
 def _index_extras(database: GeoImageSet, dba: Expansion, local_features: LocalFeatureConfig | None,
-                  progress: Progress | None) -> Callable[[Path], dict]:
+                  progress: Progress | None) -> Callable[[Path, str], dict]:
     """What `write_index` adds to the index: the DBA settings, and the local features file when asked."""
-    def write(directory: Path) -> dict:
+    def write(directory: Path, generation: str) -> dict:
         entries: dict = {"dba": {"n": dba.n, "alpha": dba.alpha} if dba.n else None, "local_features": None}
         if local_features is not None:
             features = extract_local_features(database.paths, local_features, progress=progress)
-            write_local_features(directory / LOCAL_FEATURES_FILE, features)
+            write_local_features(directory / LOCAL_FEATURES_FILE, features, generation)
             entries["local_features"] = asdict(local_features)
         return entries
 

@@ -42,9 +42,10 @@ class RowReader(LazyRows):
     (sorted, each row read once); slices read a block.
     """
 
-    def __init__(self, source, where: Path) -> None:
+    def __init__(self, source, where: Path, max_norm: float | None = None) -> None:
         self.source = source
         self.where = where
+        self.max_norm = max_norm
         self.shape = tuple(source.shape)
 
     def __getitem__(self, key) -> np.ndarray:
@@ -62,10 +63,24 @@ class RowReader(LazyRows):
         return block[inverse].reshape(*key.shape, self.shape[1])
 
     def _checked(self, rows: np.ndarray) -> np.ndarray:
-        """`rows`, or an error naming the file when one holds NaN or infinity."""
-        if not np.isfinite(rows).all():
-            raise IndexFormatError(f"{self.where}: descriptors hold NaN or infinite values; rebuild the index")
+        """`rows`, or an error naming the file when one holds NaN, infinity or a norm above `max_norm`."""
+        check_rows(rows, self.where, self.max_norm)
         return rows
+
+
+NORM_SLACK = 1e-3  # relative: float32 rounding between writing the largest norm and reading it back
+
+
+def check_rows(rows: np.ndarray, where: Path, max_norm: float | None = None) -> None:
+    """Refuse descriptor rows holding NaN or infinity, or longer than `max_norm` (the largest norm the index
+    was built with: a row of 1e30 would be every query's top match)."""
+    if not np.isfinite(rows).all():
+        raise IndexFormatError(f"{where}: descriptors hold NaN or infinite values; rebuild the index")
+    if max_norm is not None and rows.size:
+        longest = float(np.sqrt(np.einsum("...i,...i->...", rows, rows, dtype=np.float64).max()))
+        if longest > max_norm * (1 + NORM_SLACK) + 1e-6:
+            raise IndexFormatError(f"{where}: a descriptor of norm {longest:.3g} is longer than any the index was built "
+                                   f"with ({max_norm:.3g}); the file was altered: rebuild the index")
 
 
 class FileRows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,20 +25,23 @@ from vpr import __version__
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import CheckpointError, DependencyError, IndexFormatError, UsageError
 from vpr.fileio import MARKER, atomic_dir, marker_kind
-from vpr.models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
+from vpr.data.geo import is_zone
+from vpr.models.checkpoints import file_sha256, load_vpr_checkpoint, save_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval.index import (
     ADD_CHUNK, INDEX_KINDS, empty_faiss_index, faiss_available, read_faiss_index, search_by_kind, training_rows,
     write_faiss_index,
 )
-from vpr.retrieval.local_features import LOCAL_FEATURES_FILE
-from vpr.retrieval.rows import RowReader, StoredPaths, open_rows, project
+from vpr.retrieval.local_features import LOCAL_FEATURES_FILE, LocalFeatureStore, read_local_features
+from vpr.retrieval.generation import Generation, file_record, read_generation
+from vpr.retrieval.rows import FileRows, RowReader, StoredPaths, check_rows, open_rows, project
 
 log = logging.getLogger(__name__)
 FORMAT = "vpr-index"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("manifest.json", "model.pt", "database.h5")
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB; anything this large was not written by vpr
 MAX_SEARCH_PARAM = 1 << 20  # nprobe / efSearch: FAISS takes C ints; larger values search everything anyway
 INDEX_FILES = frozenset((*REQUIRED_FILES, "pca.h5", "index.faiss", "skipped.txt", LOCAL_FEATURES_FILE, MARKER))
 LAZY_KINDS = ("ivfpq", "hnsw")  # searched on index.faiss: database.h5's descriptors stay on disk
@@ -86,6 +90,17 @@ class IndexBundle:
     descriptors: np.ndarray | RowReader  # a RowReader (rows read on demand) for ivfpq and hnsw
     faiss_index: object | None
     resident: dict = field(default_factory=dict, repr=False)  # device -> database tensor or faiss-gpu index
+    generation: Generation | None = field(default=None, repr=False)  # the directory generation its files came from
+
+    def local_features(self) -> LocalFeatureStore:
+        """The database's local features (`--local-features`), from the same generation as the rest."""
+        where = self.directory / LOCAL_FEATURES_FILE
+        present = self.generation.has(LOCAL_FEATURES_FILE) if self.generation is not None else where.is_file()
+        if not present:
+            raise UsageError(f"{self.directory}: the index has no local features for --rerank local; "
+                             f"rebuild it with `vpr build-index ... --local-features`")
+        source = self.generation.stream(LOCAL_FEATURES_FILE) if self.generation is not None else None
+        return read_local_features(where, len(self.database), source, self.manifest.get("generation"))
 
     @property
     def dim(self) -> int:
@@ -163,6 +178,7 @@ def write_index(
     count, dim = descriptors.shape
     if len(database) != count:
         raise UsageError(f"{count} descriptors for {len(database)} database images")
+    generation = secrets.token_hex(8)
     with atomic_dir(Path(out_dir), kind="index", foreign=foreign_files) as tmp:
         if skipped:
             (tmp / "skipped.txt").write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped))
@@ -172,15 +188,20 @@ def write_index(
                 for key, value in (("mean", pca.mean), ("components", pca.components), ("scale", pca.scale)):
                     f.create_dataset(key, data=value)
                 f.attrs["whiten"] = pca.whiten
+                f.attrs["generation"] = generation
         rows = training_rows(count, kind, seed) if kind != "flat" else np.zeros(0, dtype=np.int64)
         index = empty_faiss_index(count, dim, kind, descriptors[rows], seed) if kind != "flat" else None
+        max_norm = 0.0
         with h5py.File(tmp / "database.h5", "w") as f:
+            f.attrs["generation"] = generation
             _write_labels(f, database, chunk)
             # contiguous (not chunked): a loaded index reads single rows at their file offset
             stored = f.create_dataset("descriptors", shape=(count, dim), dtype=np.float32)
             for start in range(0, count, chunk):
                 block = np.ascontiguousarray(descriptors[start:start + chunk], dtype=np.float32)
                 refuse_non_finite(block, Path(out_dir), start)
+                if len(block):
+                    max_norm = max(max_norm, float(np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64).max())))
                 stored[start:start + len(block)] = block
                 if index is not None:  # a flat index is searched on database.h5's descriptors: no second copy
                     index.add(block)
@@ -202,8 +223,12 @@ def write_index(
             "count": int(count),
             "zone": None if database.zone is None else list(database.zone),
             "source": source,
-            **(extras(tmp) if extras is not None else {}),
+            "generation": generation,
+            "max_norm": max_norm,
+            **(extras(tmp, generation) if extras is not None else {}),
         }
+        manifest["files"] = {name: file_record(tmp / name) for name in sorted(os.listdir(tmp))
+                             if name in INDEX_FILES and name not in ("manifest.json", MARKER)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Path(out_dir)
 
@@ -233,115 +258,223 @@ def write_index_from_file(
 
 
 def read_manifest(directory: Path) -> dict:
-    """Validate the directory's files and manifest; a one-line error says what is wrong and the fix."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise IndexFormatError(f"{directory}: no index here; build one with `vpr build-index DATABASE --out {directory}`")
-    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    """The validated manifest of the index at `directory`; a one-line error says what is wrong and the fix."""
+    return read_generation(Path(directory), manifest_of)
+
+
+def manifest_of(gen: Generation) -> dict:
+    """The generation's manifest, every field a later step relies on checked (`check_manifest`)."""
+    where = gen.directory
+    missing = [name for name in REQUIRED_FILES if not gen.has(name)]
     if missing:
-        raise IndexFormatError(f"{directory}: incomplete index (missing {', '.join(missing)}); rebuild it with `vpr build-index`")
+        raise IndexFormatError(f"{where}: incomplete index (missing {', '.join(missing)}); rebuild it with `vpr build-index`")
+    if gen.size("manifest.json") > MAX_MANIFEST_BYTES:
+        raise IndexFormatError(f"{where}/manifest.json: {gen.size('manifest.json'):,} bytes, not a vpr manifest; rebuild the index")
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexFormatError(f"{directory}/manifest.json: not valid JSON ({exc}); rebuild the index") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{directory}: manifest.json is not a vpr index manifest; rebuild the index")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{directory}: index format {manifest.get('format_version')} (vpr {manifest.get('vpr_version')}) "
-            f"is not supported by vpr {__version__} (format {FORMAT_VERSION}); rebuild the index"
-        )
-    for key, kind in (("dim", int), ("count", int), ("index_kind", str), ("model", dict), ("model_sha256", str)):
-        if not isinstance(manifest.get(key), kind):
-            raise IndexFormatError(f"{directory}/manifest.json: field '{key}' missing or malformed; rebuild the index")
-    if manifest["index_kind"] not in INDEX_KINDS:
-        raise IndexFormatError(
-            f"{directory}/manifest.json: unknown index kind '{manifest['index_kind']}' (this vpr knows "
-            f"{', '.join(INDEX_KINDS)}); rebuild the index"
-        )
+        manifest = json.loads(gen.read_bytes("manifest.json"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:100]
+        raise IndexFormatError(f"{where}/manifest.json: not valid JSON ({reason}); rebuild the index") from None
+    check_manifest(manifest, where)
     return manifest
 
 
-def _read_pca(path: Path) -> PCA:
-    with h5py.File(path, "r") as f:
-        return PCA(
-            mean=f["mean"][:].astype(np.float32), components=f["components"][:].astype(np.float32),
-            scale=f["scale"][:].astype(np.float32), whiten=bool(f.attrs["whiten"]),
+def check_manifest(manifest: object, where: Path) -> None:
+    """Refuse a manifest vpr did not write or whose fields are of the wrong kind (one line each)."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{where}: manifest.json is not a vpr index manifest; rebuild the index")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{where}: index format {str(manifest.get('format_version'))[:20]} (vpr {str(manifest.get('vpr_version'))[:20]}) "
+            f"is not supported by vpr {__version__} (format {FORMAT_VERSION}); rebuild the index"
         )
 
+    def malformed(key: str, detail: str = "missing or malformed") -> IndexFormatError:
+        return IndexFormatError(f"{where}/manifest.json: field '{key}' {detail}; rebuild the index")
 
-def _read_database(path: Path, manifest: dict, lazy: bool) -> tuple[GeoImageSet, np.ndarray | RowReader]:
+    for key, kind in (("dim", int), ("count", int), ("index_kind", str), ("model", dict), ("model_sha256", str)):
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise malformed(key)
+    if manifest["dim"] < 1 or manifest["count"] < 0:
+        raise malformed("dim" if manifest["dim"] < 1 else "count", "out of range")
+    if manifest["index_kind"] not in INDEX_KINDS:
+        raise IndexFormatError(
+            f"{where}/manifest.json: unknown index kind '{manifest['index_kind'][:40]}' (this vpr knows "
+            f"{', '.join(INDEX_KINDS)}); rebuild the index"
+        )
+    zone = manifest.get("zone")
+    if zone is not None and not (isinstance(zone, list) and len(zone) == 2 and is_zone(*zone)):
+        raise malformed("zone", f"is {str(zone)[:40]}, not a UTM zone [1..60, letter C..X]")
+    for key in ("pca_dim", "model_pca_dim"):
+        value = manifest.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise malformed(key)
+    for key, kind in (("generation", str), ("files", dict), ("max_norm", (int, float)), ("local_features", dict), ("dba", dict)):
+        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
+            raise malformed(key)
+    for name, record in (manifest.get("files") or {}).items():
+        if name not in INDEX_FILES or not (isinstance(record, dict) and isinstance(record.get("size"), int)
+                                           and isinstance(record.get("sha256"), str)):
+            raise malformed("files", f"has a bad entry for {str(name)[:40]}")
+
+
+def _check_files(gen: Generation, manifest: dict) -> None:
+    """Every file the manifest lists is here with its size, and the small ones with their sha256
+    (index.faiss is hashed as it is read, database.h5 and local features are bound by the generation id)."""
+    for name, record in (manifest.get("files") or {}).items():
+        if not gen.has(name):
+            raise IndexFormatError(f"{gen.directory}: {name} is missing; rebuild the index with `vpr build-index`")
+        if gen.size(name) != record["size"]:
+            raise IndexFormatError(f"{gen.directory}/{name}: {gen.size(name):,} bytes, the manifest says {record['size']:,}; "
+                                   "the files are of different builds: rebuild the index")
+        if name in ("pca.h5", "skipped.txt") and gen.sha256(name) != record["sha256"]:
+            raise IndexFormatError(f"{gen.directory}/{name}: does not match the manifest's sha256; rebuild the index")
+
+
+def _same_generation(manifest: dict, attrs, where: str) -> None:
+    """An HDF5 file of the index carries the manifest's generation id (indexes of earlier versions have none)."""
+    expected = manifest.get("generation")
+    if expected is not None and attrs.get("generation") != expected:
+        raise IndexFormatError(f"{where}: belongs to another build of the index than manifest.json; rebuild the index")
+
+
+def _read_pca(gen: Generation, manifest: dict) -> PCA | None:
+    """The index's PCA (pca.h5), its arrays checked for shape and finite values."""
+    if not gen.has("pca.h5"):
+        if manifest.get("pca_dim") is not None:
+            raise IndexFormatError(f"{gen.directory}: pca.h5 and the manifest disagree; rebuild the index")
+        return None
+    where = f"{gen.directory}/pca.h5"
+    try:
+        with gen.stream("pca.h5") as handle, h5py.File(handle, "r") as f:
+            _same_generation(manifest, f.attrs, where)
+            mean, components, scale = (np.asarray(f[key][:], dtype=np.float32) for key in ("mean", "components", "scale"))
+            whiten = bool(f.attrs["whiten"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise IndexFormatError(f"{where}: unreadable or malformed ({str(exc)[:80]}); rebuild the index") from None
+    out_dim = manifest.get("pca_dim")
+    shapes_fit = (mean.ndim == 1 and components.ndim == 2 and components.shape[1] == mean.shape[0]
+                  and scale.shape == (components.shape[0],) and components.shape[0] == out_dim)
+    if not shapes_fit:
+        raise IndexFormatError(f"{where}: arrays of shapes {mean.shape}, {components.shape}, {scale.shape} do not make a "
+                               f"{out_dim}-d projection; rebuild the index")
+    if not all(np.isfinite(a).all() for a in (mean, components, scale)):
+        raise IndexFormatError(f"{where}: holds NaN or infinite values; rebuild the index")
+    return PCA(mean=mean, components=components, scale=scale, whiten=whiten)
+
+
+def _read_model(gen: Generation, manifest: dict) -> tuple[VPRModel, PCA | None]:
+    """model.pt, checked against the manifest's sha256 and loaded from the bytes that were hashed."""
+    if gen.sha256("model.pt") != manifest["model_sha256"]:
+        raise IndexFormatError(f"{gen.directory}/model.pt: does not match the manifest's sha256; rebuild the index")
+    try:
+        with gen.stream("model.pt") as handle:
+            return load_vpr_checkpoint(handle, gen.directory / "model.pt")
+    except CheckpointError as exc:
+        raise IndexFormatError(f"{gen.directory}: {exc}") from exc
+
+
+def _read_database(gen: Generation, manifest: dict, lazy: bool) -> tuple[GeoImageSet, np.ndarray | RowReader]:
     """The database's labels and descriptors: in memory, or when `lazy` a `RowReader` (and, above
     LAZY_PATHS_ROWS images, paths read on demand from the file, which then stays open)."""
     count, dim = manifest["count"], manifest["dim"]
+    where = Path(f"{gen.directory}/database.h5")
     lazy_paths = lazy and count > LAZY_PATHS_ROWS
+    handle = gen.stream("database.h5")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(handle, "r")
     except OSError as exc:
-        raise IndexFormatError(f"{path}: unreadable or missing datasets ({exc}); rebuild the index") from exc
+        handle.close()
+        raise IndexFormatError(f"{where}: unreadable or missing datasets ({exc}); rebuild the index") from exc
     try:
+        _same_generation(manifest, f.attrs, str(where))
         try:
-            paths = StoredPaths(f["paths"]) if lazy_paths else [Path(p) for p in f["paths"][:].astype(str)]
-            stored = f["descriptors"]
-            shape, dtype = stored.shape, stored.dtype
+            labels = {key: f[key] for key in ("paths", "descriptors", "utm", "heading", "time") if key in f}
+            stored = labels["descriptors"]
+            if stored.dtype != np.float32 or stored.shape != (count, dim) or labels["paths"].shape != (count,):
+                raise IndexFormatError(
+                    f"{where}: holds {labels['paths'].shape[0] if labels['paths'].ndim else 0} paths and descriptors "
+                    f"{stored.shape} {stored.dtype}, manifest says {count} x {dim} float32; rebuild the index"
+                )
+            if labels["paths"].dtype.kind not in "OSU":
+                raise IndexFormatError(f"{where}: paths are {labels['paths'].dtype}, not text; rebuild the index")
+            paths = StoredPaths(labels["paths"]) if lazy_paths else [Path(p) for p in labels["paths"][:].astype(str)]
             descriptors = None if lazy else stored[:]
-            utm = f["utm"][:] if "utm" in f else None
-            heading = f["heading"][:] if "heading" in f else None
-            time = f["time"][:] if "time" in f else None
-        except (OSError, KeyError) as exc:
-            raise IndexFormatError(f"{path}: unreadable or missing datasets ({exc}); rebuild the index") from exc
-        if len(paths) != count or shape != (count, dim) or dtype != np.float32:
-            raise IndexFormatError(
-                f"{path}: holds {len(paths)} paths and descriptors {shape} {dtype}, "
-                f"manifest says {count} x {dim} float32; rebuild the index"
-            )
+            offset = stored.id.get_offset() if stored.chunks is None and stored.compression is None else None
+            utm, heading, time = (_float_array(labels.get(key), key, where) for key in ("utm", "heading", "time"))
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise IndexFormatError(f"{where}: unreadable or missing datasets ({str(exc)[:80]}); rebuild the index") from None
         if utm is not None and (utm.shape != (count, 2) or heading is None or heading.shape != (count,)):
-            raise IndexFormatError(f"{path}: utm/heading shapes do not match {count} images; rebuild the index")
+            raise IndexFormatError(f"{where}: utm/heading shapes do not match {count} images; rebuild the index")
         if time is not None and time.shape != (count,):
-            raise IndexFormatError(f"{path}: time has shape {time.shape}, not ({count},); rebuild the index")
+            raise IndexFormatError(f"{where}: time has shape {time.shape}, not ({count},); rebuild the index")
     except BaseException:
         f.close()
+        handle.close()
         raise
     if not lazy_paths:
         f.close()
+        handle.close()
+    max_norm = manifest.get("max_norm")
     if lazy:
-        descriptors = open_rows(path)
+        if offset is None:
+            raise IndexFormatError(f"{where}: descriptors are not stored as vpr writes them (contiguous); rebuild the index")
+        descriptors = RowReader(FileRows(gen.stream("database.h5"), offset, (count, dim)), where, max_norm=max_norm)
+    else:
+        check_rows(descriptors, where, max_norm)
     zone = tuple(manifest["zone"]) if manifest.get("zone") else None
-    return GeoImageSet(paths=paths, utm=utm, heading=heading, zone=zone, source=path, time=time), descriptors
+    return GeoImageSet(paths=paths, utm=utm, heading=heading, zone=zone, source=where, time=time), descriptors
+
+
+def _float_array(dataset, key: str, where: Path) -> np.ndarray | None:
+    if dataset is None:
+        return None
+    if dataset.dtype.kind not in "fiu":
+        raise IndexFormatError(f"{where}: {key} is {dataset.dtype}, not numbers; rebuild the index")
+    return np.asarray(dataset[:], dtype=np.float64)
+
+
+def _read_faiss(gen: Generation, manifest: dict):
+    """index.faiss (ivfpq, hnsw), hashed as it is read and checked against the manifest's size and count."""
+    if manifest["index_kind"] == "flat" or not faiss_available():
+        return None
+    where = f"{gen.directory}/index.faiss"
+    if not gen.has("index.faiss"):
+        raise IndexFormatError(f"{gen.directory}: index.faiss is missing; rebuild the index with `vpr build-index`")
+    expected = (manifest.get("files") or {}).get("index.faiss")
+    try:
+        index, digest = read_faiss_index(gen.stream("index.faiss"))
+    except RuntimeError as exc:
+        raise IndexFormatError(f"{where}: not a readable FAISS index ({str(exc).splitlines()[0][:80]}); rebuild the index") from None
+    if expected is not None and digest != expected["sha256"]:
+        raise IndexFormatError(f"{where}: does not match the manifest's sha256; rebuild the index")
+    if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
+        raise IndexFormatError(f"{where}: size does not match the manifest; rebuild the index")
+    return index
 
 
 def load_index(directory: Path, lazy: bool | None = None) -> IndexBundle:
-    """Load and validate an index directory written by `write_index`.
+    """Load and validate an index directory written by `write_index`, all its files of one generation.
 
     ivfpq and hnsw indexes (`lazy` None) keep the descriptors on disk behind a `RowReader`: re-ranking
     reads only the shortlisted rows, so memory holds the FAISS index, not N x d floats. A flat index
     is searched on the descriptors and loads them into memory (4 * d bytes per image).
     """
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    if file_sha256(directory / "model.pt") != manifest["model_sha256"]:
-        raise IndexFormatError(f"{directory}/model.pt: does not match the manifest's sha256; rebuild the index")
-    try:
-        model, model_pca = load_checkpoint(directory / "model.pt")
-    except CheckpointError as exc:
-        raise IndexFormatError(f"{directory}: {exc}") from exc
-    pca = _read_pca(directory / "pca.h5") if (directory / "pca.h5").is_file() else None
-    if (pca is None) != (manifest.get("pca_dim") is None):
-        raise IndexFormatError(f"{directory}: pca.h5 and the manifest disagree; rebuild the index")
+    return read_generation(Path(directory), lambda gen: _load(gen, lazy))
+
+
+def _load(gen: Generation, lazy: bool | None) -> IndexBundle:
+    manifest = manifest_of(gen)
+    _check_files(gen, manifest)
+    model, model_pca = _read_model(gen, manifest)
+    pca = _read_pca(gen, manifest)
     lazy = manifest["index_kind"] in LAZY_KINDS if lazy is None else lazy
-    database, descriptors = _read_database(directory / "database.h5", manifest, lazy)
-    if not lazy:  # a row reader refuses non-finite rows as it reads them
-        refuse_non_finite(descriptors, directory / "database.h5")
+    database, descriptors = _read_database(gen, manifest, lazy)
     out_dim = pca.out_dim if pca else model_pca.out_dim if model_pca else model.config.descriptor_dim
     if out_dim != manifest["dim"]:
         raise IndexFormatError(
-            f"{directory}: the model gives {out_dim}-d descriptors but the index holds {manifest['dim']}-d; rebuild it"
+            f"{gen.directory}: the model gives {out_dim}-d descriptors but the index holds {manifest['dim']}-d; rebuild it"
         )
-    faiss_index = None
-    if manifest["index_kind"] != "flat" and faiss_available():
-        if not (directory / "index.faiss").is_file():
-            raise IndexFormatError(f"{directory}: index.faiss is missing; rebuild the index with `vpr build-index`")
-        faiss_index = read_faiss_index(directory / "index.faiss")
-        if faiss_index.ntotal != manifest["count"] or faiss_index.d != manifest["dim"]:
-            raise IndexFormatError(f"{directory}/index.faiss: size does not match the manifest; rebuild the index")
-    return IndexBundle(directory, manifest, model, model_pca, pca, database, descriptors, faiss_index)
+    faiss_index = _read_faiss(gen, manifest)
+    return IndexBundle(gen.directory, manifest, model, model_pca, pca, database, descriptors, faiss_index, generation=gen)
