@@ -111,6 +111,14 @@ class QueryResult:
         }
 
 
+def whole_number(value: object, name: str, minimum: int = 1) -> int:
+    """`value` as an int when it is a whole number >= `minimum` (not a bool, a float or a string), else a
+    `UsageError` naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise UsageError(f"{name} {value!r}: must be a whole number of at least {minimum}")
+    return int(value)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' -> CUDA when a GPU is visible, else the CPU; a named GPU must exist."""
     name = str(device)
@@ -132,9 +140,11 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
 
     Raises `NotAnImage` for unrecognised bytes, `ImageTooLarge` above `max_pixels`, `ImageError` when corrupt.
     """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UsageError(f"{name}: decode_image takes the bytes of an image file, not a {type(data).__name__}")
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
-    return decode_rgb(io.BytesIO(data), name, max_pixels)
+    return decode_rgb(io.BytesIO(bytes(data)), name, max_pixels)
 
 
 def _as_rgb(image: ImageInput, name: str, max_pixels: int) -> Image.Image:
@@ -173,7 +183,7 @@ class Index:
         self.bundle = bundle
         self.device = resolve_device(device)
         self.amp = amp
-        self.batch_size = batch_size
+        self.batch_size = whole_number(batch_size, "batch_size")
         self.options = options
         self._model: VPRModel | None = None
 
@@ -238,9 +248,9 @@ class Index:
                query_paths: Sequence[Path] | None = None) -> list[QueryResult]:
         """Top-k matches and the position estimate for each descriptor row (from `describe`), through
         the same answering stages as `vpr query` (`options`; re-ranking needs `query_paths`)."""
-        if k < 1:
-            raise UsageError(f"k {k}: must be at least 1")
-        names = list(names) if names is not None else [f"query {i}" for i in range(len(descriptors))]
+        k = whole_number(k, "k")
+        descriptors = self._checked_descriptors(descriptors)
+        names = _names(names, len(descriptors), lambda i: f"query {i}")
         if len(descriptors) == 0:
             return []
         paths = None if query_paths is None else [Path(p) for p in query_paths]
@@ -258,9 +268,21 @@ class Index:
               names: Sequence[str] | None = None) -> list[QueryResult]:
         """Where were these photos taken: the top-k database matches and a position per image."""
         images = _as_list(images)
-        names = list(names) if names is not None else [_default_name(image, i) for i, image in enumerate(images)]
+        names = _names(names, len(images), lambda i: _default_name(images[i], i))
         paths = images if all(isinstance(image, (str, os.PathLike)) for image in images) else None
         return self.search(self.describe(images), k, names, query_paths=paths)
+
+    def _checked_descriptors(self, descriptors: object) -> np.ndarray:
+        """Query descriptors as an N x dim float32 array of finite values, or a `UsageError`."""
+        try:
+            array = np.asarray(descriptors, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise UsageError(f"descriptors: a {type(descriptors).__name__} is not an N x {self.bundle.dim} array of numbers") from None
+        if array.ndim != 2 or array.shape[1] != self.bundle.dim:
+            raise UsageError(f"descriptors of shape {array.shape}: the index takes N x {self.bundle.dim} (from describe)")
+        if not np.isfinite(array).all():
+            raise UsageError("descriptors hold NaN or infinite values; describe the images again")
+        return array
 
     def _matches(self, answers: Answers, q: int, distances: np.ndarray) -> list[Match]:
         db = self.bundle.database
@@ -299,14 +321,31 @@ class Index:
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     """One image or a sequence of them, as a list."""
     single = isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)) or (
-        isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (2, 3))
-    return [images] if single else list(images)
+        isinstance(images, np.ndarray) and images.ndim in (2, 3))
+    if single:
+        return [images]
+    if not isinstance(images, Sequence) and not isinstance(images, np.ndarray):
+        raise UsageError(f"images: a {type(images).__name__} is not an image or a list of images; give paths, PIL images, "
+                         "uint8 arrays or file bytes")
+    return list(images)
+
+
+def _names(names: Sequence[str] | None, count: int, default: Callable[[int], str]) -> list[str]:
+    """One name per query: `names` when given (as many as the queries), else `default(i)`."""
+    if names is None:
+        return [default(i) for i in range(count)]
+    names = [str(name) for name in names]
+    if len(names) != count:
+        raise UsageError(f"names: {len(names)} names for {count} queries; give one name per query or none")
+    return names
 
 
 def load_model(checkpoint: str | os.PathLike | None = None, config: ModelConfig | None = None, *,
                pretrained: str | None = None, fmt: str | None = None) -> tuple[VPRModel, PCA | None]:
     """A model and its own PCA: a checkpoint (vpr's or a published layout; `fmt` forces one) when given,
     else `config` (default: ResNet18 + CosPlace 512-d) built from scratch, seeded."""
+    if config is not None and not isinstance(config, ModelConfig):
+        raise UsageError(f"config: a {type(config).__name__}, not a ModelConfig")
     return pipeline.load_model(None if checkpoint is None else Path(checkpoint), config or ModelConfig(), pretrained, fmt)
 
 
@@ -318,6 +357,9 @@ def build_index(
 ) -> BuildReport:
     """Index a folder, a CSV manifest or a `GeoImageSet` into the directory `out` (as `vpr build-index`):
     `model` defaults to `load_model()`; `cache` keeps descriptors in `OUT.cache` so a rerun resumes."""
+    if not isinstance(database, (GeoImageSet, str, os.PathLike)):
+        raise UsageError(f"database: a {type(database).__name__}, not a folder, a CSV manifest or a GeoImageSet")
+    batch_size, workers = whole_number(batch_size, "batch_size"), whole_number(workers, "workers", minimum=0)
     images = database if isinstance(database, GeoImageSet) else load_image_set(Path(database))
     if model is None:
         model, model_pca = load_model()

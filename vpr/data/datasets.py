@@ -68,6 +68,11 @@ class GeoImageSet:
             zone=self.zone, source=self.source, time=None if self.time is None else self.time[idx],
         )
 
+    def input_folders(self) -> list[Path]:
+        """What an output must stay clear of: the set's folder or manifest and every folder holding its images."""
+        parents = sorted({Path(path).parent for path in self.paths})
+        return ([Path(self.source)] if self.source is not None else []) + parents
+
     def frame_order(self) -> np.ndarray:
         """Indices in capture order, for sequence matching: by the manifest's timestamp or frame column
         when it has one, else by file name with numbers compared as numbers (frame-9 before frame-10)."""
@@ -85,9 +90,26 @@ def _natural_key(text: str) -> list:
 def list_images(folder: Path) -> list[Path]:
     """All image files under `folder`, recursively, in a stable (sorted) order.
 
-    Raises `ImageError` for a file name that is not valid UTF-8 (it could not be stored in an index).
+    Symbolic links are followed: a linked folder is listed once (a folder reached again, through another
+    link or a loop back to an ancestor, is not walked twice), and a link with an image name is listed
+    whatever it points to, so a dangling or looping link is reported by name when it is read (or listed
+    in `skipped.txt` with `--skip-bad`), never left out without a word. Raises `ImageError` for a file
+    name that is not valid UTF-8 (it could not be stored in an index).
     """
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    paths: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        try:
+            info = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        paths.extend(Path(root) / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+    paths.sort()
     for path in paths:
         _check_utf8_name(path)
     return paths

@@ -14,6 +14,7 @@ from sklearn.decomposition import PCA as SklearnPCA
 
 from vpr.errors import UsageError
 
+RANK_TOLERANCE = 1e-6  # variance relative to the largest below which a direction counts as not spanned
 MAX_SAMPLES = 200_000  # descriptors a PCA is fitted on; more add nothing measurable and cost memory
 
 
@@ -87,6 +88,11 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int =
         pca = SklearnPCA(n_components=dim, whiten=whiten, svd_solver="full", random_state=seed).fit(x)
         mean, components, variance = pca.mean_, pca.components_, pca.explained_variance_
     variance = variance.astype(np.float32)
+    if whiten:
+        spanned = int((variance > RANK_TOLERANCE * max(float(variance.max(initial=0.0)), 1e-30)).sum())
+        if spanned < dim:  # whitening would scale a direction the data does not span by ~1e6
+            raise UsageError(f"--pca-dim {dim} with --whiten: the {len(x)} descriptors span only {spanned} dimensions "
+                             f"(centred, n descriptors span at most n - 1); use --pca-dim {max(spanned, 1)} or fewer, or drop --whiten")
     scale = 1.0 / np.sqrt(np.maximum(variance, 1e-12)) if whiten else np.ones(dim, dtype=np.float32)
     return PCA(
         mean=mean.astype(np.float32), components=components.astype(np.float32),

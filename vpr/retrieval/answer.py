@@ -17,6 +17,7 @@ from vpr.retrieval.sequence import SequenceOptions, sequence_search
 from vpr.retrieval.rows import RowReader
 from vpr.retrieval.store import IndexBundle
 
+FEATURELESS_NORM = 1e-6  # a query descriptor shorter than this is all zeros: the image gave the model nothing
 SEQUENCE_MAX_BYTES = 2 << 30  # sequence matching holds every database descriptor in memory: at most 2 GiB of them
 
 
@@ -64,8 +65,9 @@ def answer(bundle: IndexBundle, descriptors: np.ndarray, k: int, options: Answer
         if query_paths is None:
             raise UsageError("--rerank local needs the query images")
         indices, similarities, scores, inliers, pairs = _rerank(bundle, query_paths, indices, similarities, scores, options.rerank, k)
+    informative = np.linalg.norm(np.asarray(descriptors, dtype=np.float32), axis=1) > FEATURELESS_NORM
     estimate = estimate_positions(_position_weights(scores, inliers, options), indices, bundle.database.utm,
-                                  top_k=options.position_k, radius=options.position_radius)
+                                  top_k=options.position_k, radius=options.position_radius, informative=informative)
     return Answers(indices[:, :k], similarities[:, :k], scores[:, :k], None if inliers is None else inliers[:, :k],
                    estimate, pairs)
 

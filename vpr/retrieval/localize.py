@@ -32,9 +32,11 @@ class Estimate:
 def estimate_positions(
     similarities: np.ndarray, indices: np.ndarray, database_utm: np.ndarray | None, *,
     top_k: int = DEFAULT_TOP_K, radius: float = DEFAULT_RADIUS, tau: float = DEFAULT_TAU,
+    informative: np.ndarray | None = None,
 ) -> Estimate:
     """Position and confidence per query from its ranked matches (`indices` -1 = no match; rows are
-    best-first, as a search returns them)."""
+    best-first, as a search returns them). A query whose `informative` is False (a zero descriptor: a
+    featureless image, every similarity 0) has no estimate and confidence 0: its ranking says nothing."""
     n = len(indices)
     utm = np.full((n, 2), np.nan)
     confidence = np.zeros(n)
@@ -42,6 +44,8 @@ def estimate_positions(
     if database_utm is None:
         return Estimate(utm, confidence, support)
     for q in range(n):
+        if informative is not None and not informative[q]:
+            continue
         keep = indices[q, :top_k] >= 0
         ids, sims = indices[q, :top_k][keep], similarities[q, :top_k][keep].astype(np.float64)
         if len(ids) == 0:

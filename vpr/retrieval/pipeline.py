@@ -90,7 +90,7 @@ def build_index(
         raise UsageError(f"--pca-dim {pca_dim}: must be at least 1 (omit it to keep full descriptors)")
 
     def claim_output() -> AbstractContextManager:
-        inputs = input_folders(database)
+        inputs = database.input_folders()
         check_separate(out_dir, inputs)
         if cache is not None:
             check_separate(cache, inputs, "--out's descriptor cache")
@@ -148,12 +148,6 @@ def cache_dir_for(out_dir: Path) -> Path:
     """Where `build-index --out OUT` keeps its descriptor cache: the sibling `OUT.cache`."""
     out_dir = Path(os.path.abspath(out_dir))
     return out_dir.with_name(out_dir.name + ".cache") if out_dir.name else out_dir / ".cache"
-
-
-def input_folders(images: GeoImageSet) -> list[Path]:
-    """What an output must stay clear of: the set's folder or manifest and every folder holding its images."""
-    parents = sorted({path.parent for path in images.paths})
-    return ([images.source] if images.source is not None else []) + parents
 
 
 def describe(bundle: IndexBundle, paths: list[Path], options: ExtractOptions,

@@ -30,7 +30,7 @@ from vpr.models.checkpoints import file_sha256, load_vpr_checkpoint, save_checkp
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval.index import (
-    ADD_CHUNK, INDEX_KINDS, empty_faiss_index, faiss_available, read_faiss_index, search_by_kind, training_rows,
+    ADD_CHUNK, INDEX_KINDS, empty_faiss_index, exact_search, faiss_available, read_faiss_index, search_by_kind, training_rows,
     write_faiss_index,
 )
 from vpr.retrieval.local_features import LOCAL_FEATURES_FILE, LocalFeatureStore, read_local_features
@@ -137,6 +137,8 @@ class IndexBundle:
             raise IndexFormatError(f"{self.directory}: the index is empty; rebuild it from a folder with images")
         k = min(k, n)
         kind = self.manifest["index_kind"]
+        if k == n and kind != "flat":  # the whole database asked for: an approximate shortlist would drop rows
+            return exact_search(np.asarray(self.descriptors), queries, k)
         if self.faiss_index is None and kind != "flat" and torch.device(device).type != "cuda":
             raise DependencyError(f"{self.directory}: a '{kind}' index needs FAISS: pip install -e '.[cpu]'")
         return search_by_kind(kind, self.descriptors, self.faiss_index, queries, k, device=device, resident=self.resident)

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import LabelError, UsageError
-from vpr.fileio import atomic_file, check_replaceable_file, save_png
+from vpr.fileio import atomic_file, check_replaceable_file, check_separate, save_png
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "vpr-cosplace-groups-1"
@@ -223,6 +223,7 @@ def build_groups(images: GeoImageSet, params: GroupParams, cache: Path | None = 
     """
     key = cache_key(images, params) if cache is not None else ""
     if cache is not None:
+        check_separate(cache, images.input_folders(), "--cache")  # a file among the images would join the next build
         check_replaceable_file(cache, is_groups_file, "class-group cache", "--cache")
         cached = load_groups(cache, key, params)
         if cached is not None:
@@ -242,6 +243,7 @@ def group_colour(group: int) -> tuple[int, int, int]:
 
 def save_group_map(groups: ClassGroups, images: GeoImageSet, out_png: Path, size: int = 1024) -> Path:
     """Draw every class at its UTM cell (a wedge per heading sector) coloured by group; dropped images in grey."""
+    check_separate(out_png, images.input_folders(), "--map")  # a PNG among the images would be indexed next time
     utm = images.require_labels("the group map")
     params, margin, legend_rows = groups.params, 12, min(groups.num_groups, 24)
     low = np.floor(utm.min(axis=0) / params.M) * params.M  # plot whole cells

@@ -30,6 +30,7 @@ from vpr import distributed
 from vpr.data.datasets import GeoImageSet, load_split
 from vpr.data.images import normalize_batch
 from vpr.errors import LabelError, UsageError
+from vpr.fileio import check_separate
 from vpr.models.checkpoints import load_checkpoint, load_payload, save_checkpoint
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
@@ -122,6 +123,7 @@ def initial_model(cfg: NetVLADConfig, database: GeoImageSet, progress: Progress 
     """The untrained model: seeded backbone, NetVLAD centroids and alpha from clustered local features."""
     model = build_model(cfg.model_config(), pretrained=cfg.pretrained, seed=cfg.seed)
     cache = Path(cfg.clusters_cache) if cfg.clusters_cache is not None else Path(cfg.out) / "clusters.h5"
+    check_separate(cache, database.input_folders(), "--clusters-cache")
     clusters = init_netvlad(
         model, database.paths, cache=cache, num_images=cfg.init_images, per_image=cfg.init_per_image, seed=cfg.seed,
         iterations=cfg.kmeans_iterations, options=cfg.extract_options(), progress=progress,
