@@ -28,6 +28,8 @@ def serve_cmd(
     max_upload_mb: float = typer.Option(16.0, "--max-upload-mb", min=0.01, max=4096, help="Largest request body (all images of a request); larger ones get 413."),
     max_images: int = typer.Option(16, "--max-images", min=1, max=4096, help="Most images in one /query request."),
     max_mpixels: float = typer.Option(40.0, "--max-mpixels", min=0.01, max=1000, help="Largest image in megapixels, checked before decoding (422 beyond)."),
+    max_input_mpixels: float = typer.Option(1.05, "--max-input-mpixels", min=0.01, max=16.7, help="Largest model input in megapixels after the index's resize rule (native-size methods: 422 beyond; a ViT's time grows with its square)."),
+    allowed_hosts: list[str] = typer.Option([], "--allowed-host", help="A name this server is reached by besides localhost and --host (the Host header of requests; repeat for several, '*' for any). Others get 400, so a web page cannot read the API through DNS rebinding."),
 ) -> None:
     """Serve an index: POST /query (images -> matches and position as JSON), a web page at /, docs at /docs."""
     from vpr.serve import ServeConfig, is_loopback, serve  # FastAPI and uvicorn load only for this command
@@ -35,7 +37,8 @@ def serve_cmd(
     config = ServeConfig(
         index=index, device=resolve_device(device), amp=amp, batching=batching, max_batch=max_batch,
         batch_window_ms=batch_window, max_in_flight=max_in_flight, max_body_bytes=int(max_upload_mb * 1024 * 1024),
-        max_images=max_images, max_pixels=int(max_mpixels * 1_000_000), token=token,
+        max_images=max_images, max_pixels=int(max_mpixels * 1_000_000), max_input_pixels=int(max_input_mpixels * 1_000_000),
+        token=token, allowed_hosts=tuple(allowed_hosts),
     )
     if not is_loopback(host) and token is None:
         err_console.print(f"warning: --host {host} without --token: anyone who can reach this machine can query the index")

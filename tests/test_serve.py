@@ -36,7 +36,7 @@ def bundle(index_dir):
 @pytest.fixture(scope="module")
 def config(index_dir):
     return ServeConfig(index=index_dir, device="cpu", max_body_bytes=200_000, max_images=3, max_pixels=1_000_000,
-                       max_k=20, thumbnail_size=32)
+                       max_k=20, thumbnail_size=32, allowed_hosts=("testserver", "vpr"))  # the test clients' host names
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from vpr.data.datasets import GeoImageSet, load_image_set
 from vpr.data.geo import utm_to_latlon
-from vpr.data.images import MAX_PIXELS, Preprocess, decode_rgb, load_rgb, preprocess, to_rgb, upright_rgb
+from vpr.data.images import MAX_INPUT_PIXELS, MAX_PIXELS, Preprocess, decode_rgb, load_rgb, preprocess, to_rgb, upright_rgb
 from vpr.data.loading import same_size_groups
 from vpr.errors import ImageError, ImageTooLarge, NotAnImage, UsageError
 from vpr.models.inference import amp_dtype, forward_batch, inference_model
@@ -215,9 +215,12 @@ class Index:
             "vpr_version": manifest.get("vpr_version"),
         }
 
-    def prepare(self, image: ImageInput, name: str = "image", max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-        """Decode and resize one image to the model's input: a 3 x H x W tensor of 0..255 values (no model involved)."""
-        return preprocess(_as_rgb(image, name, max_pixels), self.preprocessing)
+    def prepare(self, image: ImageInput, name: str = "image", max_pixels: int = MAX_PIXELS,
+                max_input_pixels: int = MAX_INPUT_PIXELS) -> torch.Tensor:
+        """Decode and resize one image to the model's input: a 3 x H x W tensor of 0..255 values (no model
+        involved). `max_pixels` bounds the decoded image, `max_input_pixels` the model input after the
+        index's resize rule (`ImageTooLarge` beyond either)."""
+        return preprocess(_as_rgb(image, name, max_pixels), self.preprocessing, name, max_input_pixels)
 
     def describe_batch(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
         """Descriptors in the index's space for images from `prepare` (an N x 3 x H x W batch, or a list):

@@ -52,10 +52,12 @@ def decode_bytes(data: bytes, path: Path) -> Image.Image:
     return decode_rgb(io.BytesIO(data), str(path), advice=BAD_FILE_ADVICE)
 
 
-def decode_rgb(source: Path | BinaryIO, name: str, max_pixels: int | None = None, advice: str = "") -> Image.Image:
+def decode_rgb(source: Path | BinaryIO, name: str, max_pixels: int | None = None, advice: str = "",
+               draft: int | None = None) -> Image.Image:
     """An image file (a path or open bytes) as an upright 8-bit RGB PIL image. Raises `NotAnImage`,
     `ImageTooLarge` (over `max_pixels`, default `MAX_PIXELS`) or `ImageError` (corrupt), naming `name`
-    and ending with `advice`."""
+    and ending with `advice`. With `draft`, a JPEG is decoded at the smallest scale whose sides are at
+    least `draft` pixels (for thumbnails)."""
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
@@ -64,6 +66,8 @@ def decode_rgb(source: Path | BinaryIO, name: str, max_pixels: int | None = None
                 if img.width * img.height > max_pixels:
                     raise ImageTooLarge(f"{name}: image too large ({img.width}x{img.height} pixels is over the limit "
                                         f"of {max_pixels:,}); downscale it")
+                if draft is not None and img.format == "JPEG":
+                    img.draft("RGB", (draft, draft))
                 img.load()
                 return upright_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -72,6 +76,16 @@ def decode_rgb(source: Path | BinaryIO, name: str, max_pixels: int | None = None
         raise NotAnImage(f"{name}: not an image file PIL can read (JPEG, PNG, WebP, BMP or TIFF expected){advice}") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({str(exc)[:100]}){advice}") from exc
+
+
+def load_thumbnail(path: Path, size: int) -> Image.Image:
+    """An upright RGB thumbnail (longest side `size`) of an image file; a JPEG is decoded at the smallest
+    scale still at least `size` (PIL's draft mode), so a 24-megapixel photo costs a fraction of its memory."""
+    path = Path(path)
+    _check_file(path)
+    thumb = decode_rgb(path, str(path), draft=size)
+    thumb.thumbnail((size, size))
+    return thumb
 
 
 def upright_rgb(img: Image.Image) -> Image.Image:
@@ -198,8 +212,30 @@ def _resize_float(pixels: torch.Tensor, size: tuple[int, int], interpolation: st
     return F.interpolate(pixels[None], size=size, mode=interpolation, align_corners=False, antialias=True)[0]
 
 
-def preprocess(img: Image.Image, rule: Preprocess) -> torch.Tensor:
-    """A PIL RGB image as a 3 x H x W model input of 0..255 values: uint8 ("pil") or float32 ("torch")."""
+MAX_INPUT_PIXELS = 1 << 24  # the model input (after the resize rule): 4096 x 4096; a ViT's time grows with its square
+MAX_ASPECT = 64.0  # the model input's long side over its short side (a 360-degree strip is about 8)
+
+
+def check_input_size(rule: Preprocess, height: int, width: int, name: str,
+                     max_pixels: int = MAX_INPUT_PIXELS, max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
+    """The model input size of a `height` x `width` image under `rule`, or `ImageTooLarge` when it would hold
+    more than `max_pixels` or be longer than `max_aspect` times its width (a 200000 x 1 strip at shorter side
+    16 is 16 x 3.2 million pixels); checked before any resize, so such an image costs nothing."""
+    first = rule.first_size(height, width)
+    out_h, out_w = rule.output_size(height, width)
+    longest = max(first[0], first[1], out_h, out_w)
+    if max(first[0] * first[1], out_h * out_w) > max_pixels or longest > max_aspect * max(1, min(out_h, out_w)):
+        raise ImageTooLarge(
+            f"{name}: {width}x{height} pixels becomes a {out_w}x{out_h} model input ({rule.describe()}), over "
+            f"{max_pixels:,} pixels or an aspect ratio of {max_aspect:g}; crop or downscale it, or use a fixed resize"
+        )
+    return out_h, out_w
+
+
+def preprocess(img: Image.Image, rule: Preprocess, name: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> torch.Tensor:
+    """A PIL RGB image as a 3 x H x W model input of 0..255 values: uint8 ("pil") or float32 ("torch"); an
+    image whose input would be over `max_pixels` or too elongated is refused (`check_input_size`)."""
+    check_input_size(rule, img.height, img.width, getattr(img, "filename", "") or name, max_pixels)
     first = rule.first_size(img.height, img.width)
     final = rule.output_size(img.height, img.width)
     if rule.resampler == "pil":

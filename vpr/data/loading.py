@@ -60,9 +60,9 @@ class ImageFiles(Dataset):
         path = self.paths[i]
         try:
             if not self.keyed:
-                return preprocess(load_rgb(path), self.rule), i, "", ""
+                return preprocess(load_rgb(path), self.rule, str(path)), i, "", ""
             data = read_image_bytes(path)
-            return preprocess(decode_bytes(data, path), self.rule), i, "", content_key(path, data)
+            return preprocess(decode_bytes(data, path), self.rule, str(path)), i, "", content_key(path, data)
         except ImageError as exc:
             return torch.zeros(3, *(self.rule.fixed_output or (1, 1)), dtype=torch.uint8), i, str(exc), ""
 
@@ -117,7 +117,7 @@ class JpegFiles(Dataset):
             key = content_key(path, data) if self.keyed else ""
             if device_decodable(path):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, i, "", key
-            return preprocess(decode_bytes(data, path), self.rule), False, i, "", key
+            return preprocess(decode_bytes(data, path), self.rule, str(path)), False, i, "", key
         except ImageError as exc:
             return torch.zeros(0, dtype=torch.uint8), False, i, str(exc), ""
 
@@ -168,7 +168,7 @@ def decode_batch(
     for j, image in zip(jpegs, decoded):
         if image is None:
             try:
-                batch[j] = preprocess(load_rgb(paths[j]), rule).to(device)
+                batch[j] = preprocess(load_rgb(paths[j]), rule, str(paths[j])).to(device)
             except ImageError as exc:
                 errors[j] = str(exc)
             continue

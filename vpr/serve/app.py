@@ -4,6 +4,7 @@ import asyncio
 import io
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +19,11 @@ import torch
 from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from vpr import __version__
 from vpr.api import Index, NotAnImage, QueryResult
-from vpr.data.images import load_rgb
+from vpr.data.images import load_thumbnail
 from vpr.errors import ImageError, UsageError, VPRError
 from vpr.serve.batching import Batcher
 from vpr.serve.config import ServeConfig
@@ -31,34 +33,43 @@ log = logging.getLogger(__name__)
 STATIC = Path(str(resources.files("vpr.serve") / "static"))
 MAX_MAP_POINTS = 20_000  # database positions sent to the page's map (evenly subsampled beyond)
 THUMBNAILS_CACHED = 512
+THUMBNAIL_THREADS = 2  # thumbnails made at once: each may decode a large photo
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # uploads decoded at once: more only contend for the cores
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
                "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'")
 
 
 class Thumbnails:
-    """JPEG thumbnails of database images by row id, the most recent ones kept in memory."""
+    """JPEG thumbnails of database images by row id, the most recent ones kept in memory.
+
+    At most THUMBNAIL_THREADS are made at once, and JPEGs are decoded straight at a reduced scale
+    (`load_thumbnail`), so many requests for large database photos cannot exhaust the server's memory."""
 
     def __init__(self, index: Index, size: int) -> None:
         self.index = index
         self.size = size
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._making = threading.Semaphore(THUMBNAIL_THREADS)
 
     def get(self, image_id: int) -> bytes:
         """The thumbnail of database row `image_id` (`IndexError` outside the database, `ImageError` if unreadable)."""
-        if image_id in self._cache:
-            self._cache.move_to_end(image_id)
-            return self._cache[image_id]
+        with self._lock:
+            if image_id in self._cache:
+                self._cache.move_to_end(image_id)
+                return self._cache[image_id]
         if not 0 <= image_id < len(self.index):
             raise IndexError(image_id)
-        image = load_rgb(self.index.bundle.database.paths[image_id])
-        image.thumbnail((self.size, self.size))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        self._cache[image_id] = buffer.getvalue()
-        if len(self._cache) > THUMBNAILS_CACHED:
-            self._cache.popitem(last=False)
-        return self._cache[image_id]
+        with self._making:
+            image = load_thumbnail(self.index.bundle.database.paths[image_id], self.size)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+        with self._lock:
+            self._cache[image_id] = buffer.getvalue()
+            if len(self._cache) > THUMBNAILS_CACHED:
+                self._cache.popitem(last=False)
+        return buffer.getvalue()
 
 
 def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -86,7 +97,10 @@ def create_app(config: ServeConfig, index: Index | None = None) -> FastAPI:
     )
     app.state.index, app.state.batcher, app.state.config = index, batcher, config
     app.add_middleware(Guard, token=config.token, max_body_bytes=config.max_body_bytes,
-                       max_in_flight=config.max_in_flight)
+                       max_in_flight=config.max_in_flight, min_upload_rate=config.min_upload_rate,
+                       upload_grace_s=config.upload_grace_s)
+    # outermost: a page the user visits cannot read the API through DNS rebinding (its Host is the attacker's name)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK_HOSTS, *config.allowed_hosts])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_error_handlers(app)
 
@@ -138,7 +152,8 @@ def create_app(config: ServeConfig, index: Index | None = None) -> FastAPI:
         for i, upload in enumerate(images):
             data = await upload.read()
             name = upload.filename or f"image {i}"
-            tensors.append(await loop.run_in_executor(decoders, index.prepare, data, name, config.max_pixels))
+            tensors.append(await loop.run_in_executor(decoders, index.prepare, data, name, config.max_pixels,
+                                                      config.max_input_pixels))
         results = await batcher.submit(tensors, k)
         named = [replace(r, query=upload.filename or f"image {i}") for i, (r, upload) in enumerate(zip(results, images))]
         return {"results": [r.to_dict() for r in named], "k": k, "seconds": round(time.perf_counter() - start, 4)}

@@ -51,7 +51,7 @@ class TupleImages(Dataset):
         t = self.triplets[i]
         paths = [self.queries[t.query], self.database[t.positive], *(self.database[n] for n in t.negatives)]
         try:
-            return torch.stack([preprocess(load_rgb(p), self.rule) for p in paths]), ""
+            return torch.stack([preprocess(load_rgb(p), self.rule, str(p)) for p in paths]), ""
         except ImageError as exc:  # re-raised in the main process with its one-line message
             return torch.zeros(0, dtype=torch.uint8), str(exc)
 
