@@ -101,3 +101,136 @@ def test_the_pasted_fix_for_a_pickled_checkpoint_runs_no_shell_code(monkeypatch,
     assert not (tmp_path / "PWNED").exists()
     saved = torch.load(name.with_suffix(".pth"), weights_only=True)
     assert torch.equal(saved["backbone.0.weight"], state["backbone.0.weight"])
+
+
+# ---------------------------------------------------------------- a full disk: one line, exit 1, the old output whole
+
+def test_a_write_that_fills_the_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from vpr.fileio import DiskFull, atomic_file
+
+    target = tmp_path / "model.pt"
+    target.write_text("the previous checkpoint")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 0))
+    with pytest.raises(DiskFull, match="model.pt: no space left on the device") as info:
+        with atomic_file(target):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 14080 vs 13974")  # torch.save's words
+    assert "\n" not in str(info.value) and target.read_text() == "the previous checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_an_hdf5_file_on_a_full_disk_fails_cleanly(tmp_path, monkeypatch):
+    """HDF5's own writer leaves objects that crash the interpreter when a write fails; vpr's does not."""
+    import errno
+
+    from vpr.fileio import DiskFull, atomic_file, h5_file
+
+    written = []
+
+    class FullDisk:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, data):
+            if sum(written) > 2000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(len(data))
+            return self.real.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.real.close()
+
+    import vpr.fileio as fileio
+
+    real_open = open
+    def opener(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        return FullDisk(handle) if "+" in mode else handle
+
+    monkeypatch.setattr(fileio, "open", opener, raising=False)
+    with pytest.raises(DiskFull, match="cache.h5: no space left"):
+        with atomic_file(tmp_path / "cache.h5") as tmp, h5_file(tmp) as f:
+            f["descriptors"] = np.zeros((1000, 64), dtype=np.float32)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 120 MB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(disk, leave_kb: int) -> None:
+    (disk / "filler").unlink(missing_ok=True)
+    free_kb = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize // 1024
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free_kb - leave_kb) * 1024)
+
+
+def cli(*args):
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from cli.app import main; main()", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_any_point_of_a_rebuild_is_one_line_and_the_old_index_stays(data, small_disk):
+    import sys  # noqa: F401
+
+    from vpr.retrieval.store import load_index
+
+    small = ["--resize", "48x64", "--dim", "32", "--layer", "3", "--workers", "0", "--device", "cpu"]
+    out = small_disk / "idx"
+    assert cli("build-index", data / "database", "--out", out, *small).returncode == 0
+    before = snapshot(out)
+    for leave_kb in (4, 8, 24, 60, 2000):  # the cache part, its merge, model.pt, database.h5 ...
+        fill(small_disk, leave_kb)
+        result = cli("build-index", data / "database", "--out", out, *small[:2], "--dim", "16", *small[4:])
+        assert result.returncode == 1, (leave_kb, result.stderr[-500:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in result.stderr and len(errors) == 1, (leave_kb, result.stderr[-800:])
+        assert "no space left on the device" in errors[0] and "unexpected" not in errors[0], (leave_kb, errors)
+        assert snapshot(out) == before and load_index(out).manifest["dim"] == 32
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_training_is_one_line_and_last_pt_stays(small_disk):
+    from test_cosplace import blob, noisy, write
+
+    city = small_disk.parent / "city"
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        place = blob(rng)
+        for k in range(3):
+            write(city / "images/train/database", noisy(place, rng), 550000.0 + 100 * i + k, 4180000.0, 5.0 * k)
+        write(city / "images/val/database", place, 550000.0 + 100 * i, 4180000.0, 10.0)
+        write(city / "images/val/queries", noisy(place, rng), 550002.0 + 100 * i, 4180000.0, 12.0)
+    run = small_disk / "run"
+    args = ["train", "--method", "cosplace", "--dataset", city, "--out", run, "--resize", "48x64", "--dim", "32",
+            "--layer", "3", "--iterations-per-epoch", "1", "--batch-size", "4", "--min-images-per-class", "2",
+            "--groups-num", "1", "--workers", "0", "--device", "cpu"]
+    assert cli(*args, "--epochs", "1").returncode == 0
+    before = snapshot(run)
+    for leave_kb in (8, 300):
+        fill(small_disk, leave_kb)
+        result = cli(*args, "--epochs", "2", "--resume")
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 1 and "Traceback" not in result.stderr and len(errors) == 1, (leave_kb, result.stderr[-800:])
+        assert "no space left on the device" in errors[0], errors
+        after = snapshot(run)
+        assert after["last.pt"] == before["last.pt"] and after["best.pt"] == before["best.pt"]

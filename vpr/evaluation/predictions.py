@@ -17,7 +17,7 @@ from vpr.data.datasets import GeoImageSet
 from vpr.data.geo import utm_to_latlon
 from vpr.errors import UsageError
 from vpr.evaluation.evaluate import EvalReport
-from vpr.fileio import atomic_file, check_replaceable_file
+from vpr.fileio import atomic_file, check_replaceable_file, h5_file
 from vpr.retrieval.index import similarity_to_distance
 
 PREDICTIONS_FORMAT = "vpr-predictions"
@@ -125,7 +125,7 @@ def save_descriptors(descriptors: np.ndarray, paths: list[Path], path: Path) -> 
     path = Path(path)
     check_descriptors_path(path)
     with atomic_file(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5_file(tmp) as f:
             f.attrs["format"] = DESCRIPTORS_FORMAT
             f.create_dataset("paths", data=[str(p) for p in paths], dtype=h5py.string_dtype())
             f.create_dataset("descriptors", data=np.asarray(descriptors, dtype=np.float32))

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from vpr.errors import OutputError
-from vpr.fileio import atomic_file, make_owned_dir, marker_kind
+from vpr.fileio import atomic_file, h5_file, make_owned_dir, marker_kind
 
 log = logging.getLogger(__name__)
 FLUSH_ROWS = 1024
@@ -184,7 +184,7 @@ class DescriptorCache:
         """Write pending descriptors to a new part file (atomically)."""
         if self.pending_keys:
             name = f"part-{self.parts:010d}-{secrets.token_hex(4)}.h5"  # unique even beside another writer
-            with atomic_file(self.path / name) as tmp, h5py.File(tmp, "w") as f:
+            with atomic_file(self.path / name) as tmp, h5_file(tmp) as f:
                 keys, data = _create(f, self.fingerprint, self.dim, len(self.pending_keys))
                 keys[:] = self.pending_keys
                 data[:] = np.concatenate(self.pending)
@@ -205,7 +205,7 @@ class DescriptorCache:
         paths = sorted(self.rows, key=lambda path: (order[self.rows[path][1]], self.rows[path][2]))
         keys = [_join(path, self.rows[path][0]) for path in paths]
         try:
-            with atomic_file(self.path / MAIN) as tmp, h5py.File(tmp, "w") as f:
+            with atomic_file(self.path / MAIN) as tmp, h5_file(tmp) as f:
                 out_keys, out_data = _create(f, self.fingerprint, self.dim, len(keys))
                 for start in range(0, len(keys), self.chunk_rows):
                     chunk = keys[start:start + self.chunk_rows]

@@ -28,7 +28,7 @@ from PIL import Image
 
 from vpr.data.images import load_rgb
 from vpr.errors import DependencyError, IndexFormatError, UsageError
-from vpr.fileio import atomic_file
+from vpr.fileio import atomic_file, h5_file
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def write_local_features(path: Path, features: LocalFeatures, generation: str | 
     binds the file to the index build it belongs to."""
     config, count = features.config, len(features.paths)
     dim = DESCRIPTOR_BYTES[config.method]
-    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_file(path) as tmp, h5_file(tmp) as f:
         f.attrs.update(
             format=FORMAT, version=FORMAT_VERSION, method=config.method, max_keypoints=config.max_keypoints,
             max_side=config.max_side, min_side=config.min_side, **({"generation": generation} if generation else {}),

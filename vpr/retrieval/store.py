@@ -24,7 +24,7 @@ import torch
 from vpr import __version__
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import CheckpointError, DependencyError, IndexFormatError, UsageError
-from vpr.fileio import MARKER, atomic_dir, marker_kind
+from vpr.fileio import MARKER, atomic_dir, h5_file, marker_kind
 from vpr.data.geo import is_zone
 from vpr.models.checkpoints import file_sha256, load_vpr_checkpoint, save_checkpoint
 from vpr.models.model import VPRModel
@@ -186,7 +186,7 @@ def write_index(
             (tmp / "skipped.txt").write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped))
         save_checkpoint(model, tmp / "model.pt", pca=model_pca)
         if pca is not None:
-            with h5py.File(tmp / "pca.h5", "w") as f:
+            with h5_file(tmp / "pca.h5") as f:
                 for key, value in (("mean", pca.mean), ("components", pca.components), ("scale", pca.scale)):
                     f.create_dataset(key, data=value)
                 f.attrs["whiten"] = pca.whiten
@@ -194,7 +194,7 @@ def write_index(
         rows = training_rows(count, kind, seed) if kind != "flat" else np.zeros(0, dtype=np.int64)
         index = empty_faiss_index(count, dim, kind, descriptors[rows], seed) if kind != "flat" else None
         max_norm = 0.0
-        with h5py.File(tmp / "database.h5", "w") as f:
+        with h5_file(tmp / "database.h5") as f:
             f.attrs["generation"] = generation
             _write_labels(f, database, chunk)
             # contiguous (not chunked): a loaded index reads single rows at their file offset

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import LabelError, UsageError
-from vpr.fileio import atomic_file, check_replaceable_file, check_separate, save_png
+from vpr.fileio import atomic_file, check_replaceable_file, check_separate, h5_file, save_png
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "vpr-cosplace-groups-1"
@@ -181,7 +181,7 @@ def cache_key(images: GeoImageSet, params: GroupParams) -> str:
 def save_groups(groups: ClassGroups, path: Path, key: str) -> None:
     """Write the grouping atomically to an HDF5 file tagged with `key`."""
     with atomic_file(Path(path)) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5_file(tmp) as f:
             f.attrs["format"] = CACHE_FORMAT
             f.attrs["key"] = key
             f.attrs["params"] = json.dumps(asdict(groups.params))

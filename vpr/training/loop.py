@@ -36,7 +36,9 @@ from vpr import distributed
 from vpr.data.datasets import GeoImageSet, load_split, positives_within
 from vpr.errors import CheckpointError, ImageError, TrainingError, UsageError
 from vpr.evaluation.recall import recall_at_n
-from vpr.fileio import MARKER, atomic_file, check_replaceable_dir, check_separate, make_owned_dir, marker_kind, output_lock
+from vpr.fileio import (
+    MARKER, atomic_file, check_replaceable_dir, check_separate, disk_full_errors, make_owned_dir, marker_kind, output_lock,
+)
 from vpr.models.checkpoints import load_payload, model_from_payload, save_checkpoint
 from vpr.models.inference import amp_dtype
 from vpr.models.model import VPRModel
@@ -164,7 +166,7 @@ class RunDir:
 
     def append_log(self, record: dict) -> None:
         """One strict JSON line per epoch (a non-finite figure is written as null)."""
-        with open(self.log, "a") as handle:
+        with disk_full_errors(self.log), open(self.log, "a") as handle:
             handle.write(json.dumps(_finite(record), default=float, allow_nan=False) + "\n")
 
     def trim_log(self, epochs_done: int) -> None:

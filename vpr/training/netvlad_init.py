@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from vpr.data.images import normalize_batch
 from vpr.errors import ImageError, UsageError
-from vpr.fileio import atomic_file, check_replaceable_file
+from vpr.fileio import atomic_file, check_replaceable_file, h5_file
 from vpr.models.heads import NetVLAD
 from vpr.models.model import VPRModel
 from vpr.data.loading import ImageFiles
@@ -167,7 +167,7 @@ def is_clusters_file(path: Path) -> bool:
 def save_clusters(path: Path, clusters: Clusters, key: str) -> None:
     """Write the centroids and alpha to HDF5 atomically."""
     with atomic_file(Path(path)) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5_file(tmp) as f:
             f.create_dataset("centroids", data=clusters.centroids)
             f.attrs["alpha"] = clusters.alpha
             f.attrs["num_features"] = clusters.num_features
