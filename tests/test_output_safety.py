@@ -18,7 +18,7 @@ from conftest import run_cli, write_places
 from vpr.data.datasets import load_image_set
 from vpr.data.geo import format_at_name
 from vpr.errors import CheckpointError, IndexFormatError, OutputError, VPRError
-from vpr.fileio import MARKER, is_vpr_png, save_png, write_marker
+from vpr.fileio import is_vpr_png, save_png, write_marker
 from vpr.models.checkpoints import save_checkpoint
 from vpr.models.model import build_model
 from vpr.retrieval import store as store_module

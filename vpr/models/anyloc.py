@@ -124,6 +124,9 @@ def convert_anyloc(state: dict[str, torch.Tensor], path: Path, extras: dict) -> 
     facet = FACETS[int(state["anyloc.facet"])] if "anyloc.facet" in state else PUBLISHED_FACET
     if not 0 <= layer < depth:
         raise CheckpointError(f"{path}: {method} layer {layer} does not exist in {name} (blocks 0..{depth - 1})")
+    if any(k.startswith("blocks.") and not k.split(".")[1].isdigit() for k in state):
+        raise CheckpointError(f"{path}: an {method} file with keys blocks.* that are not numbered DINOv2 blocks; "
+                              "join it again from dinov2_vitg14_pretrain.pth")
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
     if blocks not in (set(range(depth)), set(range(layer + 1))):  # DINOv2's file, or `combine`'s trimmed copy
         raise CheckpointError(f"{path}: an {method} file with {len(blocks)} DINOv2 blocks; expected {depth} ({name}) "
@@ -199,6 +202,10 @@ def combine(dinov2: Path, centers: Path, out: Path, layer: int | None = None, fa
         facet = match.group(3) if match else PUBLISHED_FACET
     if facet not in FACETS:
         raise UsageError(f"--facet {facet}: choose one of {', '.join(FACETS)}")
+    odd = next((k for k in state if str(k).startswith("blocks.") and not str(k).split(".")[1].isdigit()), None)
+    if odd is not None:
+        raise CheckpointError(f"{dinov2}: key {odd!r} is not a numbered DINOv2 block (blocks.N.*); give dinov2_vitg14_pretrain.pth "
+                              f"({DINOV2_URL})")
     # Only what AnyLoc runs: blocks after `layer` and the final LayerNorm are left out (smaller file).
     combined = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith("norm.")
                 and not (k.startswith("blocks.") and int(k.split(".")[1]) > layer)}
