@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from cli.common import console, print_json
-from vpr.models.anyloc import combine
+from vpr.models.methods.anyloc import combine
 from vpr.models.published import supported_models
 
 

@@ -14,7 +14,7 @@ from cli.app import app
 
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError, OutputError, UsageError
-from vpr.models import anyloc
+from vpr.models.methods import anyloc
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.inference import forward_batch
 from vpr.models.model import ModelConfig, VPRModel

@@ -14,7 +14,7 @@ from PIL import Image
 
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
-from vpr.models import boq
+from vpr.models.methods import boq
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.inference import forward_batch
 from vpr.models.model import ModelConfig, VPRModel

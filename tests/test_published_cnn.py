@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import perturb_batchnorm
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
-from vpr.models import apgem, sfrs
+from vpr.models.methods import apgem, sfrs
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.inference import forward_batch
 

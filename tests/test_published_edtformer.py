@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import perturb_weights, truncated_load_error
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
-from vpr.models import edtformer
+from vpr.models.methods import edtformer
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.inference import forward_batch
 from vpr.models.model import ModelConfig, VPRModel

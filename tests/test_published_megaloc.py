@@ -14,7 +14,7 @@ from test_published_salad import dinov2_state, restated_salad, salad_state
 from conftest import truncated_load_error
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError
-from vpr.models import megaloc
+from vpr.models.methods import megaloc
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.inference import forward_batch
 from vpr.models.model import ModelConfig, VPRModel

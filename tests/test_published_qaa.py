@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vpr.errors import CheckpointError
-from vpr.models import qaa
+from vpr.models.methods import qaa
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import ModelConfig, VPRModel
 from vpr.models.vit import DinoV2

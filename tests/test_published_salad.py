@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import truncated_load_error
 from vpr.data.images import preprocess
 from vpr.errors import CheckpointError, UsageError
-from vpr.models import salad
+from vpr.models.methods import salad
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.inference import forward_batch
 from vpr.models.model import ModelConfig, VPRModel

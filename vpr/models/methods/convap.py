@@ -21,7 +21,7 @@ from torch import nn
 
 from vpr.errors import CheckpointError
 from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
-from vpr.models.mixvpr import resnet_trunk
+from vpr.models.methods.mixvpr import resnet_trunk
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import refuse_unused, take, with_prefix
 

@@ -10,7 +10,7 @@ Transformer encoder layers, 16 heads, FFN 2048, GELU) whose sequence axis is the
     Z = LN1(V + MHA(V, V, V)),   E = LN2(Z + W2 GELU(W1 Z + b1) + b2)      (attention over images, per token k)
 and the descriptor is L2(flatten(E)).
 
-Cross-image dependency: as for CricaVPR (`vpr.models.cricavpr`), the authors' encoder attends over
+Cross-image dependency: as for CricaVPR (`vpr.models.methods.cricavpr`), the authors' encoder attends over
 the images of a batch. vpr's default `head_options["cross_image"] = "single"` gives each image's
 descriptor on its own (the authors' output for a batch of one: VPR-methods-evaluation's queries);
 `"batch"` reproduces the batched behaviour (the descriptor then depends on the batch).

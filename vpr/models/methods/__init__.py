@@ -14,7 +14,7 @@ MODULES: tuple[str, ...] = ("mixvpr", "convap", "boq", "cricavpr", "qaa", "salad
 
 def _collect(attribute: str) -> list:
     """Every record of `attribute` (HEADS, BACKBONES or LAYOUTS) over the method modules, in order."""
-    return [item for module in MODULES for item in getattr(import_module(f"vpr.models.{module}"), attribute, ())]
+    return [item for module in MODULES for item in getattr(import_module(f"vpr.models.methods.{module}"), attribute, ())]
 
 
 HEADS: dict[str, Head] = {head.name: head for head in _collect("HEADS")}

@@ -1,5 +1,5 @@
 """MegaLoc (Berton & Masone, "MegaLoc: One Retrieval to Place Them All", 2025): a DINOv2 ViT-B/14 and a
-SALAD aggregator (`vpr.models.salad.SALAD`, equations there) with wider clusters, then a linear layer:
+SALAD aggregator (`vpr.models.methods.salad.SALAD`, equations there) with wider clusters, then a linear layer:
     x = SALAD(t_1..t_n, t_{n+1}) in R^{g + m*l}   (m = 64 clusters of l = 256 dims, g = 256: 16640-d, L2-normalised)
     y = L2(W x + b) in R^8448                     (`linear`, W: 8448 x 16640)
 The published model takes images at their native size and resizes each side to the nearest multiple
@@ -21,7 +21,7 @@ from torch import nn
 from vpr.errors import CheckpointError
 from vpr.models import vit
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
-from vpr.models.salad import (NATIVE_14, SALAD, dinov2_backbone, require_vit,
+from vpr.models.methods.salad import (NATIVE_14, SALAD, dinov2_backbone, require_vit,
                               salad_options, salad_weights)
 from vpr.models.statedict import refuse_unused, take, with_prefix
 
