@@ -14,6 +14,7 @@ import typer
 from cli import groups_cmd, retrieval_cmds, synth_cmds, train_cmds
 from cli.bench_cmd import bench_cmd
 from cli.common import safe_output_streams
+from cli.flags import as_flags, flag_table
 from cli.models_cmd import join_anyloc_cmd, models_cmd
 from cli.serve_cmd import serve_cmd
 from vpr.errors import VPRError
@@ -44,24 +45,31 @@ class Interrupted(Exception):
     """Ctrl-C inside a command, carried past Typer (which would turn KeyboardInterrupt into a silent exit 130)."""
 
 
-def _interruptible(command: Callable) -> Callable:
+def _command(command: Callable) -> Callable:
+    """`command` as the app runs it: Ctrl-C carried past Typer, and the library's errors said with this
+    command's flags (`vpr.errors` messages name parameters, `cli.flags`)."""
+    flags = flag_table(command)
+
     @functools.wraps(command)  # Typer reads the options from the wrapped signature
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
             raise Interrupted() from None
+        except VPRError as exc:
+            exc.args = (as_flags(str(exc), flags),)
+            raise
 
     return run
 
 
-for _name, _command in (
+for _name, _function in (
     ("synth", synth_cmds.synth_cmd), ("build-index", retrieval_cmds.build_index_cmd), ("query", retrieval_cmds.query_cmd),
     ("eval", retrieval_cmds.eval_cmd), ("models", models_cmd), ("train", train_cmds.train_cmd),
     ("groups", groups_cmd.groups_cmd), ("demo", synth_cmds.demo_cmd), ("bench", bench_cmd), ("serve", serve_cmd),
     ("join-anyloc", join_anyloc_cmd),
 ):
-    app.command(_name)(_interruptible(_command))
+    app.command(_name)(_command(_function))
 
 
 def _interrupted() -> None:

@@ -17,7 +17,6 @@ from vpr.bench.run import is_bench_results, run_bench
 from vpr.errors import UsageError
 from vpr.fileio import atomic_file, check_replaceable_file
 from vpr.models.model import ModelConfig
-from vpr.models.vit import default_preprocessing
 
 
 def bench_cmd(
@@ -45,9 +44,8 @@ def bench_cmd(
     if backbone or head or resize:
         if checkpoint is not None:
             raise UsageError("--model, --head and --resize describe a random-init model; drop them with --checkpoint")
-        preprocessing = {"input_size": (240, 320), **default_preprocessing(backbone or "resnet18"),
-                         **({"input_size": parse_size(resize)} if resize else {})}
-        model = ModelConfig(backbone=backbone or "resnet18", head=head or "cosplace", **preprocessing)
+        model = ModelConfig.for_backbone(backbone or "resnet18", head=head or "cosplace",
+                                         **({"input_size": parse_size(resize)} if resize else {}))
     config = bench_config(
         quick, dev, data=data, checkpoint=checkpoint, extract_images=images, batch_size=batch_size, workers=workers,
         threads=threads, index_sizes=parse_int_list(sizes, "--sizes") if sizes else None,

@@ -10,7 +10,7 @@ from typing import Optional
 
 from cli.common import console, print_json
 from vpr.models.methods.anyloc import combine
-from vpr.models.published import supported_models
+from vpr.models.catalog import supported_models
 
 
 def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:

@@ -30,7 +30,6 @@ from vpr.evaluation.predictions import save_descriptors as save_descriptors_file
 from vpr.evaluation.predictions import save_predictions as save_predictions_file
 from vpr.evaluation.viz import save_matches_figure, save_positions_map
 from vpr.models.model import ModelConfig
-from vpr.models.vit import default_preprocessing
 from vpr.retrieval.answer import AnswerOptions
 from vpr.retrieval.expansion import Expansion
 from vpr.retrieval.local_features import LocalFeatureConfig
@@ -49,7 +48,7 @@ def build_index_cmd(
     dim: int = typer.Option(512, "--dim", min=1, max=MAX_DIM, help="CosPlace descriptor size when no checkpoint is given."),
     clusters: int = typer.Option(64, "--clusters", min=2, max=MAX_CLUSTERS, help="NetVLAD cluster count when no checkpoint is given."),
     layer: int = typer.Option(4, "--layer", min=3, max=4, help="ResNet stage to cut after (4, or 3)."),
-    patch: int = typer.Option(8, "--patch", min=1, max=MAX_DIM, help="patchnorm's patch size P (P x P tiles normalised to zero mean, unit variance)."),
+    patch_size: int = typer.Option(8, "--patch", min=1, max=MAX_DIM, help="patchnorm's patch size P (P x P tiles normalised to zero mean, unit variance)."),
     resize: Optional[str] = typer.Option(None, "--resize", help="Input size: HEIGHTxWIDTH, a shorter side S (aspect kept) or 'native'. 240x320 for a new model by default (32x64 for --model pixels, 322x322 for DINOv2); with --checkpoint it overrides the method's stored preprocessing (CNN checkpoints without one get 480x640). DINOv2 models then round sides to multiples of 14."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="torchvision ImageNet weights: a name (IMAGENET1K_V1: downloaded once into the torch hub cache, offline after that) or a local .pth file."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A vpr checkpoint (from `vpr train`) or a published model's file (.pth, .ckpt or .safetensors: MegaLoc, SALAD, BoQ, MixVPR, CosPlace, NetVLAD, ...; see `vpr models`); its architecture and preprocessing override the model options."),
@@ -80,10 +79,8 @@ def build_index_cmd(
     elif fmt is not None:
         raise UsageError("--format describes a --checkpoint file; give --checkpoint FILE or drop --format")
     else:
-        preprocessing = {**parse_resize("32x64" if backbone == "pixels" else "240x320"), **default_preprocessing(backbone),
-                         **(parse_resize(resize) if resize else {})}
-        config = ModelConfig(backbone=backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer,
-                             patch_size=patch, **preprocessing)
+        config = ModelConfig.for_backbone(backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer,
+                                          patch_size=patch_size, **(parse_resize(resize) if resize else {}))
         model, model_pca = load_model(None, config, pretrained)
     if not local_features and (local_method != "sift" or max_keypoints != 1000):
         raise UsageError("--local-method and --max-keypoints describe --local-features; add --local-features")

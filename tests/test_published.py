@@ -23,7 +23,7 @@ from cli.app import app
 from vpr.errors import CheckpointError, UsageError
 from vpr.models.backbones import build_backbone
 from vpr.models.checkpoints import load_checkpoint
-from vpr.models.published import import_published
+from vpr.models.formats import import_published
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CHANNELS = {"vgg16": 512, "resnet18": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}

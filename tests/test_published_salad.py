@@ -17,7 +17,7 @@ from vpr.models.methods import salad
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.inference import forward_batch
 from vpr.models.model import ModelConfig, VPRModel
-from vpr.models.published import resolve_format
+from vpr.models.formats import resolve_format
 from vpr.models.vit import DinoV2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

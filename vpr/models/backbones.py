@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,59 +19,44 @@ import torchvision
 from torch import nn
 
 from vpr.errors import CheckpointError, UsageError
-from vpr.models import vit
+from vpr.models import registry
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet152", "vgg16", "pixels")
-RESNET_CHANNELS = {
-    "resnet18": (256, 512), "resnet50": (1024, 2048), "resnet101": (1024, 2048), "resnet152": (1024, 2048),
-}
-DESCRIPTIONS = {
-    "resnet18": "ResNet-18 trunk (torchvision), cut after layer4 or layer3",
-    "resnet50": "ResNet-50 trunk (torchvision), cut after layer4 or layer3",
-    "resnet101": "ResNet-101 trunk (torchvision), cut after layer4 or layer3",
-    "resnet152": "ResNet-152 trunk (torchvision), cut after layer4 or layer3",
-    "vgg16": "VGG-16 features up to conv5_3, before its ReLU (the NetVLAD paper's and published models' cut)",
-    "pixels": "no weights: the resized image in grey (SeqSLAM's front end; pair it with --head patchnorm)",
-}
-
-
-def _extra_backbones() -> dict:
-    """Backbones registered by method modules (imported late: those modules import this one)."""
-    from vpr.models import methods
-
-    return methods.BACKBONES
+RESNET_CHANNELS = {"resnet18": (256, 512), "resnet50": (1024, 2048), "resnet101": (1024, 2048), "resnet152": (1024, 2048)}
+PIXELS_INPUT = {"resize": "fixed", "input_size": (32, 64)}  # SeqSLAM's thumbnails are tiny
 
 
 def backbone_names() -> tuple[str, ...]:
     """Every `--model` name: torchvision trunks, DINOv2 ViTs and the method modules' backbones."""
-    return BACKBONES + tuple(vit.SIZES) + tuple(_extra_backbones())
+    return tuple(registry.backbones())
 
 
 def backbone_description(name: str) -> str:
     """One line saying what a backbone is."""
-    if name in vit.SIZES:
-        return vit.DESCRIPTIONS[name]
-    extra = _extra_backbones()
-    return extra[name].description if name in extra else DESCRIPTIONS[name]
+    return registry.backbone(name).description
 
 
 def backbone_channels(name: str, layer: int = 4) -> int:
     """Number of channels of the feature map a backbone produces (validates name and layer)."""
-    if name in vit.SIZES or name in _extra_backbones():
-        if layer != 4:
-            raise UsageError(f"--layer {layer} is not available for {name}; ViTs use all their blocks (layer 4)")
-        return vit.vit_channels(name) if name in vit.SIZES else _extra_backbones()[name].channels
-    if layer not in (3, 4) or (name in ("vgg16", "pixels") and layer != 4):
-        raise UsageError(f"--layer {layer} is not available for {name}; use 4 (or 3 for ResNets)")
-    if name == "vgg16":
-        return 512
-    if name == "pixels":
-        return 1
-    if name in RESNET_CHANNELS:
-        return RESNET_CHANNELS[name][layer - 3]
-    raise UsageError(f"unknown backbone '{name}'; choose one of {', '.join(backbone_names())}")
+    record = registry.backbone(name)
+    if layer not in record.channels:
+        cuts = " or ".join(str(cut) for cut in sorted(record.channels, reverse=True))
+        what = "ViTs use all their blocks (layer 4)" if record.vit else f"use {cuts}"
+        raise UsageError(f"--layer {layer} is not available for {name}; {what}")
+    return record.channels[layer]
+
+
+def build_backbone(name: str, layer: int = 4, pretrained: str | Path | None = None, options: dict | None = None) -> nn.Module:
+    """Return the trunk of `name` cut after `layer`: a CNN mapping images to a C x H' x W' feature map, or a
+    ViT returning (patch map, CLS token).
+
+    `pretrained` is None (random init, works offline), a torchvision weights name such as
+    "IMAGENET1K_V1" (downloaded once into the torch hub cache), or the path of a torchvision
+    ImageNet state dict. `options` go to ViTs (`blocks`, `facet`, `final_norm`) and method backbones.
+    """
+    backbone_channels(name, layer)
+    return registry.backbone(name).build(layer, pretrained, options or {})
 
 
 def _write_failure(exc: BaseException | None) -> OSError | None:
@@ -162,29 +148,32 @@ class Grey(nn.Module):
         return (x * self.weights).sum(dim=1, keepdim=True)
 
 
-def build_backbone(name: str, layer: int = 4, pretrained: str | Path | None = None, options: dict | None = None) -> nn.Module:
-    """Return the trunk of `name`: a CNN mapping images to a C x H' x W' feature map, or a ViT
-    returning (patch map, CLS token).
+def _torchvision_trunk(name: str) -> Callable[[int, str | Path | None, dict], nn.Module]:
+    """The record's builder of a torchvision trunk, cut where the VPR papers cut it."""
+    def build(layer: int, pretrained: str | Path | None, options: dict) -> nn.Module:
+        if options:
+            raise UsageError(f"{name} takes no backbone options (got {', '.join(options)})")
+        model = _torchvision_model(name, pretrained)
+        if name == "vgg16":
+            return nn.Sequential(*list(model.features.children())[:-2])  # drop conv5_3's ReLU and the last max-pool
+        children = list(model.children())[:-2]  # drop avgpool and fc
+        return nn.Sequential(*(children[:-1] if layer == 3 else children))
 
-    `pretrained` is None (random init, works offline), a torchvision weights name such as
-    "IMAGENET1K_V1" (downloaded once into the torch hub cache), or the path of a torchvision
-    ImageNet state dict. `options` go to ViTs (`blocks`, `facet`, `final_norm`) and method backbones.
-    """
-    backbone_channels(name, layer)
-    if name in vit.SIZES or name in _extra_backbones():
-        if pretrained is not None:
-            raise UsageError(f"--pretrained: {name} weights come with a published checkpoint; use --checkpoint FILE")
-        if name in vit.SIZES:
-            return vit.build(vit.DinoV2, name, options or {}, name)
-        return _extra_backbones()[name].build(options or {})
-    if name == "pixels":
-        if pretrained is not None:
-            raise UsageError("--pretrained: the pixels backbone has no weights; drop --pretrained")
-        return Grey()
-    model = _torchvision_model(name, pretrained)
-    if name == "vgg16":
-        return nn.Sequential(*list(model.features.children())[:-2])  # drop conv5_3's ReLU and the last max-pool
-    children = list(model.children())[:-2]  # drop avgpool and fc
-    if layer == 3:
-        children = children[:-1]
-    return nn.Sequential(*children)
+    return build
+
+
+def _grey(layer: int, pretrained: str | Path | None, options: dict) -> nn.Module:
+    if pretrained is not None:
+        raise UsageError("--pretrained: the pixels backbone has no weights; drop --pretrained")
+    return Grey()
+
+
+BACKBONES = (
+    *(registry.Backbone(name, f"ResNet-{name[6:]} trunk (torchvision), cut after layer4 or layer3",
+                        {4: RESNET_CHANNELS[name][1], 3: RESNET_CHANNELS[name][0]}, _torchvision_trunk(name))
+      for name in RESNET_CHANNELS),
+    registry.Backbone("vgg16", "VGG-16 features up to conv5_3, before its ReLU (the NetVLAD paper's and published models' cut)",
+                      {4: 512}, _torchvision_trunk("vgg16")),
+    registry.Backbone("pixels", "no weights: the resized image in grey (SeqSLAM's front end; pair it with --head patchnorm)",
+                      {4: 1}, _grey, preprocessing=PIXELS_INPUT, heads=("patchnorm",)),
+)

@@ -1,5 +1,5 @@
 """Save and load checkpoints: ours (weights-only state dict + model config + optional PCA), and
-the published layouts (CosPlace, NetVLAD, ..., and the method modules') through `vpr.models.published`.
+the published layouts (CosPlace, NetVLAD, ..., and the method modules') through `vpr.models.formats`.
 
 Files load with `torch.load(weights_only=True)`, so a checkpoint can never run arbitrary code; the
 only globals added to torch's allowlist are numpy's numeric arrays and scalars, which published
@@ -19,10 +19,11 @@ import torch
 from vpr import __version__
 from vpr.errors import CheckpointError
 from vpr.fileio import atomic_file
-from vpr.models import methods
+from vpr.models import registry
 from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA
-from vpr.models.published import import_published, published_file_hint, resolve_format
+from vpr.models.catalog import published_file_hint
+from vpr.models.formats import import_published, resolve_format
 
 FORMAT = "vpr-checkpoint"
 FORMAT_VERSION = 1
@@ -85,7 +86,7 @@ def load_payload(path: Path) -> dict:
             reason = " ".join(str(exc).split())[:120] or type(exc).__name__
             raise CheckpointError(f"{path}: a damaged or truncated .safetensors file ({reason}){published_file_hint(path)}") from exc
     try:
-        with torch.serialization.safe_globals([*_numpy_globals(), *methods.PICKLE_GLOBALS]):
+        with torch.serialization.safe_globals([*_numpy_globals(), *registry.pickle_globals()]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, refused globals
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpr.errors import UsageError
 from vpr.models.layers import GeM, L2Norm
+from vpr.models.registry import Head
 
 
 class CosPlaceHead(nn.Module):
@@ -89,3 +91,25 @@ class PatchNorm(nn.Module):
         normalised = torch.where(std > self.eps, (tiles - mean) / std.clamp(min=self.eps), torch.zeros_like(tiles)) * mask
         image = normalised.transpose(2, 3).reshape(n, rows * p, cols * p)[:, :h, :w]
         return F.normalize(image.flatten(1), p=2.0, dim=1)
+
+
+def _patchnorm_config(config) -> dict:
+    """SeqSLAM's thumbnail: the pixels backbone, a patch that fits, pixels read in [0, 1]."""
+    if config.backbone != "pixels":
+        raise UsageError("the pixels backbone and the patchnorm head go together: `backbone='pixels'` `head='patchnorm'`")
+    if not 1 <= config.patch_size <= min(config.input_size):
+        raise UsageError(f"`patch_size={config.patch_size}`: must be between 1 and the thumbnail's shorter side {min(config.input_size)}")
+    return {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+
+
+HEADS = (
+    Head("cosplace", "L2 -> GeM -> Linear -> L2", "any D (Linear C -> D)",
+         lambda config: CosPlaceHead(config.channels, config.descriptor_dim), cnn_only=True),
+    Head("netvlad", "soft-assignment to K centroids, residual sums, intra-norm, L2", "K x C (64 x 512 = 32768 for VGG16)",
+         lambda config: NetVLAD(config.channels, config.num_clusters),
+         descriptor_dim=lambda config: config.num_clusters * config.channels, cnn_only=True),
+    Head("patchnorm", "SeqSLAM's patch-normalised grey thumbnail", "H x W of the thumbnail",
+         lambda config: PatchNorm(config.patch_size),
+         descriptor_dim=lambda config: config.input_size[0] * config.input_size[1], configure=_patchnorm_config,
+         cnn_only=True),
+)

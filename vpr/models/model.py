@@ -10,17 +10,20 @@ from torch import nn
 
 from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, RESAMPLERS, RESIZE_MODES, Preprocess
 from vpr.errors import UsageError
-from vpr.models import methods
-from vpr.models.backbones import BACKBONES, backbone_channels, build_backbone
-from vpr.models.heads import CosPlaceHead, NetVLAD, PatchNorm
+from vpr.models import registry, vit
+from vpr.models.backbones import backbone_channels, build_backbone
 
-CORE_HEADS = ("cosplace", "netvlad", "patchnorm")
-HEADS = CORE_HEADS + tuple(methods.HEADS)
+
+INPUT_FIELDS = ("input_size", "mean", "std", "resize", "multiple", "interpolation", "resampler")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model and feed it images: architecture and preprocessing."""
+    """Everything needed to rebuild a model and feed it images: architecture and preprocessing.
+
+    Build a new model's config with `ModelConfig.for_backbone`, which starts from the backbone's own input
+    rule; the plain constructor takes every field as given (a ViT given no input field at all gets its own
+    rule, since the CNN defaults cannot feed it) and refuses combinations that cannot run."""
 
     backbone: str = "resnet18"
     head: str = "cosplace"
@@ -35,41 +38,58 @@ class ModelConfig:
     multiple: int = 1  # 14: then each side to the nearest multiple of 14 (DINOv2 models)
     interpolation: str = "bilinear"
     resampler: str = "pil"  # pil (8-bit PIL resize) | torch (float resize, as torchvision's tensor Resize)
-    head_options: dict = field(default_factory=dict)  # a published head's hyperparameters (vpr.models.<method>)
+    head_options: dict = field(default_factory=dict)  # a published head's hyperparameters (vpr.models.methods.*)
     backbone_options: dict = field(default_factory=dict)  # e.g. a ViT's blocks / facet
 
+    @classmethod
+    def for_backbone(cls, backbone: str = "resnet18", **fields) -> "ModelConfig":
+        """A new model's config: `backbone`'s own input rule (DINOv2: 322 x 322 float resize, sides to
+        multiples of 14; pixels: 32 x 64 thumbnails; CNNs: 240 x 320), then `fields` over it."""
+        return cls(backbone=backbone, **{**registry.backbone(backbone).preprocessing, **fields})
+
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise UsageError(f"unknown head '{self.head}'; choose one of {', '.join(HEADS)}")
-        backbone_channels(self.backbone, self.layer)  # validates backbone and layer
+        head, trunk = registry.head(self.head), registry.backbone(self.backbone)
+        backbone_channels(self.backbone, self.layer)  # validates the layer cut
         for name, value, allowed in (("resize", self.resize, RESIZE_MODES), ("interpolation", self.interpolation, INTERPOLATIONS),
                                      ("resampler", self.resampler, RESAMPLERS)):
             if value not in allowed:
                 raise UsageError(f"{name} '{value}' is not one of {', '.join(allowed)}")
         if int(self.multiple) < 1:
             raise UsageError(f"multiple {self.multiple}: must be 1 (no rounding) or a patch size such as 14")
-        object.__setattr__(self, "multiple", int(self.multiple))
-        object.__setattr__(self, "head_options", dict(self.head_options))
-        object.__setattr__(self, "backbone_options", dict(self.backbone_options))
-        if self.head in methods.HEADS and methods.HEADS[self.head].descriptor_dim is not None:
-            object.__setattr__(self, "descriptor_dim", int(methods.HEADS[self.head].descriptor_dim(self)))
-        if self.head in CORE_HEADS and self.backbone not in BACKBONES:  # a ViT gives (patch map, CLS), not a CNN map
-            vit_heads = ", ".join(name for name in methods.HEADS if name not in ("apgem", "convap", "mixvpr"))
+        for name, value in (("multiple", int(self.multiple)), ("head_options", dict(self.head_options)),
+                            ("backbone_options", dict(self.backbone_options)),
+                            ("input_size", tuple(int(v) for v in self.input_size))):
+            object.__setattr__(self, name, value)
+        if head.cnn_only and trunk.vit:  # a ViT gives (patch map, CLS), not a CNN map
+            vit_heads = ", ".join(name for name, record in registry.heads().items() if not record.cnn_only)
             raise UsageError(f"the {self.head} head pools a CNN feature map; {self.backbone} takes a published head "
                              f"({vit_heads}) or use a CNN backbone (resnet18 ... vgg16)")
-        if (self.backbone == "pixels") != (self.head == "patchnorm"):
-            raise UsageError("the pixels backbone and the patchnorm head go together: --model pixels --head patchnorm")
-        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
-        if self.head == "patchnorm":
-            if not 1 <= self.patch_size <= min(self.input_size):
-                raise UsageError(f"--patch {self.patch_size}: must be between 1 and the thumbnail's shorter side {min(self.input_size)}")
-            object.__setattr__(self, "descriptor_dim", self.input_size[0] * self.input_size[1])
-            object.__setattr__(self, "mean", (0.0, 0.0, 0.0))  # the grey backbone reads pixels in [0, 1]
-            object.__setattr__(self, "std", (1.0, 1.0, 1.0))
-        if self.head == "netvlad":
-            object.__setattr__(self, "descriptor_dim", self.num_clusters * self.channels)
+        if trunk.heads and self.head not in trunk.heads:
+            raise UsageError(f"the {self.backbone} backbone and the {' or '.join(trunk.heads)} head go together: "
+                             f"`backbone='{self.backbone}'` `head='{trunk.heads[0]}'`")
+        if trunk.vit and not self._whole_patches() and self._default_input():  # the defaults would not run: take the ViT's rule
+            for name, value in trunk.preprocessing.items():
+                object.__setattr__(self, name, tuple(value) if isinstance(value, list) else value)
+        if trunk.vit and not self._whole_patches():
+            raise UsageError(f"{self.backbone} takes sides in multiples of {vit.PATCH} and input_size {self.input_size} with "
+                             f"multiple {self.multiple} does not give them; use ModelConfig.for_backbone('{self.backbone}') "
+                             f"or multiple {vit.PATCH}")
+        for name, value in (head.configure(self) if head.configure else {}).items():
+            object.__setattr__(self, name, value)
+        if head.descriptor_dim is not None:
+            object.__setattr__(self, "descriptor_dim", int(head.descriptor_dim(self)))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def _default_input(self) -> bool:
+        """Whether every preprocessing field still holds the class default (none was given)."""
+        return all(getattr(self, f.name) == f.default for f in fields(self) if f.name in INPUT_FIELDS)
+
+    def _whole_patches(self) -> bool:
+        """Whether every input this config resizes to is made of whole ViT patches."""
+        if self.multiple % vit.PATCH == 0:
+            return True
+        return self.resize == "fixed" and all(side % vit.PATCH == 0 for side in self.input_size)
 
     @property
     def channels(self) -> int:
@@ -105,14 +125,7 @@ class VPRModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config.backbone, config.layer, pretrained, config.backbone_options)
-        if config.head == "cosplace":
-            self.head: nn.Module = CosPlaceHead(config.channels, config.descriptor_dim)
-        elif config.head == "patchnorm":
-            self.head = PatchNorm(config.patch_size)
-        elif config.head == "netvlad":
-            self.head = NetVLAD(config.channels, config.num_clusters)
-        else:
-            self.head = methods.HEADS[config.head].build(config)
+        self.head: nn.Module = registry.head(config.head).build(config)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))

@@ -1,43 +1,63 @@
-"""The records a model family registers with vpr: its heads, extra backbones and checkpoint layouts.
+"""The records every model part registers with vpr, and the one place they are looked up.
 
-Each module under `vpr.models` that implements a published method exports `HEADS`, `LAYOUTS` and
-optionally `BACKBONES` (tuples of these records); `vpr.models.methods` collects them.
+A trunk (`Backbone`), an aggregation head (`Head`) and a checkpoint layout (`Layout`) are each a record,
+whoever provides it. The modules in PROVIDERS export them as tuples named `BACKBONES`, `HEADS` and
+`LAYOUTS` (and `PICKLE_GLOBALS`, the (class, pickled name) stand-ins that let `torch.load(weights_only=True)`
+read a published file's non-tensor data without running its library's code): the torchvision trunks
+(`vpr.models.backbones`), the DINOv2 ViTs (`vit`), the core heads (`heads`), the CNN checkpoint layouts
+(`formats`) and one module per published method (`vpr.models.methods`). This module imports none of them
+until a lookup asks for the records (`backbones()`, `heads()`, `layouts()`): it is a leaf, so every provider
+can import it, and the providers are collected in exactly one place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from vpr.errors import UsageError
-from vpr.models.pca import PCA
+from vpr.models.methods import MODULES
+
+PROVIDERS = ("vpr.models.backbones", "vpr.models.vit", "vpr.models.heads", "vpr.models.formats",
+             *(f"vpr.models.methods.{name}" for name in MODULES))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A trunk `--model NAME`: images -> a C x H' x W' feature map (CNNs) or (patch map, CLS) (ViTs).
+
+    `channels` maps each layer the trunk can be cut after to its feature map's channels; `build(layer,
+    pretrained, options)` returns the module (`pretrained`: ImageNet weights by name or file, where the trunk
+    takes them); `preprocessing` is a new model's input rule (ModelConfig fields) when none is given; `heads`,
+    when not empty, are the only heads it works with."""
+
+    name: str
+    description: str
+    channels: Mapping[int, int]
+    build: Callable[[int, Any, dict], Any]
+    vit: bool = False
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
+    heads: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Head:
     """An aggregation head `--head NAME`: `build(config)` returns the module (config: a ModelConfig);
-    `descriptor_dim(config)`, when given, is its output size (else config.descriptor_dim is used as is)."""
+    `descriptor_dim(config)`, when given, is its output size (else config.descriptor_dim is used as is);
+    `configure(config)`, when given, checks the config and returns other fields the head decides (its input
+    normalisation); `cnn_only` heads pool a CNN feature map and refuse a ViT's tokens."""
 
     name: str
     description: str
     dims: str
-    build: Callable[[Any], nn.Module]
+    build: Callable[[Any], Any]
     descriptor_dim: Callable[[Any], int] | None = None
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A backbone beyond the torchvision trunks and plain DINOv2: `build(options)` returns the module."""
-
-    name: str
-    description: str
-    channels: int
-    build: Callable[[dict], nn.Module]
+    configure: Callable[[Any], dict] | None = None
+    cnn_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,26 +77,68 @@ class Converted:
     """A published state dict mapped onto vpr: ModelConfig kwargs, weights under our keys, optional PCA."""
 
     config: dict
-    weights: dict[str, torch.Tensor]
-    pca: PCA | None = None
+    weights: dict[str, Any]
+    pca: Any = None
 
 
 @dataclass(frozen=True)
 class Layout:
     """A checkpoint layout vpr reads: where it comes from, the keys that identify it, its files.
 
-    `detect(state)` says from the keys whether a state dict has this layout; `convert(state, path,
-    extras)` maps it onto a vpr model, `extras` being the file's other top-level entries (AP-GeM's
-    whitening); None for the layouts `vpr.models.published` converts itself.
-    """
+    `detect(state)` says from the keys whether a state dict has this layout; `convert(state, path, extras)`
+    maps it onto a vpr model, `extras` being the file's other top-level entries (AP-GeM's whitening).
+    `fallback` layouts recognise files by coarse key groups and are tried after every specific one."""
 
     name: str
     aliases: tuple[str, ...]
     source: str
     keys: str
     published: tuple[PublishedFile, ...] = ()
-    detect: Callable[[dict[str, torch.Tensor]], bool] | None = None
-    convert: Callable[[dict[str, torch.Tensor], Path, dict], Converted] | None = field(default=None)
+    detect: Callable[[dict], bool] | None = None
+    convert: Callable[[dict, Path, dict], Converted] | None = field(default=None)
+    fallback: bool = False
+
+
+@cache
+def _records(attribute: str) -> tuple:
+    """Every provider's records of `attribute`, in PROVIDERS order (imported on the first lookup)."""
+    return tuple(item for module in PROVIDERS for item in getattr(import_module(module), attribute, ()))
+
+
+def backbones() -> dict[str, Backbone]:
+    """Every trunk by name: torchvision's, the DINOv2 ViTs, the methods' own."""
+    return {record.name: record for record in _records("BACKBONES")}
+
+
+def heads() -> dict[str, Head]:
+    """Every aggregation head by name: the core heads, then the methods'."""
+    return {record.name: record for record in _records("HEADS")}
+
+
+def layouts() -> dict[str, Layout]:
+    """Every checkpoint layout by name: vpr's own and the CNN layouts, then the methods'."""
+    return {record.name: record for record in _records("LAYOUTS")}
+
+
+def pickle_globals() -> list:
+    """The stand-in classes published files may pickle, for `torch.serialization.safe_globals`."""
+    return list(_records("PICKLE_GLOBALS"))
+
+
+def backbone(name: str) -> Backbone:
+    """The trunk `name`, or a `UsageError` listing them."""
+    found = backbones().get(name)
+    if found is None:
+        raise UsageError(f"unknown backbone '{name}'; choose one of {', '.join(backbones())}")
+    return found
+
+
+def head(name: str) -> Head:
+    """The head `name`, or a `UsageError` listing them."""
+    found = heads().get(name)
+    if found is None:
+        raise UsageError(f"unknown head '{name}'; choose one of {', '.join(heads())}")
+    return found
 
 
 def merged_options(config, defaults: dict, head: str) -> dict:

@@ -20,6 +20,7 @@ from torch import nn
 
 from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import UsageError
+from vpr.models.registry import Backbone
 
 PATCH = 14
 GRID = 37  # DINOv2's position embeddings are trained for 518 x 518 = 37 x 37 patches
@@ -46,11 +47,6 @@ def dinov2_preprocessing(resize: str = "fixed") -> dict:
     `resize` "native" keeps the image's size), then sides to multiples of 14."""
     return dict(input_size=(322, 322), resize=resize, multiple=PATCH, interpolation="bilinear", resampler="torch",
                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
-def default_preprocessing(backbone: str) -> dict:
-    """A new (random-init) model's input rule: DINOv2's for a DINOv2-based backbone, else {} (vpr's defaults)."""
-    return dinov2_preprocessing() if backbone.startswith("dinov2_") else {}
 
 
 def name_for_width(width: int) -> str | None:
@@ -152,3 +148,20 @@ def build(cls: type[DinoV2], name: str, options: dict, label: str) -> DinoV2:
         return cls(name, **options)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{label}: bad backbone options {options} ({exc})") from None
+
+
+def vit_builder(cls: type[DinoV2], name: str, label: str):
+    """A `Backbone` record's builder of `cls` at DINOv2 size `name` (ViTs have no ImageNet weights to take)."""
+    def build_vit(layer: int, pretrained, options: dict) -> DinoV2:
+        if pretrained is not None:
+            raise UsageError(f"--pretrained: {label} weights come with a published checkpoint; use --checkpoint FILE")
+        return build(cls, name, options, label)
+
+    return build_vit
+
+
+BACKBONES = tuple(
+    Backbone(name, DESCRIPTIONS[name], {4: SIZES[name][0]}, vit_builder(DinoV2, name, name), vit=True,
+             preprocessing=dinov2_preprocessing())
+    for name in SIZES
+)

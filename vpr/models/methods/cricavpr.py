@@ -134,13 +134,10 @@ class CricaDinoV2(vit.DinoV2):
         return super().forward(images)
 
 
-def build_backbone(options: dict) -> nn.Module:
-    return vit.build(CricaDinoV2, "dinov2_vitb14", options, BACKBONE)
-
-
 BACKBONES = (
     Backbone(BACKBONE, "DINOv2 ViT-B/14 with CricaVPR's multi-scale conv adapters in every block: "
-             "(patch map, CLS) of 768 channels", 768, build_backbone),
+             "(patch map, CLS) of 768 channels", {4: 768},
+             vit.vit_builder(CricaDinoV2, "dinov2_vitb14", BACKBONE), vit=True, preprocessing=vit.dinov2_preprocessing()),
 )
 
 

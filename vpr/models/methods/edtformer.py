@@ -69,13 +69,10 @@ class EDTformerDinoV2(vit.DinoV2):
         return self.split(self.norm(y), images)
 
 
-def build_backbone(options: dict) -> nn.Module:
-    return vit.build(EDTformerDinoV2, "dinov2_vitb14", options, BACKBONE)
-
-
 BACKBONES = (
     Backbone(BACKBONE, "DINOv2 ViT-B/14 with EDTformer's parallel low-rank side adapters: (patch map, CLS) of 768 "
-             "channels", 768, build_backbone),
+             "channels", {4: 768},
+             vit.vit_builder(EDTformerDinoV2, "dinov2_vitb14", BACKBONE), vit=True, preprocessing=vit.dinov2_preprocessing()),
 )
 
 

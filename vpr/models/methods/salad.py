@@ -44,7 +44,8 @@ from torch import nn
 from vpr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vpr.errors import CheckpointError, UsageError
 from vpr.models import vit
-from vpr.models.backbones import backbone_channels, build_backbone
+from vpr.models.backbones import backbone_channels
+from vpr.models.formats import cosplace_head, match_backbone, trunk_weights
 from vpr.models.layers import log_optimal_transport
 from vpr.models.registry import Converted, Head, Layout, PublishedFile, merged_options
 from vpr.models.statedict import dinov2_keys, refuse_unused, take, with_prefix
@@ -223,14 +224,8 @@ def convert_salad_indoor(state: dict[str, torch.Tensor], path: Path, extras: dic
 
 
 # EigenPlaces-indoor: a CosPlace network under `model.`; the trunks it can hold, tried in order.
-COSPLACE_TRUNKS = ("resnet50", "resnet101", "resnet152", "resnet18", "vgg16")
+COSPLACE_TRUNKS = tuple((name, 4) for name in ("resnet50", "resnet101", "resnet152", "resnet18", "vgg16"))
 COSPLACE_HEAD = ("model.aggregation.1.p", "model.aggregation.3.weight", "model.aggregation.3.bias")
-
-
-def trunk_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        trunk = build_backbone(name, 4)
-    return {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
 
 
 def detect_eigenplaces_indoor(state: dict[str, torch.Tensor]) -> bool:
@@ -238,31 +233,15 @@ def detect_eigenplaces_indoor(state: dict[str, torch.Tensor]) -> bool:
 
 
 def convert_eigenplaces_indoor(state: dict[str, torch.Tensor], path: Path, extras: dict) -> Converted:
-    """Indoor-VPR's EigenPlaces: `model.backbone.N.*` (torchvision children) + `model.aggregation.*`."""
-    method = "EigenPlaces-indoor"
-    gem_p, fc_w, fc_b = take(state, COSPLACE_HEAD, path, method)
-    refuse_unused(state, path, method, ("model.backbone.", "model.aggregation."))
-    trunk = with_prefix(state, "model.backbone.", "")
-    found = {k: tuple(v.shape) for k, v in trunk.items()}
-    for name in COSPLACE_TRUNKS:
-        shapes = trunk_shapes(name)
-        required = {k for k in shapes if not k.endswith("num_batches_tracked")}
-        if required <= found.keys() <= shapes.keys() and all(found[k] == shapes[k] for k in found):
-            break
-    else:
-        raise CheckpointError(f"{path}: the {method} trunk model.backbone.* ({len(found)} tensors) matches no "
-                              f"torchvision {', '.join(COSPLACE_TRUNKS)} cut before pooling")
-    channels = backbone_channels(name, 4)
-    if fc_w.dim() != 2 or fc_w.shape[1] != channels or fc_b.shape != fc_w.shape[:1] or gem_p.numel() != 1:
-        raise CheckpointError(f"{path}: {method} GeM/FC shapes {list(gem_p.shape)}, {list(fc_w.shape)}, "
-                              f"{list(fc_b.shape)} do not fit a {name} (expected p [1], weight [D, {channels}], bias [D])")
-    weights = {f"backbone.{k}": v for k, v in trunk.items()}
-    for key, shape in trunk_shapes(name).items():  # older files lack BatchNorm's counter
-        if key.endswith("num_batches_tracked") and f"backbone.{key}" not in weights:
-            weights[f"backbone.{key}"] = torch.zeros(shape, dtype=torch.long)
-    weights.update({"head.gem.p": gem_p.reshape(1), "head.fc.weight": fc_w, "head.fc.bias": fc_b})
+    """Indoor-VPR's EigenPlaces: CosPlace's layout (`vpr.models.formats`) under `model.`: `model.backbone.N.*`
+    (torchvision children) + `model.aggregation.*`, run at the images' native size."""
+    gem_p, fc_w, fc_b = take(state, COSPLACE_HEAD, path, "EigenPlaces-indoor")
+    refuse_unused(state, path, "EigenPlaces-indoor", ("model.backbone.", "model.aggregation."))
+    name, layer = match_backbone(state, "model.backbone.", path, COSPLACE_TRUNKS)
+    weights = trunk_weights(state, "model.backbone.")
+    dim = cosplace_head(weights, gem_p, fc_w, fc_b, backbone_channels(name, layer), path)
     # VPR-methods-evaluation runs it on images at their native size (no resize), ImageNet-normalised.
-    config = dict(backbone=name, layer=4, head="cosplace", descriptor_dim=int(fc_w.shape[0]), input_size=(480, 640),
+    config = dict(backbone=name, layer=layer, head="cosplace", descriptor_dim=dim, input_size=(480, 640),
                   resize="native", multiple=1, interpolation="bilinear", resampler="torch",
                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return Converted(config, weights)

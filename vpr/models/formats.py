@@ -17,22 +17,22 @@ bias gets a zero bias, which is the same soft-assignment. A Linear (+ L2) after 
 descriptor is stored as our PCA (`vpr.models.statedict.linear_to_pca`, which states the equation).
 Published files do not record their input size: they get DEFAULT_INPUT_SIZE and ImageNet mean/std.
 
-The DINOv2-era methods (SALAD, MegaLoc, BoQ, MixVPR, ...) live one per module under `vpr.models`
-and register their layouts in `vpr.models.methods`; their `convert` gives the config (preprocessing
-included) and the weights, and this module builds and loads the model.
+Every layout is a `Layout` record (`vpr.models.registry`): these four here (`LAYOUTS`), the DINOv2-era
+methods' (SALAD, MegaLoc, BoQ, MixVPR, ...) one per module under `vpr.models.methods`. A layout's
+`convert` gives the config (preprocessing included) and the weights; `import_published` builds the model
+on the meta device and loads them strictly, for every layout alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from vpr.errors import CheckpointError, UsageError
-from vpr.models import methods
-from vpr.models.backbones import backbone_channels, backbone_description, backbone_names, build_backbone
+from vpr.models import registry
+from vpr.models.backbones import backbone_channels, build_backbone
 from vpr.models.model import ModelConfig, VPRModel
 from vpr.models.pca import PCA
 from vpr.models.registry import Converted, Layout, PublishedFile
@@ -48,9 +48,9 @@ CANDIDATE_BACKBONES = (
 COSPLACE_URL = "https://github.com/gmberton/CosPlace/releases/download/v1.0/"
 EIGENPLACES_URL = "https://github.com/gmberton/EigenPlaces/releases/download/v1.0/"
 CNN_INPUT = "480x640 (--resize)"
-CORE_LAYOUTS = {
-    "vpr": Layout("vpr", (), "vpr train", "format: vpr-checkpoint + config + state_dict"),
-    "cosplace": Layout(
+LAYOUTS = (
+    Layout("vpr", (), "vpr train", "format: vpr-checkpoint + config + state_dict"),
+    Layout(
         "cosplace", ("eigenplaces",), "gmberton/CosPlace, gmberton/EigenPlaces (torch.hub and model zoos)",
         "backbone.* + aggregation.1.p, aggregation.3.weight, aggregation.3.bias",
         (  # as listed in the two repositories' hubconf.py
@@ -61,8 +61,9 @@ CORE_LAYOUTS = {
             PublishedFile("EigenPlaces", "ResNet-50/101", "128 ... 2048", CNN_INPUT, "ResNet50_{DIM}_eigenplaces.pth", EIGENPLACES_URL),
             PublishedFile("EigenPlaces", "VGG16", "512", CNN_INPUT, "VGG16_512_eigenplaces.pth", EIGENPLACES_URL),
         ),
+        lambda state: _key_groups(state) == "cosplace", lambda state, path, extras: convert_cosplace(state, path), fallback=True,
     ),
-    "netvlad": Layout(
+    Layout(
         "netvlad", ("pytorch-netvlad", "patchnetvlad"), "Nanne/pytorch-NetVlad, QVPR/Patch-NetVLAD",
         "state_dict: encoder.* + pool.centroids, pool.conv.weight [+ pool.conv.bias] [+ WPCA.0.weight, WPCA.0.bias]",
         (
@@ -71,8 +72,9 @@ CORE_LAYOUTS = {
             PublishedFile("Patch-NetVLAD global + WPCA", "VGG16", "128, 512, 4096", CNN_INPUT, "pittsburgh_WPCA{DIM}.pth.tar",
                           "QVPR/Patch-NetVLAD download_models.py"),
         ),
+        lambda state: _key_groups(state) == "netvlad", lambda state, path, extras: convert_netvlad(state, path), fallback=True,
     ),
-    "benchmark": Layout(
+    Layout(
         "benchmark", ("vg-benchmark",), "gmberton/deep-visual-geo-localization-benchmark",
         "model_state_dict: backbone.* + aggregation.{centroids, conv.weight | 0.centroids, 0.conv.weight, "
         "1.weight, 1.bias | 1.p | 0.1.p, 1.weight, 1.bias}",
@@ -80,9 +82,10 @@ CORE_LAYOUTS = {
             PublishedFile("NetVLAD [+ FC] / GeM [+ FC]", "VGG16, ResNet-18/50/101 conv4|conv5", "K x C, C or FC size",
                           CNN_INPUT, "best_model.pth", "the benchmark's model zoo"),
         ),
+        lambda state: _key_groups(state) == "benchmark", lambda state, path, extras: convert_benchmark(state, path),
+        fallback=True,
     ),
-}
-LAYOUTS: dict[str, Layout] = {**CORE_LAYOUTS, **methods.LAYOUTS}
+)
 
 
 def resolve_format(fmt: str) -> str | None:
@@ -90,10 +93,10 @@ def resolve_format(fmt: str) -> str | None:
     wanted = fmt.strip().lower()
     if wanted == "auto":
         return None
-    for layout in LAYOUTS.values():
+    for layout in registry.layouts().values():
         if wanted == layout.name or wanted in layout.aliases:
             return layout.name
-    names = [n for layout in LAYOUTS.values() for n in (layout.name, *layout.aliases)]
+    names = [n for layout in registry.layouts().values() for n in (layout.name, *layout.aliases)]
     raise UsageError(f"--format {fmt}: unknown checkpoint format; choose auto, {', '.join(names)}")
 
 
@@ -118,15 +121,12 @@ def state_dict_of(payload: dict, path: Path) -> dict[str, torch.Tensor]:
 
 def expected_layouts() -> str:
     """One line listing every layout vpr reads and its identifying keys."""
-    return "; ".join(f"{layout.name} ({layout.source}): {layout.keys}" for layout in LAYOUTS.values())
+    return "; ".join(f"{layout.name} ({layout.source}): {layout.keys}" for layout in registry.layouts().values())
 
 
-def detect_format(state: dict[str, torch.Tensor], path: Path) -> str:
-    """The layout of a published state dict, from its keys: the method modules' layouts first, as
-    their keys are the more specific, then the CNN layouts by their top-level key groups."""
-    for layout in methods.LAYOUTS.values():
-        if layout.detect is not None and layout.detect(state):
-            return layout.name
+def _key_groups(state: dict[str, torch.Tensor]) -> str | None:
+    """Which CNN layout the top-level key groups say: netvlad (encoder + pool), cosplace (backbone + exactly
+    CosPlace's aggregation) or benchmark (backbone + another aggregation); None for none of them."""
     groups = {key.split(".")[0] for key in state}
     if {"encoder", "pool"} <= groups:
         return "netvlad"
@@ -134,6 +134,15 @@ def detect_format(state: dict[str, torch.Tensor], path: Path) -> str:
         aggregation = {k for k in state if k.startswith("aggregation.")}
         cosplace = {"aggregation.1.p", "aggregation.3.weight", "aggregation.3.bias"}
         return "cosplace" if aggregation == cosplace else "benchmark"
+    return None
+
+
+def detect_format(state: dict[str, torch.Tensor], path: Path) -> str:
+    """The layout of a published state dict, from its keys: the specific layouts (the methods') first, then
+    the fallback ones (the CNN layouts, recognised by their top-level key groups)."""
+    for layout in sorted(registry.layouts().values(), key=lambda layout: layout.fallback):
+        if layout.detect is not None and layout.detect(state):
+            return layout.name
     raise CheckpointError(
         f"{path}: unknown checkpoint layout; expected one of: {expected_layouts()}; "
         f"found {summarize_keys(list(state))} (force a layout with --format)"
@@ -148,10 +157,11 @@ def backbone_shapes(name: str, layer: int) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
 
 
-def match_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path) -> tuple[str, int]:
-    """(backbone, layer) whose torchvision keys and shapes equal the `prefix`-ed tensors of `state`."""
+def match_backbone(state: dict[str, torch.Tensor], prefix: str, path: Path,
+                   candidates: tuple[tuple[str, int], ...] = CANDIDATE_BACKBONES) -> tuple[str, int]:
+    """(backbone, layer) among `candidates` whose torchvision keys and shapes equal the `prefix`-ed tensors of `state`."""
     found = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
-    for name, layer in CANDIDATE_BACKBONES:
+    for name, layer in candidates:
         shapes = backbone_shapes(name, layer)
         required = {k for k in shapes if not k.endswith("num_batches_tracked")}  # absent in old files
         if required <= found.keys() <= shapes.keys() and all(found[k] == shapes[k] for k in found):
@@ -194,9 +204,9 @@ def trunk_weights(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
     return {"backbone." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def config_for(backbone: str, layer: int, head: str, **kwargs) -> ModelConfig:
-    """The config of an imported model: repository defaults for input size and ImageNet normalisation."""
-    return ModelConfig(backbone=backbone, layer=layer, head=head, input_size=DEFAULT_INPUT_SIZE, **kwargs)
+def config_for(backbone: str, layer: int, head: str, **kwargs) -> dict:
+    """The config of an imported CNN model: repository defaults for input size and ImageNet normalisation."""
+    return dict(backbone=backbone, layer=layer, head=head, input_size=DEFAULT_INPUT_SIZE, **kwargs)
 
 
 def cosplace_head(weights: dict, gem_p: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.Tensor,
@@ -225,18 +235,17 @@ def netvlad_head(weights: dict, centroids: torch.Tensor, conv_w: torch.Tensor, c
     return clusters
 
 
-def import_cosplace(state: dict[str, torch.Tensor], path: Path) -> tuple[VPRModel, PCA | None]:
+def convert_cosplace(state: dict[str, torch.Tensor], path: Path) -> Converted:
     """CosPlace / EigenPlaces: backbone.* + aggregation.{1.p, 3.weight, 3.bias}."""
     keys = ("aggregation.1.p", "aggregation.3.weight", "aggregation.3.bias")
     gem_p, fc_w, fc_b = take(state, keys, path, "CosPlace/EigenPlaces")
     backbone, layer = match_backbone(state, "backbone.", path)
     weights = trunk_weights(state, "backbone.")
     dim = cosplace_head(weights, gem_p, fc_w, fc_b, backbone_channels(backbone, layer), path)
-    config = config_for(backbone, layer, "cosplace", descriptor_dim=dim)
-    return assemble(config, weights, path), None
+    return Converted(config_for(backbone, layer, "cosplace", descriptor_dim=dim), weights)
 
 
-def import_netvlad(state: dict[str, torch.Tensor], path: Path) -> tuple[VPRModel, PCA | None]:
+def convert_netvlad(state: dict[str, torch.Tensor], path: Path) -> Converted:
     """pytorch-NetVlad / Patch-NetVLAD: encoder.* + pool.{centroids, conv.weight[, conv.bias]} [+ WPCA.0.*]."""
     centroids, conv_w = take(state, ("pool.centroids", "pool.conv.weight"), path, "pytorch-NetVlad")
     backbone, layer = match_backbone(state, "encoder.", path)
@@ -252,8 +261,7 @@ def import_netvlad(state: dict[str, torch.Tensor], path: Path) -> tuple[VPRModel
                 f"(expected [D, {clusters * channels}, 1, 1])"
             )
         pca = linear_to_pca(wpca_w[:, :, 0, 0], wpca_b, whiten=True, path=path)
-    config = config_for(backbone, layer, "netvlad", num_clusters=clusters)
-    return assemble(config, weights, path), pca
+    return Converted(config_for(backbone, layer, "netvlad", num_clusters=clusters), weights, pca)
 
 
 BENCHMARK_AGGREGATIONS = {
@@ -264,7 +272,7 @@ BENCHMARK_AGGREGATIONS = {
 }
 
 
-def import_benchmark(state: dict[str, torch.Tensor], path: Path) -> tuple[VPRModel, PCA | None]:
+def convert_benchmark(state: dict[str, torch.Tensor], path: Path) -> Converted:
     """deep-visual-geo-localization-benchmark: backbone.* + NetVLAD / NetVLAD+FC / GeM / GeM+FC."""
     found = tuple(sorted(k for k in state if k.startswith("aggregation.")))
     kind = next((name for name, keys in BENCHMARK_AGGREGATIONS.items() if tuple(sorted(keys)) == found), None)
@@ -289,18 +297,13 @@ def import_benchmark(state: dict[str, torch.Tensor], path: Path) -> tuple[VPRMod
                     f"NetVLAD (expected [D, {clusters * channels}])"
                 )
             pca = linear_to_pca(fc_w, fc_b, whiten=False, path=path)
-        return assemble(config_for(backbone, layer, "netvlad", num_clusters=clusters), weights, path), pca
+        return Converted(config_for(backbone, layer, "netvlad", num_clusters=clusters), weights, pca)
     if kind == "gem":  # no FC: an identity layer keeps L2 -> GeM, then our final L2
         fc_w, fc_b = torch.eye(channels), torch.zeros(channels)
     else:
         fc_w, fc_b = state[keys[1]], state[keys[2]]
     dim = cosplace_head(weights, state[keys[0]], fc_w, fc_b, channels, path)
-    return assemble(config_for(backbone, layer, "cosplace", descriptor_dim=dim), weights, path), None
-
-
-IMPORTERS: dict[str, Callable[[dict, Path], tuple[VPRModel, PCA | None]]] = {
-    "cosplace": import_cosplace, "netvlad": import_netvlad, "benchmark": import_benchmark,
-}
+    return Converted(config_for(backbone, layer, "cosplace", descriptor_dim=dim), weights)
 
 
 def import_converted(layout: Layout, state: dict[str, torch.Tensor], path: Path, extras: dict) -> tuple[VPRModel, PCA | None]:
@@ -320,55 +323,7 @@ def import_published(payload: dict, path: Path, fmt: str | None = None) -> tuple
     layout = (resolve_format(fmt) if fmt is not None else None) or detect_format(state, path)
     if layout == "vpr":
         raise CheckpointError(f"{path}: not a vpr checkpoint (no 'format': 'vpr-checkpoint'); drop --format vpr")
-    if layout in IMPORTERS:
-        return IMPORTERS[layout](state, path)
     extras = {key: value for key, value in payload.items() if key not in WRAPPER_KEYS and not isinstance(value, torch.Tensor)}
-    return import_converted(LAYOUTS[layout], state, path, extras)
+    return import_converted(registry.layouts()[layout], state, path, extras)
 
 
-def published_file_hint(path: Path) -> str:
-    """'; it is named like MegaLoc's model.safetensors (URL): download it again', naming every published
-    file of that name; '' when none has it."""
-    matches = [(entry.method, entry.file, entry.url) for layout in LAYOUTS.values() for entry in layout.published
-               if Path(path).match(entry.file.replace("{DIM}", "*"))]
-    if not matches:
-        return ""
-    named = " or ".join(dict.fromkeys(f"{method}'s {file} ({url})" for method, file, url in matches))
-    return f"; it is named like {named}: download it again"
-
-
-def supported_models() -> dict:
-    """What `vpr models` prints: backbones, heads, published methods and the checkpoint formats vpr reads."""
-    return {
-        "backbones": [
-            {"name": name, "channels": {"layer4": _channels(name, 4), "layer3": _channels(name, 3)},
-             "description": backbone_description(name)}
-            for name in backbone_names()
-        ],
-        "heads": [
-            {"name": "cosplace", "descriptor_dim": "any D (Linear C -> D)", "description": "L2 -> GeM -> Linear -> L2"},
-            {"name": "netvlad", "descriptor_dim": "K x C (64 x 512 = 32768 for VGG16)",
-             "description": "soft-assignment to K centroids, residual sums, intra-norm, L2"},
-            {"name": "patchnorm", "descriptor_dim": "H x W of the thumbnail", "description": "SeqSLAM's patch-normalised grey thumbnail"},
-            *({"name": head.name, "descriptor_dim": head.dims, "description": head.description} for head in methods.HEADS.values()),
-        ],
-        "methods": [
-            {"method": entry.method, "backbone": entry.backbone, "descriptor_dims": entry.dims, "input": entry.input,
-             "file": entry.file, "url": entry.url, "format": layout.name}
-            for layout in LAYOUTS.values() for entry in layout.published
-        ],
-        "formats": [
-            {"name": layout.name, "aliases": list(layout.aliases), "source": layout.source, "keys": layout.keys}
-            for layout in LAYOUTS.values()
-        ],
-        "published_input_size": list(DEFAULT_INPUT_SIZE),
-        "published_normalisation": "ImageNet mean/std",
-    }
-
-
-def _channels(name: str, layer: int) -> int | None:
-    """Feature-map channels, or None where the cut does not exist (VGG16 at layer 3, ViTs at layer 3)."""
-    try:
-        return backbone_channels(name, layer)
-    except UsageError:
-        return None

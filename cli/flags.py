@@ -1,0 +1,44 @@
+"""The library names its parameters in messages, marked with backticks (`pca_dim=0`, `cache=False`); a command
+says them as the flags its user typed (--pca-dim 0, --no-cache), read from the command's own option declarations."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+
+MARKED = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")
+Flags = dict[str, tuple[str, str | None]]
+
+
+def flag_table(command: Callable) -> Flags:
+    """Parameter name -> (its flag, its negative flag or None) for a Typer command; arguments by their metavar."""
+    table: Flags = {}
+    for name, parameter in inspect.signature(command).parameters.items():
+        declared = getattr(parameter.default, "param_decls", None)
+        if declared:
+            on, _, off = declared[0].partition("/")
+            table[name] = (on, off or None)
+        elif type(parameter.default).__name__ == "ArgumentInfo":
+            table[name] = (name.upper(), None)
+    return table
+
+
+def as_flags(message: str, table: Flags) -> str:
+    """`message` with every marked parameter the command has said as its flag (`k=0` -> -k 0, `cache=False` ->
+    --no-cache); parameters the command does not have stay as the library wrote them."""
+    def say(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if name not in table:
+            return match.group(0)
+        on, off = table[name]
+        if value is None:
+            return on
+        value = value.strip("'\"")
+        if value == "True":
+            return on
+        if value == "False":
+            return off or f"no {on}"
+        return f"{on} {value}"
+
+    return MARKED.sub(say, message)
