@@ -33,13 +33,14 @@ from vpr.evaluation.localization import error_summary, localization_errors
 from vpr.evaluation.recall import recall_at_n
 from vpr.fileio import atomic_file
 from vpr.models.model import ModelConfig, build_model
-from vpr.retrieval.answer import AnswerOptions, answer
-from vpr.retrieval.expansion import Expansion
-from vpr.retrieval.extract import ExtractOptions
-from vpr.retrieval.local_features import LocalFeatureConfig
+from vpr.retrieval.answer import answer
+from vpr.retrieval.options import AnswerOptions
+from vpr.retrieval.options import Expansion
+from vpr.retrieval.options import ExtractOptions
+from vpr.retrieval.options import LocalFeatureConfig
 from vpr.retrieval.pipeline import build_index, cache_dir_for, describe
-from vpr.retrieval.rerank import RerankOptions
-from vpr.retrieval.sequence import SequenceOptions, speed_range
+from vpr.retrieval.options import RerankOptions
+from vpr.retrieval.options import SequenceOptions, speed_range
 from vpr.retrieval.store import load_index
 
 NS = (1, 5, 10)

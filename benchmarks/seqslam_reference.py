@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vpr.retrieval.sequence import SequenceOptions, sequence_search, speed_range
+from vpr.retrieval.sequence import sequence_search
+
+from vpr.retrieval.options import SequenceOptions, speed_range
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nordland_seqslam_64x32"
 RESULTS = Path(__file__).resolve().parent / "results" / "seqslam_reference.json"
@@ -116,7 +118,8 @@ def time_per_query(winter, summer, length: int, speeds: tuple[float, ...], repea
 
 PEAK_SCRIPT = """
 import sys, numpy as np, torch
-from vpr.retrieval.sequence import SequenceOptions, sequence_search, speed_range
+from vpr.retrieval.sequence import sequence_search
+from vpr.retrieval.options import SequenceOptions, speed_range
 
 def status(field):
     return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field)))

@@ -31,7 +31,7 @@ from vpr.data.synth import generate_city
 from vpr.fileio import atomic_file
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import build_model
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.options import ExtractOptions
 from vpr.training.augment import AugmentParams
 from vpr.training.cosplace import CosPlaceConfig, train_cosplace
 from vpr.training.cosplace_groups import GroupParams

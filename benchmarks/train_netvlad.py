@@ -27,7 +27,8 @@ from vpr.evaluation.recall import recall_at_n
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
-from vpr.retrieval.extract import ExtractOptions, extract_descriptors
+from vpr.retrieval.extract import extract_descriptors
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.index import torch_search
 from vpr.training.netvlad import NetVLADConfig, initial_model, train_netvlad
 

@@ -9,11 +9,11 @@ import typer
 
 from cli.common import MAX_BATCH, POSITIVE
 from vpr.errors import UsageError
-from vpr.retrieval.answer import AnswerOptions
-from vpr.retrieval.expansion import Expansion
-from vpr.retrieval.localize import DEFAULT_RADIUS, DEFAULT_TOP_K
-from vpr.retrieval.rerank import RerankOptions
-from vpr.retrieval.sequence import SequenceOptions, speed_range
+from vpr.retrieval.options import AnswerOptions
+from vpr.retrieval.options import Expansion
+from vpr.retrieval.options import DEFAULT_RADIUS, DEFAULT_TOP_K
+from vpr.retrieval.options import RerankOptions
+from vpr.retrieval.options import SequenceOptions, speed_range
 
 MAX_SEQUENCE = 10_000
 QE = typer.Option(0, "--qe", min=0, max=MAX_BATCH, help="Query expansion: average each query with its top N matches (alpha-QE) and search again; 0 = off.")

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from vpr import api, distributed
 from vpr.errors import UsageError
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.options import ExtractOptions
 
 # User text (paths, file names, option values) is printed literally: no rich markup (`[red]b.png`, `a[/b]c`),
 # no emoji codes (`:cat:`), no highlighting. stdout never wraps or crops a line, so paths stay whole in pipes.

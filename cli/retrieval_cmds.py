@@ -30,9 +30,9 @@ from vpr.evaluation.predictions import save_descriptors as save_descriptors_file
 from vpr.evaluation.predictions import save_predictions as save_predictions_file
 from vpr.evaluation.viz import save_matches_figure, save_positions_map
 from vpr.models.model import ModelConfig
-from vpr.retrieval.answer import AnswerOptions
-from vpr.retrieval.expansion import Expansion
-from vpr.retrieval.local_features import LocalFeatureConfig
+from vpr.retrieval.options import AnswerOptions
+from vpr.retrieval.options import Expansion
+from vpr.retrieval.options import LocalFeatureConfig
 from vpr.retrieval.pipeline import build_index, cache_dir_for, describe, load_model
 from vpr.retrieval.rerank import draw_inlier_matches
 from vpr.retrieval.store import load_index

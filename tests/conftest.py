@@ -196,7 +196,7 @@ def tiny_model(tiny_config):
 def places_index(places, tmp_path_factory, tiny_config) -> Path:
     """An index of `places/database` by the tiny model (flat, no cache), shared by tests that only read it."""
     from vpr.data.datasets import load_image_set
-    from vpr.retrieval.extract import ExtractOptions
+    from vpr.retrieval.options import ExtractOptions
     from vpr.retrieval.pipeline import build_index
 
     out = tmp_path_factory.mktemp("places-index") / "places"

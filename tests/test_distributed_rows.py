@@ -16,7 +16,7 @@ from conftest import free_port, join_gloo
 from vpr import distributed
 from vpr.data.datasets import load_image_set
 from vpr.models.model import build_model
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.pipeline import build_index
 from vpr.retrieval.rows import spill_rows
 

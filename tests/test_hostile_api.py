@@ -18,7 +18,7 @@ from vpr.data.geo import format_at_name
 from vpr.errors import ImageError, UsageError, VPRError
 from vpr.models.model import ModelConfig, build_model
 from vpr.models.pca import fit_pca
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.pipeline import build_index
 from vpr.retrieval.store import write_index
 

@@ -20,7 +20,7 @@ from vpr.data.datasets import GeoImageSet, load_image_set
 from vpr.data.geo import format_at_name
 from vpr.errors import IndexFormatError
 from vpr.models.model import ModelConfig, build_model
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.pipeline import build_index, cache_dir_for
 from vpr.retrieval.store import load_index, write_index
 
@@ -252,9 +252,10 @@ def test_a_corrupt_index_faiss_is_refused(tmp_path):
 @pytest.mark.parametrize("attr", ["min_side", "max_side"])
 def test_local_features_with_absurd_working_sizes_are_refused(places, tmp_path, attr):
     pytest.importorskip("cv2")
-    from vpr.retrieval.answer import AnswerOptions, answer
-    from vpr.retrieval.local_features import LocalFeatureConfig
-    from vpr.retrieval.rerank import RerankOptions
+    from vpr.retrieval.answer import answer
+    from vpr.retrieval.options import AnswerOptions
+    from vpr.retrieval.options import LocalFeatureConfig
+    from vpr.retrieval.options import RerankOptions
 
     out = tmp_path / "idx"
     build_index(load_image_set(places / "database"), out, model=build_model(tiny(32), seed=0), options=OPTIONS,

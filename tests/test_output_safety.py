@@ -22,7 +22,7 @@ from vpr.fileio import is_vpr_png, save_png, write_marker
 from vpr.models.checkpoints import save_checkpoint
 from vpr.models.model import build_model
 from vpr.retrieval import store as store_module
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.pipeline import build_index, cache_dir_for
 from vpr.retrieval.store import is_vpr_index, load_index
 

@@ -19,7 +19,8 @@ from vpr.api import Index
 from vpr.data.images import Preprocess, preprocess
 from vpr.errors import UsageError
 from vpr.models.model import ModelConfig, build_model
-from vpr.retrieval.extract import ExtractOptions, extract_descriptors
+from vpr.retrieval.extract import extract_descriptors
+from vpr.retrieval.options import ExtractOptions
 
 
 def photo(height: int, width: int, seed: int = 0) -> Image.Image:

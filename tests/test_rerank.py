@@ -15,7 +15,8 @@ from vpr.retrieval.local_features import (  # noqa: E402
     LocalFeatureConfig, LocalFeatures, extract_image_features, extract_local_features, read_local_features,
     require_opencv, working_size, write_local_features,
 )
-from vpr.retrieval.rerank import RerankOptions, draw_inlier_matches, rerank_shortlist, verify_pair  # noqa: E402
+from vpr.retrieval.rerank import draw_inlier_matches, rerank_shortlist, verify_pair  # noqa: E402
+from vpr.retrieval.options import RerankOptions
 
 # the 480 x 360 images are downscaled to a 400 x 300 working frame: keypoints and models change frames
 CONFIG = LocalFeatureConfig(max_keypoints=800, max_side=400, min_side=100)

@@ -12,7 +12,8 @@ from vpr.data.datasets import load_image_set
 from vpr.errors import ImageError, IndexFormatError
 from vpr.evaluation.evaluate import evaluate
 from vpr.evaluation.recall import recall_at_n
-from vpr.retrieval.extract import ExtractOptions, extract_descriptors
+from vpr.retrieval.extract import extract_descriptors
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.index import build_faiss_index, faiss_search, torch_search, write_faiss_index
 from vpr.api import Index
 from vpr.retrieval.pipeline import build_index, describe

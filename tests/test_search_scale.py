@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from vpr.data.datasets import GeoImageSet
-from vpr.retrieval.answer import AnswerOptions, answer
-from vpr.retrieval.expansion import Expansion
+from vpr.retrieval.answer import answer
+from vpr.retrieval.options import AnswerOptions
+from vpr.retrieval.options import Expansion
 from vpr.retrieval.index import (
     empty_faiss_index, exact_search, faiss_available, merge_topk, sharded_search, shard_database, torch_search,
     training_rows,
@@ -167,7 +168,7 @@ def test_merge_topk_keeps_the_best_of_all_parts_and_drops_missing():
 def test_sequence_matching_refuses_a_lazy_database_past_its_memory_bound(ivfpq, monkeypatch):
     import vpr.retrieval.answer as answering
     from vpr.errors import UsageError
-    from vpr.retrieval.sequence import SequenceOptions
+    from vpr.retrieval.options import SequenceOptions
 
     monkeypatch.setattr(answering, "SEQUENCE_MAX_BYTES", N * DIM * 4 - 1)
     with pytest.raises(UsageError, match="--sequence"):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from vpr.errors import UsageError
-from vpr.retrieval.sequence import SequenceOptions, sequence_search, speed_range
+from vpr.retrieval.sequence import sequence_search
+from vpr.retrieval.options import SequenceOptions, speed_range
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: OpenMP hand-offs would dominate

@@ -22,7 +22,8 @@ from helpers_search import TOL, assert_exact_top_k, assert_same_retrieval, asser
 from vpr.errors import ImageError
 from vpr.models.model import ModelConfig, build_model
 from vpr.models.inference import forward_batch, inference_model
-from vpr.retrieval.extract import ExtractOptions, extract_descriptors
+from vpr.retrieval.extract import extract_descriptors
+from vpr.retrieval.options import ExtractOptions
 from vpr.data.datasets import GeoImageSet
 from vpr.retrieval.index import (
     build_faiss_index, exact_search, faiss_search, index_to_device, require_faiss, rerank, search_database, shortlist,

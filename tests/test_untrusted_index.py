@@ -10,7 +10,7 @@ import pytest
 from vpr.data.datasets import load_image_set
 from vpr.errors import IndexFormatError, UsageError
 from vpr.fileio import atomic_file
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.pipeline import build_index
 from vpr.retrieval.store import load_index
 

@@ -31,8 +31,9 @@ from vpr.models.inference import amp_dtype, forward_batch, inference_model
 from vpr.models.model import ModelConfig, VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval import pipeline
-from vpr.retrieval.answer import AnswerOptions, Answers, answer
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.answer import Answers, answer
+from vpr.retrieval.options import AnswerOptions
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.index import similarity_to_distance
 from vpr.retrieval.pipeline import BuildReport, cache_dir_for
 from vpr.retrieval.store import IndexBundle, load_index

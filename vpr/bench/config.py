@@ -11,7 +11,7 @@ import torch
 
 from vpr.errors import UsageError
 from vpr.models.model import ModelConfig
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.options import ExtractOptions
 
 CASES = ("extraction", "search", "memory")  # search: index build, search, single-image query latency
 Stage = Callable[[str], None]  # told what is being measured now (the CLI shows it as a status line)

@@ -11,8 +11,10 @@ from vpr.data.datasets import GeoImageSet, load_ground_truth, positives_within
 from vpr.errors import LabelError
 from vpr.evaluation.localization import error_summary, localization_errors, precision_at_recall
 from vpr.evaluation.recall import recall_at_n
-from vpr.retrieval.answer import AnswerOptions, Answers, answer
-from vpr.retrieval.extract import ExtractOptions, Progress
+from vpr.retrieval.answer import Answers, answer
+from vpr.retrieval.options import AnswerOptions
+from vpr.retrieval.extract import Progress
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.pipeline import describe
 from vpr.retrieval.store import IndexBundle
 

@@ -9,27 +9,19 @@ from pathlib import Path
 import numpy as np
 
 from vpr.errors import UsageError
-from vpr.retrieval.expansion import Expansion, expand_queries
+from vpr.retrieval.expansion import expand_queries
 from vpr.retrieval.local_features import extract_image_features
-from vpr.retrieval.localize import DEFAULT_RADIUS, DEFAULT_TOP_K, Estimate, estimate_positions
-from vpr.retrieval.rerank import RerankOptions, rerank_shortlist
-from vpr.retrieval.sequence import SequenceOptions, sequence_search
+from vpr.retrieval.localize import Estimate, estimate_positions
+from vpr.retrieval.rerank import rerank_shortlist
+from vpr.retrieval.options import RerankOptions
+from vpr.retrieval.sequence import sequence_search
+from vpr.retrieval.options import SequenceOptions
 from vpr.retrieval.rows import RowReader
 from vpr.retrieval.store import IndexBundle
+from vpr.retrieval.options import AnswerOptions
 
 FEATURELESS_NORM = 1e-6  # a query descriptor shorter than this is all zeros: the image gave the model nothing
 SEQUENCE_MAX_BYTES = 2 << 30  # sequence matching holds every database descriptor in memory: at most 2 GiB of them
-
-
-@dataclass(frozen=True)
-class AnswerOptions:
-    """Everything beyond one nearest-neighbour search: each part is off by default."""
-
-    qe: Expansion = Expansion()
-    sequence: SequenceOptions | None = None  # match ordered query frames against the ordered database
-    rerank: RerankOptions | None = None  # verify the top K with local features and RANSAC
-    position_k: int = DEFAULT_TOP_K
-    position_radius: float = DEFAULT_RADIUS
 
 
 @dataclass

@@ -14,33 +14,18 @@ of a database descriptor, itself, is skipped).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from vpr.errors import UsageError
 from vpr.retrieval.index import exact_search
+from vpr.retrieval.options import Expansion
 
 if TYPE_CHECKING:
     from vpr.retrieval.rows import RowReader
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 DBA_CHUNK = 4096  # database rows augmented per exact search
-
-
-@dataclass(frozen=True)
-class Expansion:
-    """How many neighbours to average (0 = off) and the similarity exponent alpha."""
-
-    n: int = 0
-    alpha: float = 3.0
-
-    def __post_init__(self) -> None:
-        if self.n < 0:
-            raise UsageError(f"expansion over {self.n} neighbours: must be 0 (off) or more")
-        if not (np.isfinite(self.alpha) and self.alpha >= 0):
-            raise UsageError(f"expansion alpha {self.alpha}: must be 0 or a positive number")
 
 
 def expand(vectors: np.ndarray, similarities: np.ndarray, neighbours: np.ndarray, database: np.ndarray | RowReader,

@@ -35,30 +35,12 @@ from vpr.models.checkpoints import model_fingerprint
 from vpr.models.inference import amp_dtype, compiled, forward_batch, inference_model
 from vpr.models.model import VPRModel
 from vpr.retrieval.cache import DescriptorCache
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.rows import RowReader, spill_rows
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 HASH_THREADS = 4  # files read and hashed at once to find cached rows (hashlib and reads release the GIL)
-
-
-@dataclass(frozen=True)
-class ExtractOptions:
-    """How descriptors are computed: built once (by the CLI) and taken by every extraction caller.
-
-    `amp`: bf16/fp16 autocast (`vpr.models.inference.amp_dtype`); `compile`: torch.compile at one
-    static batch shape (short batches padded, so it compiles once per call, tens of seconds);
-    `decode_on_device`: JPEGs decoded on `device` (nvJPEG on CUDA) instead of PIL in the workers;
-    `skip_bad`: unreadable images are recorded and left out instead of raising.
-    """
-
-    batch_size: int = 32
-    num_workers: int = 2
-    device: torch.device = torch.device("cpu")
-    amp: bool = False
-    compile: bool = False
-    decode_on_device: bool = False
-    skip_bad: bool = False
 
 
 @dataclass

@@ -29,17 +29,15 @@ from PIL import Image
 from vpr.data.images import load_rgb
 from vpr.errors import DependencyError, IndexFormatError, UsageError
 from vpr.fileio import atomic_file, h5_file
+from vpr.retrieval.options import LOCAL_METHODS as DESCRIPTOR_BYTES, LocalFeatureConfig
 
 log = logging.getLogger(__name__)
 
 LOCAL_FEATURES_FILE = "local_features.h5"
 FORMAT = "vpr-local-features"
 FORMAT_VERSION = 1
-DESCRIPTOR_BYTES = {"sift": 128, "orb": 32}
 CHUNK_ROWS = 256  # keypoint rows per HDF5 chunk: one image's read touches few small chunks
 REBUILD = "rebuild the index with `vpr build-index --local-features`"
-MAX_KEYPOINTS = 100_000
-MAX_SIDE = 4096  # the working frame's longer side: SIFT's memory grows with its square
 
 
 def require_opencv():
@@ -49,25 +47,6 @@ def require_opencv():
     except ImportError as exc:
         raise DependencyError("local features need OpenCV: pip install 'vpr[local]' (opencv-python-headless)") from exc
     return cv2
-
-
-@dataclass(frozen=True)
-class LocalFeatureConfig:
-    """How local features are extracted; stored with a database's features and reused for its queries."""
-
-    method: str = "sift"
-    max_keypoints: int = 1000
-    max_side: int = 640
-    min_side: int = 240
-
-    def __post_init__(self) -> None:
-        if self.method not in DESCRIPTOR_BYTES:
-            raise UsageError(f"local feature method '{self.method}' is unknown; choose one of {', '.join(DESCRIPTOR_BYTES)}")
-        if not (1 <= self.max_keypoints <= MAX_KEYPOINTS and 1 <= self.min_side <= self.max_side <= MAX_SIDE):
-            raise UsageError(
-                f"local features need 1 <= max_keypoints <= {MAX_KEYPOINTS:,} and 1 <= min_side <= max_side <= {MAX_SIDE} "
-                f"(got {self.max_keypoints}, {self.min_side}, {self.max_side})"
-            )
 
 
 @dataclass

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_TOP_K = 10  # matches the estimate looks at
-DEFAULT_RADIUS = 25.0  # metres: the usual "same place" distance
+from vpr.retrieval.options import DEFAULT_RADIUS, DEFAULT_TOP_K
+
 DEFAULT_TAU = 0.02  # similarity temperature: a gap of 0.1 in cosine similarity weighs e^-5 less
 
 

@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from vpr.data.images import load_rgb
 from vpr.errors import UsageError
+from vpr.retrieval.options import RerankOptions
 from vpr.fileio import save_png
 from vpr.retrieval.local_features import DESCRIPTOR_BYTES, ImageFeatures, LocalFeatureStore, require_opencv
 
@@ -32,32 +33,6 @@ RANSAC_CONFIDENCE = 0.999
 RANSAC_MAX_ITERS = 2000
 DRAW_HEIGHT = 360
 LINE_COLOURS = ((40, 220, 60), (250, 200, 30), (40, 160, 250), (250, 80, 200), (250, 120, 40))
-
-
-@dataclass(frozen=True)
-class RerankOptions:
-    """Settings of `--rerank local`: shortlist size, matching, the geometric model and the acceptance rule.
-
-    `threshold`: RANSAC's reprojection (homography) or epipolar (fundamental) error in working-frame
-    pixels (longer side <= 640); 16 px is loose, as in DELG (20 px) and Patch-NetVLAD (24 px), since a
-    homography only approximates a 3-D scene across viewpoints. `min_inliers=12`: with the mutual check,
-    different places keep at most 9 chance inliers (mean 2.6) over 1110 corridor pairs and 4 on
-    Nordland, while 52% of true corridor pairs reach 12; a best candidate below it is not trusted.
-    """
-
-    k: int = 100
-    ratio: float = 0.8
-    mutual: bool = True
-    model: str = "homography"
-    threshold: float = 16.0
-    min_inliers: int = 12
-    root_sift: bool = True
-
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise UsageError(f"geometric model '{self.model}' is unknown; choose one of {', '.join(MODELS)}")
-        if not 0 < self.ratio <= 1 or self.threshold <= 0 or self.k < 1 or self.min_inliers < 1:
-            raise UsageError("re-ranking needs 0 < ratio <= 1, threshold > 0, k >= 1 and min_inliers >= 1")
 
 
 @dataclass

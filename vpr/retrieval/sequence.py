@@ -28,47 +28,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vpr.errors import UsageError
+from vpr.retrieval.options import SequenceOptions
 
 log = logging.getLogger(__name__)
 EPS = 1e-6  # keeps Z finite where a window's similarities are all equal (e.g. black frames)
-
-
-def speed_range(low: float, high: float, steps: int) -> tuple[float, ...]:
-    """`steps` relative speeds evenly spaced from `low` to `high` (OpenSeqSLAM uses 0.8 to 1.25)."""
-    if steps < 1 or low <= 0 or high < low:
-        raise UsageError(f"speed range {low}:{high}:{steps} needs 0 < low <= high and at least one step")
-    return tuple(float(v) for v in np.linspace(low, high, steps)) if steps > 1 else (float(low),)
-
-
-@dataclass(frozen=True)
-class SequenceOptions:
-    """SeqSLAM settings: sequence length L (frames), relative speeds (database frames per query frame),
-    contrast window (database frames, <= 1 for none), online (causal) or centred windows, and top k."""
-
-    length: int = 10
-    speeds: tuple[float, ...] = (1.0,)
-    window: int = 1  # off: it helps sharp matches (Nordland thumbnails) and ruins others (docs/benchmarks.md)
-    causal: bool = False
-    k: int = 1
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "speeds", tuple(float(v) for v in self.speeds))  # a list from a caller is fine
-        if self.length < 1 or self.k < 1 or self.window < 0:
-            raise UsageError("sequence length and k must be at least 1, and the contrast window not negative")
-        if not self.speeds or min(self.speeds) <= 0:
-            raise UsageError("give at least one relative speed, each above 0")
-
-    def offsets(self) -> range:
-        """Query-frame offsets t of a path around the current frame (causal: the last L; else centred)."""
-        first = -(self.length - 1) if self.causal else -(self.length // 2)
-        return range(first, first + self.length)
 
 
 def contrast_normalise(similarity: torch.Tensor, window: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from vpr.errors import UsageError
 from vpr.models.model import ModelConfig
-from vpr.retrieval.extract import ExtractOptions
+from vpr.retrieval.options import ExtractOptions
 
 C = TypeVar("C", bound="TrainConfig")
 

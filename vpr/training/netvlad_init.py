@@ -35,7 +35,8 @@ from vpr.fileio import atomic_file, check_replaceable_file, h5_file
 from vpr.models.heads import NetVLAD
 from vpr.models.model import VPRModel
 from vpr.data.loading import ImageFiles
-from vpr.retrieval.extract import ExtractOptions, Progress
+from vpr.retrieval.extract import Progress
+from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.index import require_faiss
 
 log = logging.getLogger(__name__)
