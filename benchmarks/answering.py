@@ -38,7 +38,7 @@ from vpr.retrieval.options import AnswerOptions
 from vpr.retrieval.options import Expansion
 from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.options import LocalFeatureConfig
-from vpr.retrieval.pipeline import build_index, cache_dir_for, describe
+from vpr.retrieval.build import build_index, cache_dir_for, describe
 from vpr.retrieval.options import RerankOptions
 from vpr.retrieval.options import SequenceOptions, speed_range
 from vpr.retrieval.store import load_index

@@ -81,7 +81,7 @@ def main() -> None:
     out = work / "index-spilled"
     script = ("import sys; from pathlib import Path; from vpr.data.datasets import load_image_set; "
               "from vpr.models.checkpoints import load_checkpoint; from vpr.retrieval.extract import ExtractOptions; "
-              "from vpr.retrieval.pipeline import build_index; model, pca = load_checkpoint(Path(sys.argv[1])); "
+              "from vpr.retrieval.build import build_index; model, pca = load_checkpoint(Path(sys.argv[1])); "
               "build_index(load_image_set(Path(sys.argv[2])), Path(sys.argv[3]), model=model, model_pca=pca, pca_dim=256, "
               "kind='ivfpq', options=ExtractOptions(batch_size=64, num_workers=1), spill_bytes=0)")
     run = peak_of([sys.executable, "-c", script, str(work / "megaloc_head_vits1.pt"), str(db), str(out)])

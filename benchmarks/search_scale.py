@@ -24,7 +24,7 @@ import numpy as np
 from vpr.bench.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 from vpr.data.datasets import GeoImageSet
 from vpr.models.model import ModelConfig, build_model
-from vpr.retrieval.index import exact_search
+from vpr.retrieval.search import exact_search
 from vpr.retrieval.rows import open_rows
 from vpr.retrieval.store import write_index_from_file
 

@@ -29,7 +29,7 @@ from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval.extract import extract_descriptors
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.index import torch_search
+from vpr.retrieval.search import torch_search
 from vpr.training.netvlad import NetVLADConfig, initial_model, train_netvlad
 
 NS = (1, 5, 10)

@@ -33,7 +33,7 @@ from vpr.models.model import ModelConfig
 from vpr.retrieval.options import AnswerOptions
 from vpr.retrieval.options import Expansion
 from vpr.retrieval.options import LocalFeatureConfig
-from vpr.retrieval.pipeline import build_index, cache_dir_for, describe, load_model
+from vpr.retrieval.build import build_index, cache_dir_for, describe, load_model
 from vpr.retrieval.rerank import draw_inlier_matches
 from vpr.retrieval.store import load_index
 

@@ -15,7 +15,7 @@ from vpr.data.synth import PRESETS, generate_city, get_preset, save_preview
 from vpr.evaluation.evaluate import evaluate
 from vpr.evaluation.viz import save_matches_figure
 from vpr.models.model import ModelConfig, build_model
-from vpr.retrieval.pipeline import build_index
+from vpr.retrieval.build import build_index
 from vpr.retrieval.store import load_index
 
 

@@ -197,7 +197,7 @@ def places_index(places, tmp_path_factory, tiny_config) -> Path:
     """An index of `places/database` by the tiny model (flat, no cache), shared by tests that only read it."""
     from vpr.data.datasets import load_image_set
     from vpr.retrieval.options import ExtractOptions
-    from vpr.retrieval.pipeline import build_index
+    from vpr.retrieval.build import build_index
 
     out = tmp_path_factory.mktemp("places-index") / "places"
     build_index(load_image_set(places / "database"), out, model=build_model(tiny_config, seed=0),

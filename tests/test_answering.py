@@ -18,7 +18,7 @@ from vpr.retrieval.expansion import augment_database, expand_queries
 from vpr.retrieval.options import Expansion
 from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.localize import estimate_positions
-from vpr.retrieval.pipeline import build_index
+from vpr.retrieval.build import build_index
 from vpr.retrieval.store import load_index
 
 OPTIONS = ExtractOptions(num_workers=0)

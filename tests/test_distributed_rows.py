@@ -17,7 +17,7 @@ from vpr import distributed
 from vpr.data.datasets import load_image_set
 from vpr.models.model import build_model
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.pipeline import build_index
+from vpr.retrieval.build import build_index
 from vpr.retrieval.rows import spill_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -19,7 +19,7 @@ from vpr.errors import ImageError, UsageError, VPRError
 from vpr.models.model import ModelConfig, build_model
 from vpr.models.pca import fit_pca
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.pipeline import build_index
+from vpr.retrieval.build import build_index
 from vpr.retrieval.store import write_index
 
 OPTIONS = ExtractOptions(num_workers=0)

@@ -21,7 +21,7 @@ from vpr.data.geo import format_at_name
 from vpr.errors import IndexFormatError
 from vpr.models.model import ModelConfig, build_model
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.pipeline import build_index, cache_dir_for
+from vpr.retrieval.build import build_index, cache_dir_for
 from vpr.retrieval.store import load_index, write_index
 
 OPTIONS = ExtractOptions(num_workers=0)

@@ -22,7 +22,7 @@ from vpr.api import Index
 from vpr.data.images import decode_rgb
 from vpr.models.model import ModelConfig, build_model
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.pipeline import build_index
+from vpr.retrieval.build import build_index
 from vpr.data.datasets import load_image_set
 from vpr.serve import ServeConfig, create_app
 from vpr.serve.guard import Guard

@@ -20,7 +20,7 @@ from vpr.models.checkpoints import load_checkpoint, load_payload
 from vpr.models.heads import NetVLAD
 from vpr.models.model import ModelConfig, build_model
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.pipeline import build_index
+from vpr.retrieval.build import build_index
 from vpr.retrieval.store import load_index
 from vpr.training.mining import FeatureCache, Miner, MiningConfig, Triplet, tuple_sets
 from vpr.training.loop import TrainResult

@@ -23,7 +23,7 @@ from vpr.models.checkpoints import save_checkpoint
 from vpr.models.model import build_model
 from vpr.retrieval import store as store_module
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.pipeline import build_index, cache_dir_for
+from vpr.retrieval.build import build_index, cache_dir_for
 from vpr.retrieval.store import is_vpr_index, load_index
 
 TINY = ["--resize", "48x64", "--dim", "64", "--workers", "0", "--device", "cpu"]

@@ -14,9 +14,9 @@ from vpr.evaluation.evaluate import evaluate
 from vpr.evaluation.recall import recall_at_n
 from vpr.retrieval.extract import extract_descriptors
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.index import build_faiss_index, faiss_search, torch_search, write_faiss_index
+from vpr.retrieval.search import build_faiss_index, faiss_search, torch_search, write_faiss_index
 from vpr.api import Index
-from vpr.retrieval.pipeline import build_index, describe
+from vpr.retrieval.build import build_index, describe
 from vpr.retrieval.store import load_index
 
 OPTIONS = ExtractOptions(num_workers=0)  # the machine's cores are shared: decode in the main process

@@ -12,7 +12,7 @@ from vpr.data.datasets import GeoImageSet
 from vpr.retrieval.answer import answer
 from vpr.retrieval.options import AnswerOptions
 from vpr.retrieval.options import Expansion
-from vpr.retrieval.index import (
+from vpr.retrieval.search import (
     empty_faiss_index, exact_search, faiss_available, merge_topk, sharded_search, shard_database, torch_search,
     training_rows,
 )

@@ -25,8 +25,8 @@ from vpr.models.inference import forward_batch, inference_model
 from vpr.retrieval.extract import extract_descriptors
 from vpr.retrieval.options import ExtractOptions
 from vpr.data.datasets import GeoImageSet
-from vpr.retrieval.index import (
-    build_faiss_index, exact_search, faiss_search, index_to_device, require_faiss, rerank, search_database, shortlist,
+from vpr.retrieval.search import (
+    build_faiss_index, exact_search, faiss_search, index_to_device, require_faiss, refine, search_database, shortlist,
     torch_search,
 )
 from vpr.retrieval.store import load_index, write_index
@@ -224,11 +224,11 @@ def test_rerank_orders_candidates_by_exact_similarity(vectors):
     rng = np.random.default_rng(0)
     others = np.stack([rng.choice(np.setdiff1d(np.arange(len(db)), row), 20, replace=False) for row in exact_idx])
     candidates = rng.permuted(np.concatenate([exact_idx, others, np.full((len(queries), 3), -1)], axis=1), axis=1)
-    sim, idx = rerank(db, queries, candidates, 5, query_chunk=16)
+    sim, idx = refine(db, queries, candidates, 5, query_chunk=16)
     assert_exact_top_k(db, queries, sim, idx, 5)  # the candidates hold an exact top-5
     assert all(set(row) <= set(cand) for row, cand in zip(idx.tolist(), candidates.tolist()))
     np.testing.assert_allclose(sim, exact_sim, rtol=0, atol=TOL)
-    sim, idx = rerank(db, queries[:1], np.array([[7, -1, -1]]), 3)
+    sim, idx = refine(db, queries[:1], np.array([[7, -1, -1]]), 3)
     assert idx.tolist() == [[7, -1, -1]] and np.isinf(sim[0, 1:]).all()
     np.testing.assert_allclose(sim[0, 0], float(db[7].astype(np.float64) @ queries[0].astype(np.float64)), atol=TOL)
 

@@ -13,7 +13,7 @@ from vpr.data.datasets import load_image_set
 from vpr.errors import ImageError
 from vpr.retrieval.extract import extract_descriptors
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.pipeline import build_index
+from vpr.retrieval.build import build_index
 from vpr.retrieval.rows import RowReader
 from vpr.retrieval.store import load_index
 

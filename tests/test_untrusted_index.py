@@ -11,7 +11,7 @@ from vpr.data.datasets import load_image_set
 from vpr.errors import IndexFormatError, UsageError
 from vpr.fileio import atomic_file
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.pipeline import build_index
+from vpr.retrieval.build import build_index
 from vpr.retrieval.store import load_index
 
 

@@ -30,12 +30,12 @@ from vpr.errors import ImageError, ImageTooLarge, NotAnImage, UsageError
 from vpr.models.inference import amp_dtype, forward_batch, inference_model
 from vpr.models.model import ModelConfig, VPRModel
 from vpr.models.pca import PCA
-from vpr.retrieval import pipeline
+from vpr.retrieval import build as pipeline
 from vpr.retrieval.answer import Answers, answer
 from vpr.retrieval.options import AnswerOptions
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.index import similarity_to_distance
-from vpr.retrieval.pipeline import BuildReport, cache_dir_for
+from vpr.retrieval.search import similarity_to_distance
+from vpr.retrieval.build import BuildReport, cache_dir_for
 from vpr.retrieval.store import IndexBundle, load_index
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vpr import __version__
-from vpr.retrieval.index import faiss_available, faiss_gpu_count
+from vpr.retrieval.search import faiss_available, faiss_gpu_count
 
 
 def cpu_bf16() -> bool:

@@ -16,7 +16,7 @@ from vpr.bench.config import BenchConfig, Stage, extract_options
 from vpr.bench.measure import MB, measure_memory
 from vpr.data.datasets import GeoImageSet
 from vpr.models.model import ModelConfig, VPRModel, build_model
-from vpr.retrieval.pipeline import build_index, cache_dir_for
+from vpr.retrieval.build import build_index, cache_dir_for
 
 
 def _measure_build(config: ModelConfig, seed: int, paths: list[Path], workdir: Path, options: dict, results) -> None:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from vpr.models.model import VPRModel
-from vpr.retrieval.index import torch_search
+from vpr.retrieval.search import torch_search
 
 
 def reference_extract(

@@ -21,7 +21,7 @@ from vpr.bench.search import index_and_search_case, query_latency_case
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import build_model
 from vpr.retrieval.extract import extract_descriptors
-from vpr.retrieval.index import faiss_available
+from vpr.retrieval.search import faiss_available
 
 BENCH_TAG = "vpr bench"
 

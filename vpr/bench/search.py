@@ -17,7 +17,7 @@ from vpr.data.images import load_rgb, preprocess
 from vpr.models.inference import amp_dtype, forward_batch, inference_model
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA, fit_pca
-from vpr.retrieval.index import (
+from vpr.retrieval.search import (
     INDEX_KINDS, build_faiss_index, faiss_available, faiss_gpu_count, faiss_search, search_by_kind, search_database,
     torch_search, write_faiss_index,
 )

@@ -15,7 +15,7 @@ from vpr.retrieval.answer import Answers, answer
 from vpr.retrieval.options import AnswerOptions
 from vpr.retrieval.extract import Progress
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.pipeline import describe
+from vpr.retrieval.build import describe
 from vpr.retrieval.store import IndexBundle
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from vpr.retrieval.index import exact_search
+from vpr.retrieval.search import exact_search
 from vpr.retrieval.options import Expansion
 
 if TYPE_CHECKING:

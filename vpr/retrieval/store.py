@@ -29,7 +29,7 @@ from vpr.data.geo import is_zone
 from vpr.models.checkpoints import file_sha256, load_vpr_checkpoint, save_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
-from vpr.retrieval.index import (
+from vpr.retrieval.search import (
     ADD_CHUNK, INDEX_KINDS, empty_faiss_index, exact_search, faiss_available, read_faiss_index, search_by_kind, training_rows,
     write_faiss_index,
 )

@@ -45,7 +45,7 @@ from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval.extract import Progress, extract_sharded
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.index import torch_search
+from vpr.retrieval.search import torch_search
 from vpr.training.config import TrainConfig
 
 TrainProgress = Callable[[str, int, int], None]  # (phase, done, total)

@@ -37,7 +37,7 @@ from vpr.models.model import VPRModel
 from vpr.data.loading import ImageFiles
 from vpr.retrieval.extract import Progress
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.index import require_faiss
+from vpr.retrieval.search import require_faiss
 
 log = logging.getLogger(__name__)
 SECOND_TO_FIRST = 0.01  # target a_(2) / a_(1), from the reference code

@@ -147,7 +147,7 @@ def index_search(index, kind: str, database: np.ndarray, queries: np.ndarray, k:
     if kind != "ivfpq":
         return faiss_search(index, queries, k)
     _, candidates = faiss_search(index, queries, shortlist(k, len(database)))
-    return rerank(database, queries, candidates, k)
+    return refine(database, queries, candidates, k)
 
 
 def search_by_kind(
@@ -180,10 +180,11 @@ def search_by_kind(
     return index_search(faiss_index, kind, descriptors, queries, k)
 
 
-def rerank(
+def refine(
     database, queries: np.ndarray, candidates: np.ndarray, k: int, query_chunk: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product re-ranking of each query's candidate rows (-1 marks none): top-k (similarities, indices).
+    """Exact refinement of an approximate shortlist: each query's candidate rows (-1 marks none) scored by exact inner
+    products, top-k (similarities, indices).
     `database` is an array or a row reader (`rows.RowReader`), from which only the candidates' rows are read.
 
     Turns an approximate shortlist (IVF-PQ's compressed distances) into exact scores and order; at
