@@ -32,9 +32,10 @@ from vpr.fileio import atomic_file
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import build_model
 from vpr.retrieval.options import ExtractOptions
-from vpr.training.augment import AugmentParams
-from vpr.training.cosplace import CosPlaceConfig, train_cosplace
-from vpr.training.cosplace_groups import GroupParams
+from vpr.training.config import AugmentParams
+from vpr.training.cosplace import train_cosplace
+from vpr.training.config import CosPlaceConfig
+from vpr.training.config import GroupParams
 from vpr.training.loop import validate
 
 

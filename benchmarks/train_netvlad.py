@@ -30,7 +30,8 @@ from vpr.models.pca import PCA
 from vpr.retrieval.extract import extract_descriptors
 from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.search import torch_search
-from vpr.training.netvlad import NetVLADConfig, initial_model, train_netvlad
+from vpr.training.netvlad import initial_model, train_netvlad
+from vpr.training.config import NetVLADConfig
 
 NS = (1, 5, 10)
 

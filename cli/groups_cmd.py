@@ -10,7 +10,8 @@ from rich.table import Table
 
 from cli.common import DEGREES, INT32_MAX, MAX_SPACING, POSITIVE, check_output_file, console, print_json
 from vpr.data.datasets import find_split, load_image_set
-from vpr.training.cosplace_groups import GroupParams, build_groups, save_group_map
+from vpr.training.cosplace_groups import build_groups, save_group_map
+from vpr.training.config import GroupParams
 
 
 def _train_images(dataset: Path) -> Path:

@@ -22,11 +22,13 @@ from cli.common import (
 )
 from vpr import distributed
 from vpr.errors import UsageError
-from vpr.training.augment import AugmentParams
-from vpr.training.cosplace import CosPlaceConfig, train_cosplace
-from vpr.training.cosplace_groups import GroupParams
+from vpr.training.config import AugmentParams
+from vpr.training.cosplace import train_cosplace
+from vpr.training.config import CosPlaceConfig
+from vpr.training.config import GroupParams
 from vpr.training.loop import TrainResult
-from vpr.training.netvlad import NetVLADConfig, train_netvlad
+from vpr.training.netvlad import train_netvlad
+from vpr.training.config import NetVLADConfig
 
 METHODS = ("cosplace", "netvlad")
 RECORD_CORE = ("epoch", "loss", "R@1", "R@5", "best", "seconds", "images", "images_per_second", "train_seconds")

@@ -21,10 +21,13 @@ from vpr.errors import LabelError, OutputError, UsageError
 from vpr.models.checkpoints import load_checkpoint, load_payload
 from vpr.models.model import build_model
 from vpr.training import cosplace_groups
-from vpr.training.augment import AugmentParams, augment_batch, hsv_to_rgb, rgb_to_hsv
+from vpr.training.augment import augment_batch, hsv_to_rgb, rgb_to_hsv
+from vpr.training.config import AugmentParams
 from vpr.training.cosface import CosFaceClassifier, cosface_logits, cosface_loss
-from vpr.training.cosplace import CosPlaceConfig, train_cosplace
-from vpr.training.cosplace_groups import GroupParams, build_groups, compute_groups
+from vpr.training.cosplace import train_cosplace
+from vpr.training.config import CosPlaceConfig
+from vpr.training.cosplace_groups import build_groups, compute_groups
+from vpr.training.config import GroupParams
 
 SIZE = (48, 64)
 EAST, NORTH = 550_000.0, 4_180_000.0

@@ -24,7 +24,8 @@ from vpr.retrieval.build import build_index
 from vpr.retrieval.store import load_index
 from vpr.training.mining import FeatureCache, Miner, MiningConfig, Triplet, tuple_sets
 from vpr.training.loop import TrainResult
-from vpr.training.netvlad import NetVLADConfig, train_netvlad
+from vpr.training.netvlad import train_netvlad
+from vpr.training.config import NetVLADConfig
 from vpr.training.netvlad_init import assignment_alpha, fit_centroids, init_netvlad, sample_local_features
 from vpr.training.triplet import TupleImages, collate_tuples, triplet_loss
 

@@ -17,9 +17,9 @@ from vpr.data.geo import format_at_name
 from vpr.errors import UsageError
 from vpr.models.checkpoints import save_checkpoint
 from vpr.models.model import ModelConfig, build_model
-from vpr.training.cosplace import CosPlaceConfig
+from vpr.training.config import CosPlaceConfig
 from vpr.training.loop import Precision, RunDir, is_better, saved_best, trainable
-from vpr.training.netvlad import NetVLADConfig
+from vpr.training.config import NetVLADConfig
 from vpr.training.netvlad_init import sample_local_features
 
 EAST, NORTH = 550_000.0, 4_180_000.0

@@ -34,7 +34,7 @@ from vpr.retrieval import build as pipeline
 from vpr.retrieval.answer import Answers, answer
 from vpr.retrieval.options import AnswerOptions
 from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.search import similarity_to_distance
+from vpr.retrieval.results import similarity_to_distance
 from vpr.retrieval.build import BuildReport, cache_dir_for
 from vpr.retrieval.store import IndexBundle, load_index
 

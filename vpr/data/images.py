@@ -13,14 +13,14 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vpr.errors import ImageError, ImageTooLarge, NotAnImage
+from vpr.errors import ImageError, ImageTooLarge, NotAnImage, UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 EXIF_ORIENTATION = 0x0112
@@ -86,6 +86,48 @@ def load_thumbnail(path: Path, size: int) -> Image.Image:
     thumb = decode_rgb(path, str(path), draft=size)
     thumb.thumbnail((size, size))
     return thumb
+
+
+ImageItem = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]  # a file, or an image in memory
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """The bytes of an image file (an upload) as an upright 8-bit RGB image, as `load_rgb` reads files.
+
+    Raises `NotAnImage` for unrecognised bytes, `ImageTooLarge` above `max_pixels`, `ImageError` when corrupt.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UsageError(f"{name}: decode_image takes the bytes of an image file, not a {type(data).__name__}")
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    return decode_rgb(io.BytesIO(bytes(data)), name, max_pixels)
+
+
+def as_rgb(image: ImageItem, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Any image vpr takes (a path, a PIL image, an H x W x 3 or H x W uint8 array, the bytes of a file) as an
+    upright 8-bit RGB PIL image; a wrong kind of input is a `UsageError` naming `name`."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_rgb(Path(image))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image), name, max_pixels)
+    if isinstance(image, Image.Image):
+        if image.width * image.height > max_pixels:
+            raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is over the limit of {max_pixels:,}")
+        return upright_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise UsageError(f"{name}: arrays must be H x W x 3 (RGB) or H x W uint8, got {image.shape} {image.dtype}")
+        if image.shape[0] * image.shape[1] > max_pixels or min(image.shape[:2]) == 0:
+            raise ImageTooLarge(f"{name}: {image.shape[1]}x{image.shape[0]} pixels is empty or over the limit of {max_pixels:,}")
+        return to_rgb(Image.fromarray(np.ascontiguousarray(image)))
+    raise UsageError(f"{name}: a {type(image).__name__} is not an image; give a path, PIL image, uint8 array or file bytes")
+
+
+def image_name(image: ImageItem, i: int) -> str:
+    """What errors and results call the `i`-th image: its path, a PIL image's file name, else 'image i'."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return getattr(image, "filename", "") or f"image {i}"
 
 
 def upright_rgb(img: Image.Image) -> Image.Image:

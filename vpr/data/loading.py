@@ -8,6 +8,7 @@ file never raises inside a worker: its item carries the error text, and the call
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vpr.data.images import EXIF_ORIENTATION, MAX_PIXELS, Preprocess, decode_bytes, load_rgb, preprocess, read_image_bytes
+from vpr.data.images import (
+    EXIF_ORIENTATION, MAX_PIXELS, ImageItem, Preprocess, as_rgb, decode_bytes, image_name, load_rgb, preprocess,
+    read_image_bytes,
+)
 from vpr.errors import ImageError, UsageError
 
 
@@ -42,22 +46,29 @@ def file_content_key(path: Path) -> str | None:
 class ImageFiles(Dataset):
     """Reads images as model inputs (uint8, or float for the "torch" resampler); a bad file yields its error text.
 
-    Items are (image, index, error text, content key): the key (`content_key` of the bytes just decoded,
-    "" for a bad file) is computed only when `keyed`. With a resize rule whose output depends on the
-    image (shorter side, native), batch with `collate_sizes`, which keeps images of different sizes in
-    separate groups.
+    Items of `paths` are files, or images in memory (`as_rgb` takes both; `names` names the latter in
+    errors, and their errors are raised as they are). Dataset items are (image, index, error text, content key): the key (`content_key` of the bytes
+    just decoded, "" for a bad file) is computed only when `keyed`. With a resize rule whose output depends
+    on the image (shorter side, native), batch with `collate_sizes`, which keeps images of different sizes
+    in separate groups.
     """
 
-    def __init__(self, paths: list[Path], rule: Preprocess | tuple[int, int], keyed: bool = False) -> None:
+    def __init__(self, paths: list[ImageItem], rule: Preprocess | tuple[int, int], keyed: bool = False,
+                 names: list[str] | None = None) -> None:
         self.paths = paths
         self.rule = as_rule(rule)
         self.keyed = keyed
+        self.names = names
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str, str]:
         path = self.paths[i]
+        if not isinstance(path, (str, os.PathLike)):  # an image in memory: its error, of its own kind, is the caller's
+            name = self.names[i] if self.names is not None else image_name(path, i)
+            return preprocess(as_rgb(path, name), self.rule, name), i, "", ""
+        path = Path(path)
         try:
             if not self.keyed:
                 return preprocess(load_rgb(path), self.rule, str(path)), i, "", ""

@@ -18,7 +18,7 @@ from vpr.data.geo import utm_to_latlon
 from vpr.errors import UsageError
 from vpr.evaluation.evaluate import EvalReport
 from vpr.fileio import atomic_file, check_replaceable_file, h5_file
-from vpr.retrieval.search import similarity_to_distance
+from vpr.retrieval.results import similarity_to_distance
 
 PREDICTIONS_FORMAT = "vpr-predictions"
 DESCRIPTORS_FORMAT = "vpr-query-descriptors"

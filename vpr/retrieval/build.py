@@ -22,7 +22,8 @@ from vpr.models.pca import PCA, fit_pca
 from vpr.retrieval.cache import check_cache_path
 from vpr.retrieval.expansion import augment_database
 from vpr.retrieval.options import Expansion
-from vpr.retrieval.extract import Progress, extract_sharded
+from vpr.retrieval.extract import Progress
+from vpr.retrieval.sharded import extract_sharded
 from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.local_features import (
     LOCAL_FEATURES_FILE, LocalFeatureConfig, extract_local_features, require_opencv, write_local_features,

@@ -4,8 +4,7 @@ The cache is keyed by image content (path, size and a hash of the bytes) and tie
 fingerprint, so a rerun after a kill (or after adding images) only computes what is missing, and an
 image whose bytes changed is recomputed.
 
-Under torchrun (`vpr.distributed`), `extract_sharded` splits the images over the ranks: each rank
-extracts one contiguous block and writes its own cache parts, and rank 0 gathers the blocks.
+Under torchrun, `vpr.retrieval.sharded` splits the images over the ranks and runs this loop on each.
 
 Speed: DataLoader workers decode and resize while the model runs (`vpr.data.loading`); the model
 runs as an inference copy (`vpr.models.inference`: eval, conv+BN folded, channels_last) under
@@ -17,19 +16,22 @@ can be decoded on the device (nvJPEG) and resized there in batches (`decode_on_d
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vpr import distributed
-from vpr.data.loading import ImageFiles, JpegFiles, collate_lists, collate_sizes, decode_batch, file_content_key
-from vpr.errors import ImageError, VPRError
+from vpr.data.images import ImageItem
+from vpr.data.loading import (
+    ImageFiles, JpegFiles, collate_lists, collate_sizes, decode_batch, file_content_key, same_size_groups,
+)
+from vpr.errors import ImageError, UsageError
 from vpr.fileio import output_lock
 from vpr.models.checkpoints import model_fingerprint
 from vpr.models.inference import amp_dtype, compiled, forward_batch, inference_model
@@ -75,6 +77,37 @@ class _HostCopy:
         return self.host.numpy()
 
 
+class Describer:
+    """A model ready to describe images on one device, for every caller alike (index builds, evaluation,
+    training's validation, `Index.query`, `vpr serve`): its inference copy (eval, conv+BN folded,
+    channels_last, optionally compiled), made once, and its autocast dtype. The caller's model is untouched."""
+
+    def __init__(self, model: VPRModel, options: ExtractOptions) -> None:
+        self.model = model
+        self.device = torch.device(options.device)
+        self.batch_size, self.compile = options.batch_size, options.compile
+        self.fast = inference_model(model, self.device)
+        self.runner = compiled(self.fast, self.device) if options.compile else self.fast
+        self.dtype = amp_dtype(self.device) if options.amp else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit descriptors (float32, on the device) of a batch of model inputs already on the device."""
+        n = len(images)
+        if self.compile and n < self.batch_size:  # keep the compiled shape: a short batch would compile again
+            images = torch.cat([images, images.new_zeros((self.batch_size - n, *images.shape[1:]))])
+        return forward_batch(self.runner, images, self.dtype)[:n]
+
+    def inputs(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+        """Descriptors of model inputs made by `vpr.data.images.preprocess` (as `vpr serve` prepares uploads):
+        one forward pass per input size."""
+        tensors = list(tensors)
+        out = np.zeros((len(tensors), self.model.config.descriptor_dim), dtype=np.float32)
+        for rows in same_size_groups(tensors):
+            stack = torch.stack([tensors[i] for i in rows]).to(self.device, non_blocking=True)
+            out[rows] = self.forward(stack).cpu().numpy()
+        return out
+
+
 def _open_cache(model: VPRModel, cache: Path, amp: bool) -> DescriptorCache:
     """The descriptor cache at `cache`, tied to the model: the weights are hashed here, once per call
     and only when a cache is used (fp32 and autocast descriptors never mix)."""
@@ -83,110 +116,32 @@ def _open_cache(model: VPRModel, cache: Path, amp: bool) -> DescriptorCache:
 
 
 def extract_descriptors(
-    model: VPRModel,
-    paths: list[Path],
+    model: VPRModel | Describer,
+    images: Sequence[ImageItem],
     options: ExtractOptions,
     *,
     cache: Path | None = None,
     progress: Progress | None = None,
     spill: Path | None = None,
+    names: Sequence[str] | None = None,
 ) -> Extraction:
-    """Compute L2-normalised descriptors of `paths` as `options` says, reusing and extending `cache` when given.
+    """Compute L2-normalised descriptors of `images` as `options` says, reusing and extending `cache` when given.
 
-    A bad image raises its `ImageError` unless `options.skip_bad`, which records it in `skipped`
-    instead. The caller's model is left untouched (an inference copy runs). With `spill` (a folder)
-    the descriptors are written to an unnamed file there as they come and returned as a `RowReader`,
-    so memory does not grow with the number of images.
+    `images` are files (paths) or images in memory (PIL images, uint8 arrays, the bytes of image files;
+    `names` names them in errors); either way they are read, resized and described by the same code. A bad
+    image raises its `ImageError` unless `options.skip_bad`, which records it in `skipped` instead. `model`
+    may be a `Describer` made earlier (its inference copy reused). With `spill` (a folder) the descriptors are
+    written to an unnamed file there as they come and returned as a `RowReader`, so memory does not grow
+    with the number of images.
     """
+    describer = model if isinstance(model, Describer) else Describer(model, options)
     with output_lock(cache) if cache is not None else nullcontext():  # one writer per cache at a time
-        store = _open_cache(model, cache, options.amp) if cache is not None else None
+        store = _open_cache(describer.model, cache, options.amp) if cache is not None else None
         try:
-            return _extract(model, paths, options, store, progress, spill)
+            return _extract(describer, list(images), options, store, progress, spill, names)
         finally:
             if store is not None:
                 store.close()
-
-
-def extract_sharded(
-    model: VPRModel,
-    paths: list[Path],
-    options: ExtractOptions,
-    *,
-    cache: Path | None = None,
-    progress: Progress | None = None,
-    spill: Path | None = None,
-) -> Extraction:
-    """`extract_descriptors` with `paths` sharded over the ranks of a distributed run (`vpr.distributed`).
-
-    Each rank extracts its contiguous block into its own cache parts (and, with `spill`, its own spill
-    file); rank 0 then holds the whole result (in input order, as one process would compute it: sent
-    as tensors in chunks, into a spill file of its own with `spill`) and merges the cache, while every
-    other rank gets only its block's. Any rank's error is raised on rank 0, naming the rank (the
-    others raise `distributed.Reported`).
-    """
-    if not distributed.joined():
-        return extract_descriptors(model, paths, options, cache=cache, progress=progress, spill=spill)
-    block = distributed.shard(len(paths))
-    with ExitStack() as stack:
-        store = stack.enter_context(_shared_cache(model, cache, options.amp)) if cache is not None else None
-        try:
-            mine: Extraction | BaseException = _extract(model, [paths[i] for i in block], options, store, progress, spill)
-            mine.kept = block[mine.kept]
-        except Exception as exc:  # reported to rank 0 first, then raised here
-            mine = exc
-        if store is not None:
-            store.flush()  # before reporting: rank 0 merges what every rank wrote
-        summary = mine if isinstance(mine, BaseException) else replace(mine, descriptors=None)
-        gathered = distributed.gather_object(summary)
-    failure = _failure(gathered) if gathered is not None else None
-    if not distributed.broadcast_object(failure is None):  # every rank learns whether the rows travel
-        if failure is not None:
-            raise failure
-        if isinstance(mine, BaseException):
-            raise distributed.Reported(str(mine)) from mine
-        return mine
-    if gathered is None:
-        distributed.gather_rows(mine.descriptors, None, None)
-        return mine
-    counts = [len(part.kept) for part in gathered]
-    shape = (sum(counts), model.config.descriptor_dim)
-    out = spill_rows(spill, shape) if spill is not None else np.empty(shape, dtype=np.float32)
-    distributed.gather_rows(mine.descriptors, counts, out)
-    return Extraction(descriptors=RowReader(out, spill) if spill is not None else out,
-                      kept=np.concatenate([part.kept for part in gathered]),
-                      skipped=[item for part in gathered for item in part.skipped],
-                      reused=sum(part.reused for part in gathered))
-
-
-def _failure(outcomes: list[Extraction | BaseException]) -> VPRError | None:
-    """The first rank's error among the gathered outcomes, naming the rank (None when all succeeded)."""
-    for rank, outcome in enumerate(outcomes):
-        if isinstance(outcome, BaseException):
-            kind = type(outcome) if isinstance(outcome, VPRError) else VPRError
-            error = kind(f"rank {rank} of {len(outcomes)}: {outcome}")
-            error.__cause__ = outcome
-            return error
-    return None
-
-
-@contextmanager
-def _shared_cache(model: VPRModel, cache: Path, amp: bool) -> Iterator[DescriptorCache]:
-    """The cache all ranks write parts into: rank 0 locks and opens it (claims it, drops an unusable one)
-    before the others open it; on leaving, rank 0 (after every rank reported) merges all parts."""
-    opened: list[DescriptorCache] = []
-
-    @contextmanager
-    def lock_and_open() -> Iterator[None]:
-        with output_lock(cache):
-            opened.append(_open_cache(model, cache, amp))
-            yield
-
-    with distributed.main_first(lock_and_open):
-        store = opened[0] if opened else _open_cache(model, cache, amp)
-        yield store
-        if distributed.is_main():
-            store.refresh()
-            store.close()
 
 
 def cached_keys(store: DescriptorCache, paths: list[Path]) -> list[str | None]:
@@ -201,24 +156,17 @@ def cached_keys(store: DescriptorCache, paths: list[Path]) -> list[str | None]:
     return keys
 
 
-def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store: DescriptorCache | None,
-             progress: Progress | None, spill: Path | None = None) -> Extraction:
-    """The extraction loop, reusing and extending an open `store`."""
-    dev = torch.device(options.device)
+def _extract(describer: Describer, paths: list[ImageItem], options: ExtractOptions, store: DescriptorCache | None,
+             progress: Progress | None, spill: Path | None = None, names: Sequence[str] | None = None) -> Extraction:
+    """The extraction loop, reusing and extending an open `store` (files only: images in memory have no key)."""
+    dev = describer.device
     batch_size = options.batch_size
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    fast = inference_model(model, dev)
-    runner = compiled(fast, dev) if options.compile else fast
-    config = model.config
-    autocast_dtype = amp_dtype(dev) if options.amp else None
-
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        n = len(images)
-        if options.compile and n < batch_size:  # keep the compiled shape: a short batch would compile again
-            images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
-        return forward_batch(runner, images, autocast_dtype)[:n]
-
+    config = describer.model.config
+    in_memory = not all(isinstance(item, (str, os.PathLike)) for item in paths)
+    if in_memory and (store is not None or options.decode_on_device):
+        raise UsageError("images in memory are described without a descriptor cache or decoding on the device")
     shape = (len(paths), config.descriptor_dim)
     out = spill_rows(spill, shape) if spill is not None else np.zeros(shape, dtype=np.float32)
     ok = np.ones(len(paths), dtype=bool)
@@ -237,10 +185,11 @@ def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store:
     todo_paths = [paths[i] for i in todo]
     on_device = options.decode_on_device
     rule = config.preprocess
-    dataset = (JpegFiles if on_device else ImageFiles)(todo_paths, rule, keyed=store is not None)
+    dataset = (JpegFiles(todo_paths, rule, keyed=store is not None) if on_device else
+               ImageFiles(todo_paths, rule, keyed=store is not None, names=None if names is None else [names[i] for i in todo]))
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False,
-        num_workers=options.num_workers if len(todo) > batch_size else 0,
+        num_workers=options.num_workers if len(todo) > batch_size and not in_memory else 0,
         pin_memory=dev.type == "cuda", persistent_workers=False, collate_fn=collate_lists if on_device else collate_sizes,
     )
 
@@ -287,7 +236,7 @@ def _extract(model: VPRModel, paths: list[Path], options: ExtractOptions, store:
             if len(bad) < len(rows):
                 good = np.setdiff1d(np.arange(len(rows)), bad)
                 images = images if not bad else images[torch.from_numpy(good).to(dev)]
-                launched = _HostCopy(rows[good], forward(images))
+                launched = _HostCopy(rows[good], describer.forward(images))
             finish(pending)
             pending = launched
             if dev.type != "cuda":  # nothing to overlap on the CPU: store now, so a kill loses at most this batch

@@ -336,8 +336,3 @@ def index_to_device(index, device: str = "cpu"):
     gpu_index = faiss.index_cpu_to_gpu(resources, dev.index or 0, index, options)
     gpu_index.referenced_objects = [resources]  # the GPU memory must live as long as the index
     return gpu_index
-
-
-def similarity_to_distance(similarity: np.ndarray) -> np.ndarray:
-    """L2 distance between unit vectors from their inner product."""
-    return np.sqrt(np.clip(2.0 - 2.0 * similarity, 0.0, None))

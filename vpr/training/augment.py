@@ -11,24 +11,13 @@ image gets the numbers it would get in a single process.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from vpr.training.config import AugmentParams
+
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
-
-
-@dataclass(frozen=True)
-class AugmentParams:
-    """Jitter strengths (torchvision ColorJitter semantics) and the smallest crop area fraction."""
-
-    brightness: float = 0.7
-    contrast: float = 0.7
-    saturation: float = 0.7
-    hue: float = 0.5
-    crop_scale: float = 0.5  # the reference code's RandomResizedCrop scale [0.5, 1]
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
 Rows = tuple[int, int]  # (first row, rows drawn for): a batch's place in the global batch its numbers are drawn for

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,12 +31,12 @@ from vpr import distributed
 from vpr.data.datasets import load_split_images
 from vpr.data.images import normalize_batch
 from vpr.errors import UsageError
-from vpr.models.model import ModelConfig, VPRModel, build_model
+from vpr.models.model import VPRModel, build_model
 from vpr.data.loading import ImageFiles
-from vpr.training.augment import AugmentParams, augment_batch
-from vpr.training.config import TrainConfig, check_learning_rate
+from vpr.training.augment import augment_batch
+from vpr.training.config import CosPlaceConfig
 from vpr.training.cosface import CosFaceClassifier, cosface_loss
-from vpr.training.cosplace_groups import GroupParams, build_groups
+from vpr.training.cosplace_groups import build_groups
 from vpr.training.loop import (
     Method, Phase, RunDir, TrainProgress, TrainResult, first_error, global_share, rank0_first, parallel, train, trainable,
 )
@@ -46,42 +45,6 @@ log = logging.getLogger(__name__)
 
 PAPER_LR = 1e-5
 SCRATCH_LR = 3e-4
-
-
-@dataclass(frozen=True)
-class CosPlaceConfig(TrainConfig):
-    """A CosPlace run: the shared settings plus the descriptor size, groups, CosFace and augmentation."""
-
-    dim: int = 512
-    iterations_per_epoch: int = 1000
-    classifier_lr: float = 1e-2
-    groups: GroupParams = field(default_factory=GroupParams)
-    groups_num: int = 8
-    scale: float = 30.0
-    margin: float = 0.4
-    augment: AugmentParams = field(default_factory=AugmentParams)
-
-    method = "cosplace"
-
-    def default_lr(self) -> float:
-        """The paper's 1e-5 for a pretrained backbone; from random init that barely learns, so SCRATCH_LR."""
-        return PAPER_LR if self.pretrained is not None else SCRATCH_LR
-
-    def check(self) -> None:
-        check_learning_rate(self.classifier_lr, "--classifier-lr")
-        if self.iterations_per_epoch is None:
-            raise UsageError("--iterations-per-epoch: CosPlace needs a number of steps per epoch")
-        for name in ("groups_num", "dim"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if not (self.scale > 0 and 0 <= self.margin < 1 and self.classifier_lr > 0):
-            raise UsageError(f"--scale {self.scale} --margin {self.margin} --classifier-lr {self.classifier_lr}: "
-                             "need scale > 0, 0 <= margin < 1 and a positive classifier lr")
-        if not 0 < self.augment.crop_scale <= 1:
-            raise UsageError(f"--crop-scale {self.augment.crop_scale}: the smallest crop area must be in (0, 1]")
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(backbone=self.backbone, head="cosplace", layer=self.layer, descriptor_dim=self.dim, input_size=self.input_size)
 
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -19,7 +19,6 @@ import colorsys
 import hashlib
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,43 +27,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vpr.data.datasets import GeoImageSet
-from vpr.errors import LabelError, UsageError
+from vpr.errors import LabelError
 from vpr.fileio import atomic_file, check_replaceable_file, check_separate, h5_file, save_png
+from vpr.training.config import GroupParams
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "vpr-cosplace-groups-1"
-
-
-@dataclass(frozen=True)
-class GroupParams:
-    """Class size M (metres) and alpha (degrees), group spacing N and L, and the class-size filter."""
-
-    M: float = 10.0
-    alpha: float = 30.0
-    N: int = 5
-    L: int = 2
-    min_images_per_class: int = 10
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.M) and self.M > 0):
-            raise UsageError(f"--M {self.M}: the class size must be a positive number of metres, e.g. 10")
-        if not (math.isfinite(self.alpha) and 0 < self.alpha <= 360):
-            raise UsageError(f"--alpha {self.alpha}: the heading sector must be in (0, 360] degrees, e.g. 30")
-        if self.N < 1 or self.L < 1:
-            raise UsageError(f"--N {self.N} --L {self.L}: both must be at least 1 (the paper uses N 5, L 2)")
-        sectors = 360.0 / (self.alpha * self.L)
-        if abs(sectors - round(sectors)) > 1e-9:
-            raise UsageError(
-                f"--alpha {self.alpha} with --L {self.L}: alpha*L must divide 360 so heading groups wrap "
-                "around consistently (e.g. alpha 30, L 2)"
-            )
-        if self.min_images_per_class < 1:
-            raise UsageError(f"--min-images-per-class {self.min_images_per_class}: must be at least 1")
-
-    @property
-    def max_groups(self) -> int:
-        """N * N * L: the number of possible groups."""
-        return self.N * self.N * self.L
 
 
 @dataclass

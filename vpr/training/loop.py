@@ -43,7 +43,8 @@ from vpr.models.checkpoints import load_payload, model_from_payload, save_checkp
 from vpr.models.inference import amp_dtype
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
-from vpr.retrieval.extract import Progress, extract_sharded
+from vpr.retrieval.extract import Progress
+from vpr.retrieval.sharded import extract_sharded
 from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.search import torch_search
 from vpr.training.config import TrainConfig

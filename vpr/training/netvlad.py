@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +28,15 @@ from torch.utils.data import DataLoader
 from vpr import distributed
 from vpr.data.datasets import GeoImageSet, load_split
 from vpr.data.images import normalize_batch
-from vpr.errors import LabelError, UsageError
+from vpr.errors import LabelError
 from vpr.fileio import check_separate
 from vpr.models.checkpoints import load_checkpoint, load_payload, save_checkpoint
-from vpr.models.model import ModelConfig, VPRModel, build_model
+from vpr.models.model import VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
+from vpr.training.config import NetVLADConfig
 from vpr.retrieval.extract import Progress, extract_descriptors
-from vpr.training.config import TrainConfig
 from vpr.training.loop import Method, Phase, RunDir, TrainProgress, TrainResult, first_error, rank0_first, parallel, train, trainable
-from vpr.training.mining import FeatureCache, Miner, MiningConfig, Triplet, tuple_sets
+from vpr.training.mining import FeatureCache, Miner, Triplet, tuple_sets
 from vpr.training.netvlad_init import Clusters, init_netvlad
 from vpr.training.triplet import TupleImages, collate_tuples, triplet_hinges
 
@@ -45,78 +44,6 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = 1e-4  # pytorch-NetVlad's; also the best of 1e-5 / 1e-4 / 1e-3 from random init on the synthetic city
 SGD_WEIGHT_DECAY = 1e-3  # pytorch-NetVlad's, for SGD; its Adam has none
-
-
-@dataclass(frozen=True)
-class NetVLADConfig(TrainConfig):
-    """A NetVLAD run: the shared settings plus clusters, tuples and mining, optimiser and whitening.
-
-    `batch_size` counts images, as for every method: a step holds `tuples_per_step` tuples of a query,
-    its positive and `num_negatives` negatives. `iterations_per_epoch` None: one pass over the queries.
-    """
-
-    num_clusters: int = 64
-    cache_refresh: int = 1000  # queries mined per feature-cache refresh
-    pos_radius: float = 10.0
-    neg_radius: float = 25.0
-    margin: float = 0.1
-    num_negatives: int = 10
-    neg_samples: int = 1000
-    mining_subset: int | None = None  # partial mining: database images cached per refresh
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float | None = None  # None: SGD_WEIGHT_DECAY with sgd, 0 with adam (as the reference)
-    lr_step: int = 5
-    lr_gamma: float = 0.5
-    init_images: int = 500
-    init_per_image: int = 100
-    kmeans_iterations: int = 100
-    clusters_cache: Path | str | None = None  # default: OUT/clusters.h5
-    pca_dim: int = 4096  # 0: no PCA-whitening
-
-    method = "netvlad"
-
-    def default_lr(self) -> float:
-        return DEFAULT_LR
-
-    def resolved(self) -> "NetVLADConfig":
-        done = super().resolved()
-        if done.weight_decay is None:
-            done = replace(done, weight_decay=SGD_WEIGHT_DECAY if done.optimizer == "sgd" else 0.0)
-        return done
-
-    def check(self) -> None:
-        positive = {
-            "--cache-refresh": self.cache_refresh, "--negatives": self.num_negatives, "--neg-samples": self.neg_samples,
-            "--lr-step": self.lr_step, "--init-images": self.init_images, "--init-per-image": self.init_per_image,
-            "--kmeans-iterations": self.kmeans_iterations,
-        }
-        for option, value in positive.items():
-            if value < 1:
-                raise UsageError(f"{option} {value}: must be at least 1")
-        if self.num_clusters < 2:
-            raise UsageError(f"--clusters {self.num_clusters}: NetVLAD needs at least 2 clusters")
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.margin <= 0 or self.pca_dim < 0 or (self.weight_decay or 0.0) < 0:
-            raise UsageError("--triplet-margin must be positive; --pca-dim and --weight-decay at least 0")
-        if not 0 < self.pos_radius <= self.neg_radius:
-            raise UsageError(f"--pos-radius {self.pos_radius} must be positive and at most --neg-radius {self.neg_radius}")
-        if self.mining_subset is not None and self.mining_subset < 1:
-            raise UsageError(f"--mining-subset {self.mining_subset}: must be at least 1 (leave it out for all)")
-
-    @property
-    def tuples_per_step(self) -> int:
-        """Tuples per optimiser step: batch_size // (2 + num_negatives) images' worth, at least one."""
-        return max(1, self.batch_size // (2 + self.num_negatives))
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(backbone=self.backbone, head="netvlad", layer=self.layer, num_clusters=self.num_clusters,
-                           input_size=self.input_size)
-
-    def mining_config(self) -> MiningConfig:
-        return MiningConfig(margin=self.margin, num_negatives=self.num_negatives, neg_samples=self.neg_samples,
-                            subset=self.mining_subset)
 
 
 def initial_model(cfg: NetVLADConfig, database: GeoImageSet, progress: Progress | None = None) -> tuple[VPRModel, Clusters]:
