@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vpr.data.datasets import load_split
-from vpr.data.synth import generate_city
+from vpr.data.synth.generate import generate_city
 from vpr.fileio import atomic_file
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import build_model

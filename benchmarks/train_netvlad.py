@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vpr.data.datasets import load_split, positives_within
-from vpr.data.synth import generate_city
+from vpr.data.synth.generate import generate_city
 from vpr.evaluation.recall import recall_at_n
 from vpr.models.checkpoints import load_checkpoint
 from vpr.models.model import VPRModel

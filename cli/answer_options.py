@@ -8,22 +8,18 @@ from typing import Optional
 import typer
 
 from cli.common import MAX_BATCH, POSITIVE
+from vpr.api import DEFAULT_RADIUS, DEFAULT_TOP_K, AnswerOptions, Expansion, RerankOptions, SequenceOptions, speed_range
 from vpr.errors import UsageError
-from vpr.retrieval.options import AnswerOptions
-from vpr.retrieval.options import Expansion
-from vpr.retrieval.options import DEFAULT_RADIUS, DEFAULT_TOP_K
-from vpr.retrieval.options import RerankOptions
-from vpr.retrieval.options import SequenceOptions, speed_range
 
 MAX_SEQUENCE = 10_000
-QE = typer.Option(0, "--qe", min=0, max=MAX_BATCH, help="Query expansion: average each query with its top N matches (alpha-QE) and search again; 0 = off.")
-QE_ALPHA = typer.Option(3.0, "--qe-alpha", min=0.0, max=100.0, help="alpha-QE's similarity exponent (0 = plain average query expansion).")
+QE = typer.Option(Expansion.n, "--qe", min=0, max=MAX_BATCH, help="Query expansion: average each query with its top N matches (alpha-QE) and search again; 0 = off.")
+QE_ALPHA = typer.Option(Expansion.alpha, "--qe-alpha", min=0.0, max=100.0, help="alpha-QE's similarity exponent (0 = plain average query expansion).")
 SEQUENCE = typer.Option(None, "--sequence", min=1, max=MAX_SEQUENCE, help="Match sequences of L frames (SeqSLAM) instead of single images: queries and database in capture order (file-name order, or a manifest's timestamp/frame column).")
-CAUSAL = typer.Option(False, "--causal", help="With --sequence: online mode, each frame uses only itself and the L-1 frames before it.")
+CAUSAL = typer.Option(SequenceOptions.causal, "--causal", help="With --sequence: online mode, each frame uses only itself and the L-1 frames before it.")
 SPEEDS = typer.Option("1", "--seq-speeds", help="With --sequence: relative speeds tried, database frames per query frame: one speed (1: both traversals at the same pace) or MIN:MAX:STEPS, e.g. 0.8:1.25:5 when the pace varies.")
-WINDOW = typer.Option(1, "--seq-window", min=1, max=MAX_SEQUENCE, help="With --sequence: SeqSLAM's local contrast normalisation along the database over W frames (1 = off, the default). W = 11 lifts SeqSLAM thumbnails on sparsely sampled traversals (Nordland: +18 points at L = 10) but ruins matching where a place spans several frames or similarities are nearly flat (random-init models).")
+WINDOW = typer.Option(SequenceOptions.window, "--seq-window", min=1, max=MAX_SEQUENCE, help="With --sequence: SeqSLAM's local contrast normalisation along the database over W frames (1 = off, the default). W = 11 lifts SeqSLAM thumbnails on sparsely sampled traversals (Nordland: +18 points at L = 10) but ruins matching where a place spans several frames or similarities are nearly flat (random-init models).")
 RERANK = typer.Option(None, "--rerank", help="local: verify the top --rerank-k matches with local features + RANSAC and reorder by inliers (index built with --local-features).")
-RERANK_K = typer.Option(100, "--rerank-k", min=1, max=MAX_BATCH, help="With --rerank local: candidates verified per query.")
+RERANK_K = typer.Option(RerankOptions.k, "--rerank-k", min=1, max=MAX_BATCH, help="With --rerank local: candidates verified per query.")
 POSITION_K = typer.Option(DEFAULT_TOP_K, "--position-k", min=1, max=MAX_BATCH, help="Matches the position estimate looks at (densest cluster, similarity-weighted).")
 POSITION_RADIUS = typer.Option(DEFAULT_RADIUS, "--position-radius", callback=POSITIVE, help="Metres within which matches count as one place for the position estimate.")
 

@@ -41,14 +41,31 @@ def _global(
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+class _Both(dict):
+    """A command's own flags, falling back to every command's (filled as the commands are registered)."""
+
+    def __missing__(self, name: str):
+        return EVERY_FLAG[name]
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or name in EVERY_FLAG
+
+
 class Interrupted(Exception):
     """Ctrl-C inside a command, carried past Typer (which would turn KeyboardInterrupt into a silent exit 130)."""
 
 
+EVERY_FLAG: dict = {}  # a parameter of any command -> its flag, for messages that point to another command
+
+
 def _command(command: Callable) -> Callable:
     """`command` as the app runs it: Ctrl-C carried past Typer, and the library's errors said with this
-    command's flags (`vpr.errors` messages name parameters, `cli.flags`)."""
-    flags = flag_table(command)
+    command's flags, or another command's where the message points there (`vpr.errors` messages name
+    parameters, `cli.flags`)."""
+    own = flag_table(command)
+    for name, flag in own.items():
+        EVERY_FLAG.setdefault(name, flag)
+    flags = _Both(own)
 
     @functools.wraps(command)  # Typer reads the options from the wrapped signature
     def run(*args, **kwargs):
@@ -57,7 +74,7 @@ def _command(command: Callable) -> Callable:
         except KeyboardInterrupt:
             raise Interrupted() from None
         except VPRError as exc:
-            exc.args = (as_flags(str(exc), flags),)
+            exc.args = (as_flags(exc.args[0], flags), *exc.args[1:]) if exc.args else exc.args
             raise
 
     return run

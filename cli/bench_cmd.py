@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
@@ -10,13 +9,10 @@ import typer
 from rich.table import Table
 
 from cli.common import (
-    INT32_MAX, MAX_BATCH, MAX_WORKERS, console, err_console, parse_int_list, parse_size, print_json, resolve_device, to_json,
+    INT32_MAX, MAX_BATCH, MAX_WORKERS, console, device_of, err_console, parse_int_list, parse_size, print_json,
 )
-from vpr.bench.config import CASES, bench_config
-from vpr.bench.run import is_bench_results, run_bench
+from vpr import api
 from vpr.errors import UsageError
-from vpr.fileio import atomic_file, check_replaceable_file
-from vpr.models.model import ModelConfig
 
 
 def bench_cmd(
@@ -25,8 +21,8 @@ def bench_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file to write (default bench_results/bench-<timestamp>.json)."),
     data: Optional[Path] = typer.Option(None, "--data", help="A synthetic city from `vpr synth` to use instead of rendering one into a temporary folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Measure this vpr checkpoint instead of a random-init ResNet-18 CosPlace model."),
-    sizes: Optional[str] = typer.Option(None, "--sizes", help="Database sizes of the index and search cases, e.g. 10000,100000,1000000."),
-    images: Optional[int] = typer.Option(None, "--images", min=2, max=INT32_MAX, help="JPEG files through the extraction cases."),
+    index_sizes: Optional[str] = typer.Option(None, "--sizes", help="Database sizes of the index and search cases, e.g. 10000,100000,1000000."),
+    extract_images: Optional[int] = typer.Option(None, "--images", min=2, max=INT32_MAX, help="JPEG files through the extraction cases."),
     backbone: Optional[str] = typer.Option(None, "--model", help="Measure a random-init model with this backbone (e.g. dinov2_vitb14; default resnet18)."),
     head: Optional[str] = typer.Option(None, "--head", help="... and this head (e.g. megaloc, salad, boq; default cosplace)."),
     resize: Optional[str] = typer.Option(None, "--resize", help="Model input HEIGHTxWIDTH (default 240x320; 322x322 for DINOv2)."),
@@ -39,26 +35,20 @@ def bench_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
 ) -> None:
     """Benchmark extraction (vs a plain fp32 reference loop), index building and search, side by side."""
-    dev = resolve_device(device)
     model = None
     if backbone or head or resize:
         if checkpoint is not None:
             raise UsageError("--model, --head and --resize describe a random-init model; drop them with --checkpoint")
-        model = ModelConfig.for_backbone(backbone or "resnet18", head=head or "cosplace",
-                                         **({"input_size": parse_size(resize)} if resize else {}))
-    config = bench_config(
-        quick, dev, data=data, checkpoint=checkpoint, extract_images=images, batch_size=batch_size, workers=workers,
-        threads=threads, index_sizes=parse_int_list(sizes, "--sizes") if sizes else None,
-        model=model, cases=parse_cases(cases),
-        jpeg_size=None if jpeg_size == "native" else parse_size(jpeg_size), compile=compile_model,
+        model = api.ModelConfig.for_backbone(backbone or "resnet18", head=head or "cosplace",
+                                             **({"input_size": parse_size(resize)} if resize else {}))
+    settings = dict(
+        quick=quick, device=device_of(device), data=data, checkpoint=checkpoint, extract_images=extract_images,
+        batch_size=batch_size, workers=workers, threads=threads, model=model, cases=parse_cases(cases),
+        index_sizes=parse_int_list(index_sizes, "--sizes") if index_sizes else None,
+        jpeg_size=None if jpeg_size == "native" else parse_size(jpeg_size, "--jpeg-size"), compile=compile_model,
     )
-    path = out or Path("bench_results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    if out is not None:  # checked before minutes of measuring: never replace a file vpr bench did not write
-        check_replaceable_file(out, is_bench_results, "bench results file", "--out")
     with err_console.status("benchmarking") as status:
-        results = run_bench(config, stage=lambda message: status.update(f"bench: {message}"))
-    with atomic_file(path) as tmp:
-        tmp.write_text(to_json(results))
+        results, path = api.bench(out, stage=lambda message: status.update(f"bench: {message}"), **settings)
     if json_out:
         print_json(results)
         return
@@ -70,10 +60,10 @@ def parse_cases(text: str) -> tuple[str, ...]:
     """--cases 'extraction,search' -> ('extraction', 'search'); 'all' -> every case."""
     wanted = tuple(part.strip().lower() for part in text.split(",") if part.strip())
     if wanted == ("all",):
-        return CASES
-    unknown = [case for case in wanted if case not in CASES]
+        return api.BENCH_CASES
+    unknown = [case for case in wanted if case not in api.BENCH_CASES]
     if unknown or not wanted:
-        raise UsageError(f"--cases {text}: choose from {', '.join(CASES)} or all")
+        raise UsageError(f"--cases {text}: choose from {', '.join(api.BENCH_CASES)} or all")
     return wanted
 
 

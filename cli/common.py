@@ -1,8 +1,11 @@
-"""Shared CLI pieces: option parsing helpers, device choice, progress bars and JSON output."""
+"""Shared CLI pieces: option parsing helpers, bounds, device and precision notes, progress bars and JSON output.
+
+Nothing here imports torch: every command's options come from `vpr.api`'s settings dataclasses, and the
+library is asked to work only inside the commands' bodies.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Iterator
@@ -10,14 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vpr import api, distributed
+from vpr import api
 from vpr.errors import UsageError
-from vpr.retrieval.options import ExtractOptions
 
 # User text (paths, file names, option values) is printed literally: no rich markup (`[red]b.png`, `a[/b]c`),
 # no emoji codes (`:cat:`), no highlighting. stdout never wraps or crops a line, so paths stay whole in pipes.
@@ -33,6 +34,7 @@ MAX_DIM = 65536
 MAX_CLUSTERS = 1024
 MAX_EF_SEARCH = 1_000_000  # FAISS HNSW allocates candidate lists of this size per query
 MAX_SPACING = 1000  # CosPlace --N: N*N*L groups
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 
 
 def safe_output_streams() -> None:
@@ -89,14 +91,14 @@ NON_NEGATIVE = number_range(0)
 DEGREES = number_range(0, 360, low_open=True)
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, option: str = "--resize") -> tuple[int, int]:
     """'240x320' -> (240, 320) (height x width)."""
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise UsageError(f"--resize '{text}' is not HEIGHTxWIDTH, e.g. 240x320") from None
+        raise UsageError(f"{option} '{text}' is not HEIGHTxWIDTH, e.g. 240x320") from None
     if not (16 <= height <= 4096 and 16 <= width <= 4096):
-        raise UsageError(f"--resize '{text}': each side must be between 16 and 4096 pixels")
+        raise UsageError(f"{option} '{text}': each side must be between 16 and 4096 pixels")
     return height, width
 
 
@@ -126,16 +128,6 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; a named GPU must exist (errors name --device).
-    Under torchrun, 'auto' and 'cuda' name the GPU of this rank's local rank."""
-    try:
-        resolved = str(api.resolve_device(device))
-    except UsageError as exc:
-        raise UsageError(f"--{exc}") from None
-    return f"cuda:{distributed.local_rank()}" if resolved == "cuda" and distributed.launched() else resolved
-
-
 AMP_HELP = ("Run the model under bf16 autocast (fp16 on GPUs without bf16): about 2x faster on GPUs and on CPUs with "
             "bf16 instructions; descriptors differ from fp32 in the third decimal, rankings almost never.")
 
@@ -149,43 +141,45 @@ GPU_DECODE_HELP = ("Decode JPEGs on the GPU (nvJPEG) and resize them there in ba
                    "decode in the workers.")
 
 
+DEVICE = typer.Option("auto", "--device", help=DEVICE_HELP)
+AMP = typer.Option(False, "--amp/--no-amp", help=AMP_HELP)
+COMPILE = typer.Option(False, "--compile", help=COMPILE_HELP)
+GPU_DECODE = typer.Option(False, "--gpu-decode", help=GPU_DECODE_HELP)
+WORKERS = typer.Option(api.ExtractOptions.num_workers, "--workers", min=0, max=MAX_WORKERS,
+                       help="DataLoader worker processes for decoding images.")
+BATCH_SIZE = typer.Option(api.ExtractOptions.batch_size, "--batch-size", min=1, max=MAX_BATCH, help="Images per forward pass.")
+JSON = typer.Option(False, "--json", help="Print the results as JSON.")
+
+
 NPROBE_HELP = "ivfpq indexes: coarse lists searched per query (default 16); more finds the exact neighbours more often, slower."
 EF_SEARCH_HELP = "hnsw indexes: candidate list size per query (default 128); more finds the exact neighbours more often, slower."
 
 
-def check_amp(amp: bool, device: str) -> None:
-    """Warn when --amp would run bf16 on a CPU without native bf16 support (emulated: slower, not faster)."""
-    if amp and device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+def device_of(device: str, amp: bool = False) -> str:
+    """`--device` resolved once (under torchrun, each rank's own GPU), with the note that --amp on a CPU without
+    bf16 instructions is slower, not faster."""
+    resolved = api.resolve_device(device)
+    if amp and api.bf16_is_slow(resolved):
         err_console.print("note: this CPU has no native bf16 instructions; --amp will be slower than fp32 here")
+    return resolved
 
 
 def extract_options(device: str, *, batch_size: int = 32, workers: int = 2, amp: bool = False,
-                    compile_model: bool = False, gpu_decode: bool = False, skip_bad: bool = False) -> ExtractOptions:
-    """The one `ExtractOptions` of a command, from its flags: `--device` resolved once (usage errors for
-    a missing or unknown device), the --amp note on CPUs without bf16, and --gpu-decode refused off CUDA."""
-    dev = resolve_device(device)
-    check_amp(amp, dev)
-    if gpu_decode and not dev.startswith("cuda"):
-        raise UsageError(f"--gpu-decode needs a CUDA device (got --device {device}); drop --gpu-decode on the CPU")
-    try:
-        resolved = torch.device(dev)
-    except RuntimeError:  # "cuda:x": not a device torch can name
-        raise UsageError(f"--device {device}: use auto, cpu, cuda or cuda:N") from None
-    return ExtractOptions(batch_size=batch_size, num_workers=workers, device=resolved, amp=amp,
-                          compile=compile_model, decode_on_device=gpu_decode, skip_bad=skip_bad)
+                    compile_model: bool = False, gpu_decode: bool = False, skip_bad: bool = False) -> api.ExtractOptions:
+    """The one `ExtractOptions` of a command, from its flags (device resolved once; --gpu-decode needs CUDA)."""
+    return api.extract_options(device_of(device, amp), batch_size=batch_size, num_workers=workers, amp=amp,
+                               compile=compile_model, decode_on_device=gpu_decode, skip_bad=skip_bad)
 
 
 @contextmanager
-def distributed_run(device: torch.device) -> Iterator[None]:
-    """Join torchrun's process group for a command's body (a no-op without torchrun) and leave it at the
-    end. An error that rank 0 reports for the job ends any other rank quietly, with status 0."""
-    distributed.init(device)
-    try:
-        yield
-    except distributed.Reported:
-        raise typer.Exit(0) from None
-    finally:
-        distributed.shutdown()
+def distributed_run(device: str) -> Iterator[bool]:
+    """Join torchrun's process group for a command's body (a no-op without torchrun) and leave it at the end;
+    yields whether this rank reports. An error that rank 0 reports for the job ends any other rank quietly."""
+    with api.distributed_run(device) as main:
+        try:
+            yield main
+        except api.Reported:
+            raise typer.Exit(0) from None
 
 
 def rich_progress() -> Progress:
@@ -210,24 +204,25 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
         yield update
 
 
-def json_safe(data: object) -> object:
-    """`data` with NaN and infinities replaced by None (JSON null), recursively; tuples become lists."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {key: json_safe(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [json_safe(value) for value in data]
-    if hasattr(data, "dtype") and hasattr(data, "tolist"):  # numpy scalars and arrays
-        return json_safe(data.tolist())
-    return data
+@contextmanager
+def phase_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich bar on stderr driven by a (phase, done, total) callback (training, the demo); it restarts per phase."""
+    if not enabled:
+        yield lambda phase, done, total: None
+        return
+    with rich_progress() as bar:
+        task = bar.add_task("starting", total=None)
+        current = {"phase": None}
 
+        def update(phase: str, done: int, total: int) -> None:
+            if phase != current["phase"]:
+                current["phase"] = phase
+                bar.reset(task, total=total, description=phase)
+            bar.update(task, completed=done, total=total)
 
-def to_json(data: object) -> str:
-    """Strict JSON text (no NaN/Infinity, which most parsers refuse), indented, ending in a newline."""
-    return json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n"
+        yield update
 
 
 def print_json(data: object) -> None:
-    """Machine-readable output on stdout."""
-    sys.stdout.write(to_json(data))
+    """Machine-readable output on stdout: strict JSON (no NaN or Infinity), indented."""
+    sys.stdout.write(api.to_json(data))

@@ -7,8 +7,9 @@ import inspect
 import re
 from collections.abc import Callable
 
-MARKED = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")
+MARKED = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")  # as vpr.errors.PARAMETER marks them
 Flags = dict[str, tuple[str, str | None]]
+ALIASES = {"compile": "compile_model", "decode_on_device": "gpu_decode", "num_workers": "workers"}  # library -> command
 
 
 def flag_table(command: Callable) -> Flags:
@@ -21,6 +22,7 @@ def flag_table(command: Callable) -> Flags:
             table[name] = (on, off or None)
         elif type(parameter.default).__name__ == "ArgumentInfo":
             table[name] = (name.upper(), None)
+    table.update({library: table[command] for library, command in ALIASES.items() if command in table})
     return table
 
 

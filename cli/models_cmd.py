@@ -1,16 +1,15 @@
-"""`vpr models`: the architectures, descriptor sizes and checkpoint formats vpr supports."""
+"""`vpr models` (the architectures, descriptor sizes and checkpoint formats vpr supports) and `vpr join-anyloc`."""
 
 from __future__ import annotations
-
-import typer
-from rich.table import Table
 
 from pathlib import Path
 from typing import Optional
 
+import typer
+from rich.table import Table
+
 from cli.common import console, print_json
-from vpr.models.methods.anyloc import combine
-from vpr.models.catalog import supported_models
+from vpr import api
 
 
 def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
@@ -26,7 +25,7 @@ def models_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print everything (including each format's identifying keys) as JSON."),
 ) -> None:
     """List the backbones, heads, published methods (file, where to get it, input size) and checkpoint formats."""
-    info = supported_models()
+    info = api.supported_models()
     if json_out:
         print_json(info)
         return
@@ -62,6 +61,6 @@ def join_anyloc_cmd(
     facet: Optional[str] = typer.Option(None, "--facet", help="query, key, value or token (default: from the name, else value)."),
 ) -> None:
     """Join DINOv2 weights and an AnyLoc vocabulary into one file for `vpr build-index --checkpoint`."""
-    info = combine(dinov2, centers, out, layer, facet)
+    info = api.join_anyloc(dinov2, centers, out, layer, facet)
     console.print(f"wrote {info['out']}: {info['backbone']} block {info['layer']} {info['facet']} + {info['num_clusters']} "
                   f"centres; use: vpr build-index IMAGES --checkpoint {info['out']} --out INDEX")

@@ -1,10 +1,9 @@
-"""`vpr build-index`, `vpr query` and `vpr eval`."""
+"""`vpr build-index`, `vpr query` and `vpr eval`: parse the flags, call `vpr.api`, print."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -16,26 +15,12 @@ from cli.answer_options import (
     CAUSAL, POSITION_K, POSITION_RADIUS, QE, QE_ALPHA, RERANK, RERANK_K, SEQUENCE, SPEEDS, WINDOW, answer_options,
 )
 from cli.common import (
-    AMP_HELP, COMPILE_HELP, EF_SEARCH_HELP, INT32_MAX, MAX_BATCH, MAX_CLUSTERS, MAX_DIM, MAX_EF_SEARCH, MAX_WORKERS,
-    GPU_DECODE_HELP, NPROBE_HELP, POSITIVE, check_amp, check_output_file, console, distributed_run, err_console, extract_options, parse_int_list,
-    parse_resize, print_json, progress_bar, resolve_device,
+    AMP, BATCH_SIZE, COMPILE, DEVICE, EF_SEARCH_HELP, GPU_DECODE, INT32_MAX, JSON, MAX_BATCH, MAX_CLUSTERS, MAX_DIM,
+    MAX_EF_SEARCH, NPROBE_HELP, POSITIVE, WORKERS, check_output_file, console, device_of, distributed_run, err_console,
+    extract_options, parse_int_list, parse_resize, print_json, progress_bar,
 )
-from vpr import distributed
-from vpr.api import Index, QueryResult
-from vpr.data.datasets import load_image_set
+from vpr import api
 from vpr.errors import UsageError
-from vpr.evaluation.evaluate import evaluate
-from vpr.evaluation.predictions import check_descriptors_path, check_predictions_path, prediction_records
-from vpr.evaluation.predictions import save_descriptors as save_descriptors_file
-from vpr.evaluation.predictions import save_predictions as save_predictions_file
-from vpr.evaluation.viz import save_matches_figure, save_positions_map
-from vpr.models.model import ModelConfig
-from vpr.retrieval.options import AnswerOptions
-from vpr.retrieval.options import Expansion
-from vpr.retrieval.options import LocalFeatureConfig
-from vpr.retrieval.build import build_index, cache_dir_for, describe, load_model
-from vpr.retrieval.rerank import draw_inlier_matches
-from vpr.retrieval.store import load_index
 
 DEFAULT_INDEX = Path("indexes/default")
 
@@ -45,8 +30,8 @@ def build_index_cmd(
     out: Path = typer.Option(DEFAULT_INDEX, "--out", "-o", help="Index directory to write (replaced atomically if it exists)."),
     backbone: str = typer.Option("resnet18", "--model", "--backbone", help="Backbone when no checkpoint is given: resnet18, resnet50, resnet101, vgg16, pixels (no weights: grey thumbnails, with --head patchnorm), or a DINOv2 ViT (dinov2_vits14 ... dinov2_vitg14); `vpr models` lists all."),
     head: str = typer.Option("cosplace", "--head", help="Head when no checkpoint is given: cosplace (GeM + FC), netvlad, patchnorm (SeqSLAM's thumbnail, with --model pixels), or a published method's aggregator (salad, megaloc, boq, mixvpr, ...: `vpr models`)."),
-    dim: int = typer.Option(512, "--dim", min=1, max=MAX_DIM, help="CosPlace descriptor size when no checkpoint is given."),
-    clusters: int = typer.Option(64, "--clusters", min=2, max=MAX_CLUSTERS, help="NetVLAD cluster count when no checkpoint is given."),
+    descriptor_dim: int = typer.Option(512, "--dim", min=1, max=MAX_DIM, help="CosPlace descriptor size when no checkpoint is given."),
+    num_clusters: int = typer.Option(64, "--clusters", min=2, max=MAX_CLUSTERS, help="NetVLAD cluster count when no checkpoint is given."),
     layer: int = typer.Option(4, "--layer", min=3, max=4, help="ResNet stage to cut after (4, or 3)."),
     patch_size: int = typer.Option(8, "--patch", min=1, max=MAX_DIM, help="patchnorm's patch size P (P x P tiles normalised to zero mean, unit variance)."),
     resize: Optional[str] = typer.Option(None, "--resize", help="Input size: HEIGHTxWIDTH, a shorter side S (aspect kept) or 'native'. 240x320 for a new model by default (32x64 for --model pixels, 322x322 for DINOv2); with --checkpoint it overrides the method's stored preprocessing (CNN checkpoints without one get 480x640). DINOv2 models then round sides to multiples of 14."),
@@ -54,49 +39,42 @@ def build_index_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A vpr checkpoint (from `vpr train`) or a published model's file (.pth, .ckpt or .safetensors: MegaLoc, SALAD, BoQ, MixVPR, CosPlace, NetVLAD, ...; see `vpr models`); its architecture and preprocessing override the model options."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Checkpoint layout: auto (default: detected from the keys) or a format name from `vpr models` (vpr, cosplace, netvlad, benchmark, megaloc, salad, boq, ...)."),
     pca_dim: Optional[int] = typer.Option(None, "--pca-dim", min=1, max=MAX_DIM, help="Compress descriptors to D dimensions with PCA fitted on the database."),
-    whiten: bool = typer.Option(False, "--whiten/--no-whiten", help="Whiten the PCA (as NetVLAD's WPCA)."),
-    kind: str = typer.Option("flat", "--index", help="FAISS index: flat (exact inner product), ivfpq or hnsw (approximate, for large databases)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, max=MAX_BATCH, help="Images per forward pass."),
-    workers: int = typer.Option(2, "--workers", min=0, max=MAX_WORKERS, help="DataLoader worker processes for decoding images."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
-    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    gpu_decode: bool = typer.Option(False, "--gpu-decode", help=GPU_DECODE_HELP),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep descriptors in OUT.cache/ so an interrupted or repeated build resumes."),
+    whiten: bool = typer.Option(api.BuildOptions.whiten, "--whiten/--no-whiten", help="Whiten the PCA (as NetVLAD's WPCA)."),
+    kind: str = typer.Option(api.BuildOptions.kind, "--index", help=f"FAISS index: flat (exact inner product), ivfpq or hnsw (approximate, for large databases); one of {', '.join(api.INDEX_KINDS)}."),
+    batch_size: int = BATCH_SIZE, workers: int = WORKERS, device: str = DEVICE, amp: bool = AMP,
+    compile_model: bool = COMPILE, gpu_decode: bool = GPU_DECODE,
+    cache: bool = typer.Option(api.BuildOptions.cache, "--cache/--no-cache", help="Keep descriptors in OUT.cache/ so an interrupted or repeated build resumes."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in OUT/skipped.txt) instead of stopping at the first."),
     dba: int = typer.Option(0, "--dba", min=0, max=MAX_BATCH, help="Database-side augmentation: replace each database descriptor by its alpha-weighted average with its N nearest database neighbours; 0 = off."),
-    dba_alpha: float = typer.Option(3.0, "--dba-alpha", min=0.0, max=100.0, help="DBA's similarity exponent (0 = plain average)."),
+    dba_alpha: float = typer.Option(api.Expansion.alpha, "--dba-alpha", min=0.0, max=100.0, help="DBA's similarity exponent (0 = plain average)."),
     local_features: bool = typer.Option(False, "--local-features", help="Also extract local features (OpenCV SIFT, or --local-method orb) into the index, for `query/eval --rerank local`."),
-    local_method: str = typer.Option("sift", "--local-method", help="With --local-features: sift (default) or orb (faster, binary)."),
-    max_keypoints: int = typer.Option(1000, "--max-keypoints", min=1, max=100_000, help="With --local-features: the strongest keypoints kept per image."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    local_method: str = typer.Option(api.LocalFeatureConfig.method, "--local-method", help="With --local-features: sift (default) or orb (faster, binary)."),
+    max_keypoints: int = typer.Option(api.LocalFeatureConfig.max_keypoints, "--max-keypoints", min=1, max=100_000, help="With --local-features: the strongest keypoints kept per image."),
+    json_out: bool = JSON,
 ) -> None:
     """Build a self-contained index (model, PCA, FAISS index, database metadata) from database images."""
     if checkpoint is not None:
-        model, model_pca = load_model(checkpoint, ModelConfig(), fmt=fmt)
-        if resize is not None:
-            model.config = replace(model.config, **parse_resize(resize))
+        model, model_pca = api.load_model(checkpoint, fmt=fmt, preprocessing=parse_resize(resize) if resize else None)
     elif fmt is not None:
         raise UsageError("--format describes a --checkpoint file; give --checkpoint FILE or drop --format")
     else:
-        config = ModelConfig.for_backbone(backbone, head=head, descriptor_dim=dim, num_clusters=clusters, layer=layer,
-                                          patch_size=patch_size, **(parse_resize(resize) if resize else {}))
-        model, model_pca = load_model(None, config, pretrained)
-    if not local_features and (local_method != "sift" or max_keypoints != 1000):
+        model, model_pca = api.new_model(backbone, head=head, descriptor_dim=descriptor_dim, num_clusters=num_clusters,
+                                         layer=layer, patch_size=patch_size, pretrained=pretrained,
+                                         **(parse_resize(resize) if resize else {}))
+    if not local_features and (local_method != api.LocalFeatureConfig.method or max_keypoints != api.LocalFeatureConfig.max_keypoints):
         raise UsageError("--local-method and --max-keypoints describe --local-features; add --local-features")
-    features = LocalFeatureConfig(method=local_method, max_keypoints=max_keypoints) if local_features else None
-    options = extract_options(device, batch_size=batch_size, workers=workers, amp=amp, compile_model=compile_model,
-                              gpu_decode=gpu_decode, skip_bad=skip_bad)
-    images = load_image_set(database)
+    options = api.BuildOptions(
+        pca_dim=pca_dim, whiten=whiten, kind=kind, dba=api.Expansion(dba, dba_alpha), cache=cache,
+        local_features=api.LocalFeatureConfig(method=local_method, max_keypoints=max_keypoints) if local_features else None,
+        extract=extract_options(device, batch_size=batch_size, workers=workers, amp=amp, compile_model=compile_model,
+                                gpu_decode=gpu_decode, skip_bad=skip_bad),
+    )
+    images = api.images(database)
     start = time.perf_counter()
-    cache_path = cache_dir_for(out) if cache else None
-    with distributed_run(options.device), \
-            progress_bar(f"indexing {len(images)} images", enabled=not json_out and distributed.is_main()) as progress:
-        report = build_index(
-            images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
-            options=options, cache=cache_path, progress=progress, dba=Expansion(dba, dba_alpha), local_features=features,
-        )
-    if not distributed.is_main():  # its share is done; rank 0 wrote the index and reports
+    with distributed_run(options.extract.device) as main, \
+            progress_bar(f"indexing {len(images)} images", enabled=not json_out and main) as progress:
+        report = api.build_index(images, out, model=model, model_pca=model_pca, options=options, progress=progress)
+    if not main:  # its share is done; rank 0 wrote the index and reports
         return
     seconds = time.perf_counter() - start
     skipped_file = report.out_dir / "skipped.txt"
@@ -120,8 +98,7 @@ def query_cmd(
     images: list[Path] = typer.Argument(..., help="Query image(s), or folders of frames (their images in file-name order)."),
     index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i", help="Index directory from `vpr build-index`."),
     k: int = typer.Option(5, "-k", "--top-k", max=INT32_MAX, help="Number of matches per query."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
+    device: str = DEVICE, amp: bool = AMP,
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, max=INT32_MAX, help=NPROBE_HELP),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, max=MAX_EF_SEARCH, help=EF_SEARCH_HELP),
     qe: int = QE, qe_alpha: float = QE_ALPHA, sequence: Optional[int] = SEQUENCE, causal: bool = CAUSAL,
@@ -137,10 +114,9 @@ def query_cmd(
     answering = answer_options(qe=qe, qe_alpha=qe_alpha, sequence=sequence, causal=causal, speeds=speeds, window=window,
                                rerank=rerank, rerank_k=rerank_k, position_k=position_k, position_radius=position_radius)
     check_output_file(viz, "--viz")
-    images = query_frames(images)
-    dev = resolve_device(device)
-    check_amp(amp, dev)
-    searcher = Index.load(index, device=dev, amp=amp, nprobe=nprobe, ef_search=ef_search, options=answering)
+    images = api.query_images(images)
+    searcher = api.Index.load(index, device=device_of(device, amp), amp=amp, nprobe=nprobe, ef_search=ef_search,
+                              options=answering)
     results = searcher.query(images, k)
     if json_out:
         print_json([r.to_dict() for r in results])
@@ -149,10 +125,14 @@ def query_cmd(
             _print_result(result, answering)
         if k > len(searcher):
             err_console.print(f"note: -k {k} is larger than the database ({len(searcher)} images); showed all")
-    if viz is None:
-        return
+    if viz is not None:
+        _draw_queries(images, results, viz, json_out)
+
+
+def _draw_queries(images: list[Path], results: list, viz: Path, quiet: bool) -> None:
+    """`--viz`: each query beside its matches, and each re-ranked query's inliers with its top match."""
     rows = [(q, [(m.path, f"#{m.rank} d={m.distance:.3f}", None) for m in r.matches]) for q, r in zip(images, results)]
-    figure = save_matches_figure(rows, viz)  # after the results: an unwritable --viz loses no answer
+    figure = api.save_matches_figure(rows, viz)  # after the results: an unwritable --viz loses no answer
     if figure.missing:
         count = len(figure.missing)
         err_console.print(f"note: {count} database image{'s' if count > 1 else ''} unreadable, drawn as grey 'missing' "
@@ -160,21 +140,9 @@ def query_cmd(
     written = [viz]
     for n, (query, result) in enumerate(zip(images, results), start=1):
         if result.inlier_pairs is not None:
-            written.append(draw_inlier_matches(query, result.matches[0].path, result.inlier_pairs, inliers_png(viz, n)))
-    if not json_out:
+            written.append(api.draw_inlier_matches(query, result.matches[0].path, result.inlier_pairs, inliers_png(viz, n)))
+    if not quiet:
         console.print(f"visualisation written to {', '.join(str(p) for p in written)}")
-
-
-def query_frames(arguments: list[Path]) -> list[Path]:
-    """The query images: files as given, folders expanded to their images in frame (file-name) order."""
-    images: list[Path] = []
-    for argument in arguments:
-        if Path(argument).is_dir():
-            frames = load_image_set(argument)
-            images.extend(frames.paths[i] for i in frames.frame_order())
-        else:
-            images.append(Path(argument))
-    return images
 
 
 def inliers_png(viz: Path, n: int) -> Path:
@@ -182,7 +150,7 @@ def inliers_png(viz: Path, n: int) -> Path:
     return viz.with_name(f"{viz.stem}-inliers-{n}.png")
 
 
-def _print_result(result: QueryResult, answering: AnswerOptions) -> None:
+def _print_result(result, answering: api.AnswerOptions) -> None:
     """One query's matches as a table, its estimated position underneath."""
     table = Table(title=Text(result.query), title_justify="left")
     columns = ["rank", "file", "distance", *(["inliers"] if answering.rerank else []),
@@ -208,11 +176,7 @@ def eval_cmd(
     recall: str = typer.Option("1,5,10,20", "--recall", help="Comma-separated N values for recall@N."),
     threshold: float = typer.Option(25.0, "--threshold", callback=POSITIVE, help="A database image within this many metres of a query is a positive."),
     gt: Optional[Path] = typer.Option(None, "--gt", help="Ground-truth CSV `query,positives` (space-separated database names or indices) instead of coordinates."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    workers: int = typer.Option(2, "--workers", min=0, max=MAX_WORKERS, help="DataLoader worker processes for decoding images."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
-    compile_model: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    gpu_decode: bool = typer.Option(False, "--gpu-decode", help=GPU_DECODE_HELP),
+    device: str = DEVICE, workers: int = WORKERS, amp: bool = AMP, compile_model: bool = COMPILE, gpu_decode: bool = GPU_DECODE,
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, max=INT32_MAX, help=NPROBE_HELP),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, max=MAX_EF_SEARCH, help=EF_SEARCH_HELP),
     qe: int = QE, qe_alpha: float = QE_ALPHA, sequence: Optional[int] = SEQUENCE, causal: bool = CAUSAL,
@@ -232,36 +196,27 @@ def eval_cmd(
         raise UsageError(f"--gt {gt}: file not found")
     answering = answer_options(qe=qe, qe_alpha=qe_alpha, sequence=sequence, causal=causal, speeds=speeds, window=window,
                                rerank=rerank, rerank_k=rerank_k, position_k=position_k, position_radius=position_radius)
-    for path, check in ((save_predictions, check_predictions_path), (save_descriptors, check_descriptors_path)):
+    for path, check in ((save_predictions, api.check_predictions_path), (save_descriptors, api.check_descriptors_path)):
         if path is not None:
             check(path)
     check_output_file(viz, "--viz")
-    bundle = load_index(index)
-    bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
-    query_set = load_image_set(queries)
     options = extract_options(device, workers=workers, amp=amp, compile_model=compile_model, gpu_decode=gpu_decode)
-    with distributed_run(options.device):
-        if not distributed.is_main():  # under torchrun: describe this rank's share of the queries; rank 0 evaluates
-            describe(bundle, query_set.paths, options)
-            return
-        with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out) as progress:
-            report = evaluate(bundle, query_set, ns=ns, gt=gt, threshold=threshold, options=options,
-                              answer_options=answering, progress=progress)
-    summary = {
-        "index": str(index), "queries": report.num_queries, "queries_with_positives": report.num_with_positives,
-        "database": len(bundle.database), "threshold_m": None if gt else threshold, "ground_truth": str(gt) if gt else None,
-        "recall": {f"R@{n}": round(v, 2) for n, v in report.recalls.items()},
-        "localization": report.localization, "confidence_precision": report.confidence,
-        "answering": answering_summary(answering),
-    }
+    searcher = api.Index.load(index, device=options.device, amp=amp, nprobe=nprobe, ef_search=ef_search, options=answering)
+    query_set = api.images(queries)
+    with distributed_run(options.device) as main:
+        with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out and main) as progress:
+            report = searcher.evaluate(query_set, ns=ns, gt=gt, threshold=threshold, options=options, progress=progress)
+    if not main:  # under torchrun: this rank described its share of the queries; rank 0 reports
+        return
+    summary = {**report.summary(), "index": str(index)}
     if save_predictions is not None:
-        save_predictions_file(prediction_records(report, query_set, bundle.database), save_predictions, summary)
+        api.save_predictions(report.results, save_predictions, summary)
     if save_descriptors is not None:
-        save_descriptors_file(report.descriptors, query_set.paths, save_descriptors)
+        api.save_descriptors(report.descriptors, query_set.paths, save_descriptors)
     if viz is not None:
-        if bundle.database.utm is None:
+        if not searcher.info()["positions"]:
             raise UsageError(f"--viz draws positions, but {index} holds no coordinates; drop --viz")
-        save_positions_map(bundle.database.utm, query_set.utm, report.answers.estimate.utm, viz)
+        report.draw_positions(viz)
     if json_out:
         print_json(summary)
         return
@@ -270,16 +225,6 @@ def eval_cmd(
     for path, what in ((save_predictions, "predictions"), (save_descriptors, "query descriptors"), (viz, "position map")):
         if path is not None:
             console.print(f"{what} written to {path}")
-
-
-def answering_summary(options: AnswerOptions) -> dict:
-    """The answering settings in a run's JSON summary (what produced these numbers)."""
-    return {
-        "qe": asdict(options.qe) if options.qe.n else None,
-        "sequence": asdict(options.sequence) if options.sequence is not None else None,
-        "rerank": asdict(options.rerank) if options.rerank is not None else None,
-        "position": {"top_k": options.position_k, "radius_m": options.position_radius},
-    }
 
 
 def print_localization(summary: dict) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import AMP_HELP, err_console, resolve_device
+from cli.common import AMP_HELP, device_of, err_console
 from cli.retrieval_cmds import DEFAULT_INDEX
 
 MAX_WORKERS = 64
@@ -35,7 +35,7 @@ def serve_cmd(
     from vpr.serve import ServeConfig, is_loopback, serve  # FastAPI and uvicorn load only for this command
 
     config = ServeConfig(
-        index=index, device=resolve_device(device), amp=amp, batching=batching, max_batch=max_batch,
+        index=index, device=device_of(device, amp), amp=amp, batching=batching, max_batch=max_batch,
         batch_window_ms=batch_window, max_in_flight=max_in_flight, max_body_bytes=int(max_upload_mb * 1024 * 1024),
         max_images=max_images, max_pixels=int(max_mpixels * 1_000_000), max_input_pixels=int(max_input_mpixels * 1_000_000),
         token=token, allowed_hosts=tuple(allowed_hosts),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vpr.api import ImageTooLarge, Index, NotAnImage, QueryResult, build_index, decode_image, load_model
+from vpr.api import BuildOptions, ExtractOptions, ImageTooLarge, Index, NotAnImage, QueryResult, build_index, decode_image, new_model
 from vpr.data.datasets import load_image_set
 from vpr.data.geo import parse_at_name
 from vpr.errors import ImageError, UsageError
@@ -97,8 +97,8 @@ def test_a_database_without_coordinates_gives_matches_without_position(places, t
     plain.mkdir()
     for i, path in enumerate(sorted((places / "database").iterdir())):
         shutil.copy(path, plain / f"{i:02d}.jpg")
-    model, _ = load_model(config=tiny_config)
-    build_index(plain, tmp_path / "idx", model=model, device="cpu", workers=0, cache=False)
+    model, _ = new_model(tiny_config.backbone, descriptor_dim=tiny_config.descriptor_dim, input_size=tiny_config.input_size)
+    build_index(plain, tmp_path / "idx", model=model, options=BuildOptions(cache=False, extract=ExtractOptions(num_workers=0)))
     (result,) = Index.load(tmp_path / "idx", device="cpu").query(queries[0], k=2)
     assert result.position is None
     assert result.matches[0].utm_east is None and result.matches[0].lat is None and result.matches[0].heading is None

@@ -94,7 +94,7 @@ def test_ctrl_c_in_a_command_prints_interrupted_and_exits_130(monkeypatch, capsy
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("cli.retrieval_cmds.build_index", interrupted)
+    monkeypatch.setattr("vpr.api.build_index", interrupted)
     code, _, err = run_cli(monkeypatch, capsys, "build-index", places / "database", "--out", tmp_path / "idx", *TINY)
     assert code == 130 and err == "interrupted\n"
 

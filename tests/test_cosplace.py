@@ -303,7 +303,7 @@ def test_resume_continues_exactly(city, tmp_path):
 
 def test_runs_refuse_overwrite_and_changed_settings(city, first_run, tmp_path):
     out = first_run[0]
-    with pytest.raises(UsageError, match="--resume"):
+    with pytest.raises(UsageError, match="resume"):
         train_cosplace(tiny_config(city, out))
     with pytest.raises(UsageError, match="batch_size"):
         train_cosplace(tiny_config(city, out, batch_size=2), resume=True)

@@ -23,6 +23,7 @@ from vpr.retrieval.build import build_index
 from vpr.retrieval.store import write_index
 
 OPTIONS = ExtractOptions(num_workers=0)
+NO_CACHE = api.BuildOptions(cache=False, extract=OPTIONS)
 
 
 def test_images_behind_symlinks_are_indexed_once_and_broken_links_are_reported(places, tmp_path):
@@ -53,7 +54,7 @@ def test_images_behind_symlinks_are_indexed_once_and_broken_links_are_reported(p
 def test_a_featureless_query_claims_no_position(tmp_path):
     write_places(tmp_path / "p", 4, seed=1)
     config = ModelConfig(backbone="pixels", head="patchnorm", input_size=(8, 16), patch_size=4)
-    api.build_index(tmp_path / "p" / "database", tmp_path / "idx", model=build_model(config), device="cpu", workers=0, cache=False)
+    api.build_index(tmp_path / "p" / "database", tmp_path / "idx", model=build_model(config), options=NO_CACHE)
     index = api.Index.load(tmp_path / "idx", device="cpu")
     grey = np.full((48, 64, 3), 128, dtype=np.uint8)  # nothing to normalise: a zero descriptor
     result = index.query([grey], k=3)[0]
@@ -80,7 +81,7 @@ def test_k_beyond_an_approximate_index_returns_every_image(tmp_path):
 def test_whitening_refuses_a_dimension_the_descriptors_do_not_span():
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(40, 64)).astype(np.float32)
-    with pytest.raises(UsageError, match="span only 39 dimensions.*--pca-dim 39"):
+    with pytest.raises(UsageError, match="span only 39 dimensions.*pca_dim 39"):
         fit_pca(rows, 40, whiten=True)
     pca = fit_pca(rows, 39, whiten=True)
     assert float(pca.scale.max()) < 1e3
@@ -101,7 +102,7 @@ def test_groups_never_writes_into_the_dataset_s_image_folders(monkeypatch, capsy
 def index(places, tmp_path_factory):
     out = tmp_path_factory.mktemp("api") / "idx"
     model = build_model(ModelConfig(descriptor_dim=32, input_size=(48, 64), layer=3), seed=0)
-    api.build_index(places / "database", out, model=model, device="cpu", workers=0, cache=False)
+    api.build_index(places / "database", out, model=model, options=NO_CACHE)
     return api.Index.load(out, device="cpu")
 
 
@@ -123,9 +124,10 @@ def query_path(places) -> Path:
     (lambda i, q: api.Index(i.bundle, "cpu", batch_size=-1), "batch_size -1"),
     (lambda i, q: api.Index(i.bundle, "cpu", batch_size="8"), "batch_size '8'"),
     (lambda i, q: api.build_index(5, "out"), "database: a int"),
-    (lambda i, q: api.build_index(q.parent, "out", batch_size=0), "batch_size 0"),
-    (lambda i, q: api.build_index(q.parent, "out", workers=-1), "workers -1"),
-    (lambda i, q: api.load_model(config="resnet18"), "not a ModelConfig"),
+    (lambda i, q: api.build_index(q.parent, "out", options=api.BuildOptions(extract=api.ExtractOptions(batch_size=0))), "batch_size 0"),
+    (lambda i, q: api.build_index(q.parent, "out", options=api.BuildOptions(extract=api.ExtractOptions(num_workers=-1))), "workers -1"),
+    (lambda i, q: api.build_index(q.parent, "out", options="fast"), "not BuildOptions"),
+    (lambda i, q: api.new_model("resnet18x"), "unknown backbone"),
     (lambda i, q: api.decode_image("abc"), "bytes of an image file"),
 ])
 def test_bad_api_arguments_are_vpr_errors_naming_the_parameter(index, places, call, match):

@@ -453,7 +453,7 @@ def test_named_imagenet_weights_offline_and_uncached_say_where_to_put_the_file(t
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(CheckpointError, match="offline") as error:
         build_backbone("vgg16", pretrained="IMAGENET1K_V1")
-    assert str(hub_file("vgg16", "IMAGENET1K_V1", tmp_path)) in str(error.value) and "--pretrained" in str(error.value)
+    assert str(hub_file("vgg16", "IMAGENET1K_V1", tmp_path)) in str(error.value) and "pretrained" in str(error.value)
     with pytest.raises(UsageError, match="IMAGENET1K_V2"):
         build_backbone("resnet50", pretrained="IMAGENET_V9")
 

@@ -158,19 +158,19 @@ def test_corrupt_or_wrong_features_files(scene, tmp_path):
     out = database(scene, tmp_path)
     with pytest.raises(IndexFormatError) as excinfo:
         read_local_features(out, count=5)
-    one_line_error(excinfo, str(out), "5", "--local-features")
+    one_line_error(excinfo, str(out), "5", "local_features")
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
     with pytest.raises(IndexFormatError) as excinfo:
         with read_local_features(truncated) as store:
             [store[i] for i in range(len(store))]
-    one_line_error(excinfo, str(truncated), "vpr build-index --local-features")
+    one_line_error(excinfo, str(truncated), "local_features")
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["descriptors"] = np.zeros((3, 128), np.uint8)
     with pytest.raises(IndexFormatError) as excinfo:
         read_local_features(foreign)
-    one_line_error(excinfo, str(foreign), "--local-features")
+    one_line_error(excinfo, str(foreign), "local_features")
     with h5py.File(out, "r+") as f:
         f["offsets"][-1] = 7  # rows and offsets disagree
     with pytest.raises(IndexFormatError) as excinfo:
@@ -178,7 +178,7 @@ def test_corrupt_or_wrong_features_files(scene, tmp_path):
     one_line_error(excinfo, str(out), "do not fit")
     with pytest.raises(IndexFormatError) as excinfo:
         read_local_features(tmp_path / "missing.h5")
-    one_line_error(excinfo, "missing.h5", "--local-features")
+    one_line_error(excinfo, "missing.h5", "local_features")
 
 
 def test_bad_images_name_the_file(scene, tmp_path):

@@ -171,5 +171,5 @@ def test_sequence_matching_refuses_a_lazy_database_past_its_memory_bound(ivfpq, 
     from vpr.retrieval.options import SequenceOptions
 
     monkeypatch.setattr(answering, "SEQUENCE_MAX_BYTES", N * DIM * 4 - 1)
-    with pytest.raises(UsageError, match="--sequence"):
+    with pytest.raises(UsageError, match="sequence"):
         answer(load_index(ivfpq), unit_rows(4, 6), 3, AnswerOptions(sequence=SequenceOptions()))

@@ -11,7 +11,10 @@ import pytest
 from PIL import Image
 
 from vpr.data.geo import parse_at_name
-from vpr.data.synth import PRESETS, build_city, generate_city, render_view, save_preview
+from vpr.data.synth.generate import build_city, generate_city
+from vpr.data.synth.presets import PRESETS
+from vpr.data.synth.preview import save_preview
+from vpr.data.synth.render import render_view
 from vpr.data.synth.generate import _names, plan_poses
 from vpr.data.synth.preview import CAPTION_H, PAD, tile_scale
 from vpr.errors import UsageError

@@ -84,9 +84,9 @@ def test_both_configs_resolve_their_defaults_the_same_way():
         assert saved == config.resolved().to_dict()  # resolving twice changes nothing
         with pytest.raises(dataclasses.FrozenInstanceError):
             config.lr = 1.0
-    with pytest.raises(UsageError, match="--clusters 1"):
+    with pytest.raises(UsageError, match="clusters 1"):
         NetVLADConfig(dataset="d", out="o", num_clusters=1).resolved()
-    with pytest.raises(UsageError, match="--epochs 0"):
+    with pytest.raises(UsageError, match="epochs 0"):
         CosPlaceConfig(dataset="d", out="o", epochs=0).resolved()
 
 
@@ -132,7 +132,7 @@ def test_init_per_image_beyond_the_feature_map_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         features = sample_local_features(model, sorted((tmp_path / "db").iterdir()), num_images=2, per_image=10)
     assert features.shape == (2 * 4, 256)  # a 32x32 input gives 2 x 2 positions after layer3
-    assert "--init-per-image 10" in caplog.text and "only 4 feature-map positions" in caplog.text
+    assert "init_per_image 10" in caplog.text and "only 4 feature-map positions" in caplog.text
 
 
 # --- CLI --------------------------------------------------------------------------------------------

@@ -1,199 +1,255 @@
-"""The public Python API: load an index, query it with images, build an index, load a model.
+"""vpr's one surface: everything the command line, `vpr serve` and the measurement scripts use, and what a
+Python user needs.
 
-    from vpr.api import Index
-    index = Index.load("indexes/demo-small")
-    result = index.query(["photo.jpg"], k=5)[0]   # result.matches[0].path, result.position
+    from vpr import api
+    api.build_index("city/images/test/database", "indexes/city", model=api.new_model()[0])
+    index = api.Index.load("indexes/city")
+    result = index.query(["photo.jpg"], k=5)[0]   # result.matches[0].path, .similarity, .lat, .lon; result.position
+    report = index.evaluate(api.images("city/images/test/queries"))   # report.recalls, report.summary()
 
-Images may be paths, PIL images, H x W x 3 (or H x W) uint8 arrays or the bytes of an image file.
-Results are dataclasses whose `to_dict()` gives the JSON of `vpr query --json` (and of `vpr serve`).
+Images may be paths, PIL images, H x W x 3 (or H x W) uint8 arrays or the bytes of an image file. Results are
+dataclasses whose `to_dict()` is the JSON of `vpr query --json`, of `vpr serve` and of `vpr eval`'s predictions.
+Importing this module is cheap: torch, FAISS and the models load when a function first needs them, and the
+settings (the dataclasses below) import nothing heavy. Errors are `vpr.errors.VPRError`s naming the parameter.
 """
 
 from __future__ import annotations
 
-import io
-import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import import_module
 from pathlib import Path
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import numpy as np
-import torch
-from PIL import Image
+from vpr.data.synth.presets import PRESETS as SYNTH_PRESETS
+from vpr.errors import UsageError
+from vpr.retrieval.options import (
+    DEFAULT_RADIUS, DEFAULT_TOP_K, INDEX_KINDS, AnswerOptions, BuildOptions, Expansion, ExtractOptions,
+    LocalFeatureConfig, RerankOptions, SequenceOptions, speed_range,
+)
+from vpr.training.config import AugmentParams, CosPlaceConfig, GroupParams, NetVLADConfig, TrainConfig
 
-from vpr.data.datasets import GeoImageSet, load_image_set
-from vpr.data.geo import utm_to_latlon
-from vpr.data.images import MAX_INPUT_PIXELS, MAX_PIXELS, Preprocess, decode_rgb, load_rgb, preprocess, to_rgb, upright_rgb
-from vpr.data.loading import same_size_groups
-from vpr.errors import ImageError, ImageTooLarge, NotAnImage, UsageError
-from vpr.models.inference import amp_dtype, forward_batch, inference_model
-from vpr.models.model import ModelConfig, VPRModel
-from vpr.models.pca import PCA
-from vpr.retrieval import build as pipeline
-from vpr.retrieval.answer import Answers, answer
-from vpr.retrieval.options import AnswerOptions
-from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.results import similarity_to_distance
-from vpr.retrieval.build import BuildReport, cache_dir_for
-from vpr.retrieval.store import IndexBundle, load_index
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
+    from vpr.data.datasets import GeoImageSet
+    from vpr.evaluation.evaluate import EvalReport
+    from vpr.models.model import VPRModel
+    from vpr.models.pca import PCA
+    from vpr.retrieval.build import BuildReport
+    from vpr.retrieval.results import QueryResult
+
+ImageInput = Union[str, os.PathLike, Any]  # a path, a PIL image, a uint8 array or the bytes of an image file
 Progress = Callable[[int, int], None]
-
+LAZY = {  # heavy names, imported when first asked for
+    "Match": "vpr.retrieval.results", "Position": "vpr.retrieval.results", "QueryResult": "vpr.retrieval.results",
+    "ModelConfig": "vpr.models.model", "GeoImageSet": "vpr.data.datasets", "BuildReport": "vpr.retrieval.build",
+    "EvalReport": "vpr.evaluation.evaluate", "ImageTooLarge": "vpr.errors", "NotAnImage": "vpr.errors",
+    "decode_image": "vpr.data.images", "recall_at_n": "vpr.evaluation.recall", "supported_models": "vpr.models.catalog",
+    "sequence_search": "vpr.retrieval.sequence", "save_matches_figure": "vpr.evaluation.viz",
+    "save_positions_map": "vpr.evaluation.viz", "draw_inlier_matches": "vpr.retrieval.rerank",
+    "save_descriptors": "vpr.evaluation.predictions", "save_predictions": "vpr.evaluation.predictions",
+    "check_predictions_path": "vpr.evaluation.predictions", "check_descriptors_path": "vpr.evaluation.predictions",
+    "positives_within": "vpr.data.datasets", "exact_search": "vpr.retrieval.search", "cache_dir_for": "vpr.retrieval.build",
+    "synth": "vpr.jobs", "demo": "vpr.jobs", "groups": "vpr.jobs", "bench": "vpr.jobs", "BENCH_CASES": "vpr.bench",
+    "join_anyloc": "vpr.jobs", "to_json": "vpr.fileio", "Reported": "vpr.distributed",
+}
 __all__ = [
-    "AnswerOptions", "BuildReport", "ImageInput", "ImageTooLarge", "Index", "Match", "NotAnImage", "Position", "QueryResult",
-    "build_index", "decode_image", "load_model", "resolve_device",
+    "AnswerOptions", "AugmentParams", "BuildOptions", "CosPlaceConfig", "DEFAULT_RADIUS", "DEFAULT_TOP_K", "Expansion",
+    "ExtractOptions", "GroupParams", "INDEX_KINDS", "Index", "SYNTH_PRESETS", "LocalFeatureConfig", "NetVLADConfig", "RerankOptions",
+    "SequenceOptions", "TrainConfig", "build_index", "check_index", "describe", "images", "load_model", "new_model",
+    "resolve_device",
+    "speed_range", "split", "train", *LAZY,
 ]
 
 
-@dataclass(frozen=True)
-class Match:
-    """One retrieved database image: `id` is its row in the index, `distance` the L2 distance of unit descriptors."""
-
-    rank: int
-    id: int
-    path: Path
-    similarity: float
-    distance: float
-    utm_east: float | None
-    utm_north: float | None
-    lat: float | None
-    lon: float | None
-    heading: float | None
-    score: float | None = None  # the sequence score that ordered the matches (sequence matching only)
-    inliers: int | None = None  # geometrically verified local matches (re-ranking only)
-
-    def to_dict(self) -> dict:
-        """The match as `vpr query --json` prints it, plus its database `id` (and `score` / `inliers` when set)."""
-        data = {
-            "rank": self.rank, "id": self.id, "path": str(self.path), "distance": round(self.distance, 6),
-            "similarity": round(self.similarity, 6), "utm_east": self.utm_east, "utm_north": self.utm_north,
-            "lat": self.lat, "lon": self.lon, "heading": self.heading,
-        }
-        data.update({key: value for key, value in (("score", self.score), ("inliers", self.inliers)) if value is not None})
-        return data
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where the query was probably taken (`vpr.retrieval.localize`): UTM, lat/lon when the zone is
-    known, the share of the shortlist's weight that agrees (`confidence`, 0..1) and how many matches."""
-
-    utm_east: float
-    utm_north: float
-    lat: float | None
-    lon: float | None
-    confidence: float
-    support: int
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready values."""
-        return {
-            "utm_east": self.utm_east, "utm_north": self.utm_north, "lat": self.lat, "lon": self.lon,
-            "confidence": round(self.confidence, 6), "support": self.support,
-        }
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """One query's ranked matches and its estimated position (None when the database has no positions)."""
-
-    query: str
-    matches: list[Match]
-    position: Position | None
-    inlier_pairs: np.ndarray | None = None  # re-ranked: the top match's inliers (m x 4: query x y, database x y)
-
-    def to_dict(self) -> dict:
-        """`{"query", "matches", "position"}` with plain JSON-ready values."""
-        return {
-            "query": self.query, "matches": [m.to_dict() for m in self.matches],
-            "position": None if self.position is None else self.position.to_dict(),
-        }
+def __getattr__(name: str):
+    if name == "BENCH_CASES":
+        return import_module("vpr.bench").CASES
+    if name in LAZY:
+        return getattr(import_module(LAZY[name]), name)
+    raise AttributeError(f"module 'vpr.api' has no attribute {name!r}")
 
 
 def whole_number(value: object, name: str, minimum: int = 1) -> int:
     """`value` as an int when it is a whole number >= `minimum` (not a bool, a float or a string), else a
     `UsageError` naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise UsageError(f"{name} {value!r}: must be a whole number of at least {minimum}")
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
+        raise UsageError(f"`{name}` {value!r}: must be a whole number of at least {minimum}")
     return int(value)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> CUDA when a GPU is visible, else the CPU; a named GPU must exist."""
+def resolve_device(device: object = "auto") -> str:
+    """'auto' -> CUDA when a GPU is visible, else the CPU; a named GPU must exist. Under torchrun, 'auto' and
+    'cuda' name the GPU of this process's local rank."""
+    import torch
+
+    from vpr import distributed
+
     name = str(device)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name}: no CUDA GPU is visible; use device cpu")
+        raise UsageError(f"`device={name}`: no CUDA GPU is visible; use `device=cpu`")
     try:
         resolved = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"device {name}: use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"`device={name}`: use auto, cpu, cuda or cuda:N") from None
     if resolved.type not in ("cpu", "cuda"):
-        raise UsageError(f"device {name}: use auto, cpu, cuda or cuda:N")
-    return resolved
+        raise UsageError(f"`device={name}`: use auto, cpu, cuda or cuda:N")
+    if str(resolved) == "cuda" and distributed.launched():
+        return f"cuda:{distributed.local_rank()}"
+    return str(resolved)
 
 
-def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> Image.Image:
-    """The bytes of an image file (an upload) as an upright 8-bit RGB image, as `load_rgb` reads files.
-
-    Raises `NotAnImage` for unrecognised bytes, `ImageTooLarge` above `max_pixels`, `ImageError` when corrupt.
-    """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise UsageError(f"{name}: decode_image takes the bytes of an image file, not a {type(data).__name__}")
-    if not data:
-        raise ImageError(f"{name}: empty file (0 bytes)")
-    return decode_rgb(io.BytesIO(bytes(data)), name, max_pixels)
+def extract_options(device: object = "auto", **settings) -> ExtractOptions:
+    """`ExtractOptions` on a resolved `device` (`resolve_device`); decoding on the device needs CUDA."""
+    resolved = resolve_device(device)
+    if settings.get("decode_on_device") and not resolved.startswith("cuda"):
+        raise UsageError(f"`decode_on_device` needs a CUDA device (got `device={device}`)")
+    return ExtractOptions(device=resolved, **settings)
 
 
-def _as_rgb(image: ImageInput, name: str, max_pixels: int) -> Image.Image:
-    """Any accepted image input as an upright 8-bit RGB PIL image."""
-    if isinstance(image, (str, os.PathLike)):
-        return load_rgb(Path(image))
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(image), name, max_pixels)
-    if isinstance(image, Image.Image):
-        if image.width * image.height > max_pixels:
-            raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is over the limit of {max_pixels:,}")
-        return upright_rgb(image)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise UsageError(f"{name}: arrays must be H x W x 3 (RGB) or H x W uint8, got {image.shape} {image.dtype}")
-        if image.shape[0] * image.shape[1] > max_pixels or min(image.shape[:2]) == 0:
-            raise ImageTooLarge(f"{name}: {image.shape[1]}x{image.shape[0]} pixels is empty or over the limit of {max_pixels:,}")
-        return to_rgb(Image.fromarray(np.ascontiguousarray(image)))
-    raise UsageError(f"{name}: a {type(image).__name__} is not an image; give a path, PIL image, uint8 array or file bytes")
+def bf16_is_slow(device: str) -> bool:
+    """Whether bf16 autocast would be emulated here (a CPU without native bf16): slower than fp32, not faster."""
+    import torch
+
+    return device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _default_name(image: ImageInput, i: int) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return str(image)
-    return getattr(image, "filename", "") or f"image {i}"
+@contextmanager
+def distributed_run(device: str) -> Iterator[bool]:
+    """Join torchrun's process group for a job's body (a no-op without torchrun) and leave it at the end;
+    yields whether this process is the one that writes and reports (rank 0)."""
+    from vpr import distributed
+
+    distributed.init(device)
+    try:
+        yield distributed.is_main()
+    finally:
+        distributed.shutdown()
+
+
+def images(source: str | os.PathLike) -> GeoImageSet:
+    """A folder of images (labelled by `@` names), or a CSV manifest, as an image set."""
+    from vpr.data.datasets import load_image_set
+
+    return load_image_set(Path(source))
+
+
+def split(root: str | os.PathLike, name: str) -> tuple[GeoImageSet, GeoImageSet]:
+    """A dataset's split `name` as (database, queries): ROOT/images/SPLIT or ROOT/SPLIT."""
+    from vpr.data.datasets import load_split
+
+    return load_split(Path(root), name)
+
+
+def query_images(arguments: Sequence[str | os.PathLike]) -> list[Path]:
+    """Query images as given: files as they are, folders expanded to their images in frame (file-name) order."""
+    out: list[Path] = []
+    for argument in arguments:
+        if Path(argument).is_dir():
+            frames = images(argument)
+            out.extend(frames.paths[i] for i in frames.frame_order())
+        else:
+            out.append(Path(argument))
+    return out
+
+
+def new_model(backbone: str = "resnet18", *, pretrained: str | None = None, seed: int = 0, **fields) -> tuple[VPRModel, None]:
+    """A new model (seeded random weights, or ImageNet weights for its trunk with `pretrained`): `backbone` and
+    any `ModelConfig` field; the input rule is the backbone's own unless `fields` say otherwise."""
+    from vpr.models.model import ModelConfig, build_model
+
+    return build_model(ModelConfig.for_backbone(backbone, **fields), pretrained=pretrained, seed=seed), None
+
+
+def load_model(checkpoint: str | os.PathLike, *, fmt: str | None = None,
+               preprocessing: dict | None = None) -> tuple[VPRModel, PCA | None]:
+    """A model and its own PCA from a checkpoint: vpr's, or a published layout (`fmt` forces one);
+    `preprocessing` (ModelConfig fields) overrides the input rule the file stores."""
+    from dataclasses import replace
+
+    from vpr.models.checkpoints import load_checkpoint
+
+    model, pca = load_checkpoint(Path(checkpoint), fmt)
+    if preprocessing:
+        model.config = replace(model.config, **preprocessing)
+    return model, pca
+
+
+def build_index(database: str | os.PathLike | GeoImageSet, out: str | os.PathLike, *, model: VPRModel | None = None,
+                model_pca: PCA | None = None, options: BuildOptions = BuildOptions(),
+                progress: Progress | None = None) -> BuildReport:
+    """Index a folder, a CSV manifest or an image set into the directory `out` (as `vpr build-index`): `model`
+    defaults to `new_model()`; with `options.cache` descriptors are kept in `OUT.cache` so a rerun resumes."""
+    from vpr.data.datasets import GeoImageSet, load_image_set
+    from vpr.retrieval import build
+
+    if not isinstance(database, (GeoImageSet, str, os.PathLike)):
+        raise UsageError(f"database: a {type(database).__name__}, not a folder, a CSV manifest or a GeoImageSet")
+    if not isinstance(options, BuildOptions):
+        raise UsageError(f"options: a {type(options).__name__}, not BuildOptions")
+    source = database if isinstance(database, GeoImageSet) else load_image_set(Path(database))
+    if model is None:
+        model, model_pca = new_model()
+    out = Path(out)
+    return build.build_index(
+        source, out, model=model, model_pca=model_pca, pca_dim=options.pca_dim, pca_whiten=options.whiten,
+        kind=options.kind, options=options.extract, cache=build.cache_dir_for(out) if options.cache else None,
+        progress=progress, dba=options.dba, local_features=options.local_features,
+    )
+
+
+def describe(model: VPRModel, images_: Sequence[ImageInput], options: ExtractOptions = ExtractOptions(),
+             progress: Progress | None = None) -> np.ndarray:
+    """Unit descriptors (N x D float32) of images, by the model alone (no index, no PCA)."""
+    from vpr.retrieval.extract import extract_descriptors
+
+    return extract_descriptors(model, list(images_), options, progress=progress).descriptors
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[str, int, int], None] | None = None,
+          on_epoch: Callable[[dict], None] | None = None):
+    """Train (or `resume`) the method `config` describes, in `config.out`; returns the run's `TrainResult`."""
+    if isinstance(config, CosPlaceConfig):
+        from vpr.training.cosplace import train_cosplace as trainer
+    elif isinstance(config, NetVLADConfig):
+        from vpr.training.netvlad import train_netvlad as trainer
+    else:
+        raise UsageError(f"config: a {type(config).__name__}, not a method's TrainConfig (CosPlaceConfig, NetVLADConfig)")
+    return trainer(config, resume=resume, progress=progress, on_epoch=on_epoch)
+
+
+def check_index(directory: str | os.PathLike) -> dict:
+    """Validate an index directory without loading its model; its manifest."""
+    from vpr.retrieval.store import read_manifest
+
+    return read_manifest(Path(directory))
 
 
 class Index:
-    """A loaded index that answers queries: one inference copy of the model on `device`, kept for every call.
+    """A loaded index that answers queries: one `Describer` (the model's inference copy) on `device`, kept for
+    every call. Not thread-safe: call it from one thread at a time (`vpr serve` runs it in one worker thread)."""
 
-    Not thread-safe: call it from one thread at a time (`vpr serve` runs it in one worker thread).
-    """
-
-    def __init__(self, bundle: IndexBundle, device: str | torch.device = "auto", *, amp: bool = False,
-                 batch_size: int = 32, options: AnswerOptions = AnswerOptions()) -> None:
+    def __init__(self, bundle, device: object = "auto", *, amp: bool = False, batch_size: int = 32,
+                 options: AnswerOptions = AnswerOptions()) -> None:
         self.bundle = bundle
         self.device = resolve_device(device)
         self.amp = amp
         self.batch_size = whole_number(batch_size, "batch_size")
         self.options = options
-        self._model: VPRModel | None = None
+        self._describer = None
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, device: str | torch.device = "auto", amp: bool = False,
-             batch_size: int = 32, nprobe: int | None = None, ef_search: int | None = None,
-             options: AnswerOptions = AnswerOptions()) -> "Index":
+    def load(cls, directory: str | os.PathLike, *, device: object = "auto", amp: bool = False, batch_size: int = 32,
+             nprobe: int | None = None, ef_search: int | None = None, options: AnswerOptions = AnswerOptions()) -> "Index":
         """Load and validate an index directory (`vpr build-index`); `nprobe` / `ef_search` tune ivfpq / hnsw
         search, `options` adds query expansion, sequence matching or re-ranking (`vpr.retrieval.answer`)."""
+        from vpr.retrieval.store import load_index
+
         bundle = load_index(Path(directory))
         bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
         return cls(bundle, device, amp=amp, batch_size=batch_size, options=options)
@@ -202,7 +258,21 @@ class Index:
         return len(self.bundle.database)
 
     @property
-    def preprocessing(self) -> Preprocess:
+    def extract_options(self) -> ExtractOptions:
+        """How this index describes queries (its device, batch size and precision)."""
+        return ExtractOptions(batch_size=self.batch_size, num_workers=0, device=self.device, amp=self.amp)
+
+    @property
+    def describer(self):
+        """The model's inference copy on this index's device, made on first use."""
+        if self._describer is None:
+            from vpr.retrieval.extract import Describer
+
+            self._describer = Describer(self.bundle.model, self.extract_options)
+        return self._describer
+
+    @property
+    def preprocessing(self):
         """How every query image becomes the model's input (the index's stored rule)."""
         return self.bundle.model.config.preprocess
 
@@ -212,72 +282,99 @@ class Index:
         return {
             "index": str(self.bundle.directory), "model": manifest["model"], "dim": self.bundle.dim,
             "count": len(self), "index_kind": manifest["index_kind"], "zone": manifest.get("zone"),
-            "positions": self.bundle.database.utm is not None, "device": str(self.device), "amp": self.amp,
+            "positions": self.bundle.database.utm is not None, "device": self.device, "amp": self.amp,
             "vpr_version": manifest.get("vpr_version"),
         }
 
-    def prepare(self, image: ImageInput, name: str = "image", max_pixels: int = MAX_PIXELS,
-                max_input_pixels: int = MAX_INPUT_PIXELS) -> torch.Tensor:
+    def prepare(self, image: ImageInput, name: str = "image", max_pixels: int | None = None,
+                max_input_pixels: int | None = None) -> torch.Tensor:
         """Decode and resize one image to the model's input: a 3 x H x W tensor of 0..255 values (no model
-        involved). `max_pixels` bounds the decoded image, `max_input_pixels` the model input after the
-        index's resize rule (`ImageTooLarge` beyond either)."""
-        return preprocess(_as_rgb(image, name, max_pixels), self.preprocessing, name, max_input_pixels)
+        involved), as the extraction loop reads it. `max_pixels` bounds the decoded image, `max_input_pixels`
+        the model input after the index's resize rule (`ImageTooLarge` beyond either)."""
+        from vpr.data.images import MAX_INPUT_PIXELS, MAX_PIXELS, as_rgb, preprocess
 
-    def describe_batch(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
-        """Descriptors in the index's space for images from `prepare` (an N x 3 x H x W batch, or a list):
-        one forward pass per image size."""
-        if self._model is None:
-            self._model = inference_model(self.bundle.model, self.device)
-        dtype = amp_dtype(self.device) if self.amp else None
-        images = list(batch)
-        out = np.zeros((len(images), self.bundle.model.config.descriptor_dim), dtype=np.float32)
-        for rows in same_size_groups(images):
-            stack = torch.stack([images[i] for i in rows]).to(self.device, non_blocking=True)
-            out[rows] = forward_batch(self._model, stack, dtype).cpu().numpy()
-        return self.bundle.project(out)
+        rgb = as_rgb(image, name, max_pixels or MAX_PIXELS)
+        return preprocess(rgb, self.preprocessing, name, max_input_pixels or MAX_INPUT_PIXELS)
 
-    def describe(self, images: Sequence[ImageInput], progress: Progress | None = None) -> np.ndarray:
-        """Descriptors of `images` in the index's space, `batch_size` images per forward pass."""
-        images = _as_list(images)
-        rows = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            tensors = [self.prepare(image, _default_name(image, start + j)) for j, image in enumerate(chunk)]
-            rows.append(self.describe_batch(tensors))
-            if progress:
-                progress(start + len(chunk), len(images))
-        return np.concatenate(rows) if rows else np.zeros((0, self.bundle.dim), dtype=np.float32)
+    def describe_batch(self, batch: Sequence[torch.Tensor]) -> np.ndarray:
+        """Descriptors in the index's space for images from `prepare` (one forward pass per image size)."""
+        return self.bundle.project(self.describer.inputs(batch))
 
-    def search(self, descriptors: np.ndarray, k: int = 5, names: Sequence[str] | None = None,
-               query_paths: Sequence[Path] | None = None) -> list[QueryResult]:
+    def describe(self, images_: ImageInput | Sequence[ImageInput], progress: Progress | None = None,
+                 names: Sequence[str] | None = None) -> np.ndarray:
+        """Descriptors of images in the index's space, `batch_size` images per forward pass."""
+        from vpr.retrieval.extract import extract_descriptors
+
+        items = _as_list(images_)
+        if not items:
+            import numpy as np
+
+            return np.zeros((0, self.bundle.dim), dtype=np.float32)
+        extraction = extract_descriptors(self.describer, items, self.extract_options, progress=progress, names=names)
+        return self.bundle.project(extraction.descriptors)
+
+    def search(self, descriptors, k: int = 5, names: Sequence[str] | None = None,
+               query_paths: Sequence[str | os.PathLike] | None = None) -> list[QueryResult]:
         """Top-k matches and the position estimate for each descriptor row (from `describe`), through
         the same answering stages as `vpr query` (`options`; re-ranking needs `query_paths`)."""
+        from vpr.retrieval.answer import answer
+        from vpr.retrieval.results import query_results
+
         k = whole_number(k, "k")
         descriptors = self._checked_descriptors(descriptors)
         names = _names(names, len(descriptors), lambda i: f"query {i}")
         if len(descriptors) == 0:
             return []
         paths = None if query_paths is None else [Path(p) for p in query_paths]
-        answers = answer(self.bundle, descriptors, k, self.options, query_paths=paths, device=str(self.device))
-        distances = similarity_to_distance(answers.similarities)
-        estimate = answers.estimate
-        return [
-            QueryResult(name, self._matches(answers, q, distances[q]),
-                        self._position(estimate.utm[q], estimate.confidence[q], estimate.support[q]),
-                        answers.pairs[q][0] if answers.pairs and answers.pairs[q] else None)
-            for q, name in enumerate(names)
-        ]
+        answers = answer(self.bundle, descriptors, k, self.options, query_paths=paths, device=self.device)
+        return query_results(answers, self.bundle.database, names, sequence_scored=self.options.sequence is not None)
 
-    def query(self, images: ImageInput | Sequence[ImageInput], k: int = 5,
+    def query(self, images_: ImageInput | Sequence[ImageInput], k: int = 5,
               names: Sequence[str] | None = None) -> list[QueryResult]:
         """Where were these photos taken: the top-k database matches and a position per image."""
-        images = _as_list(images)
-        names = _names(names, len(images), lambda i: _default_name(images[i], i))
-        paths = images if all(isinstance(image, (str, os.PathLike)) for image in images) else None
-        return self.search(self.describe(images), k, names, query_paths=paths)
+        from vpr.data.images import image_name
+
+        items = _as_list(images_)
+        names = _names(names, len(items), lambda i: image_name(items[i], i))
+        paths = items if all(isinstance(item, (str, os.PathLike)) for item in items) else None
+        return self.search(self.describe(items, names=names), k, names, query_paths=paths)
+
+    def evaluate(self, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5, 10, 20), gt: str | os.PathLike | None = None,
+                 threshold: float = 25.0, options: ExtractOptions | None = None,
+                 progress: Progress | None = None) -> EvalReport:
+        """Recall@N on labelled `queries` (positives within `threshold` metres, or from a ground-truth file `gt`),
+        answered as this index answers queries, with the position estimate's error (`vpr eval`)."""
+        import math
+
+        from vpr.evaluation.evaluate import evaluate
+
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+            raise UsageError(f"`threshold={threshold}`: must be a positive number of metres, e.g. 25")
+        return evaluate(self.bundle, queries, ns=ns, gt=None if gt is None else Path(gt), threshold=threshold,
+                        options=options or self.extract_options, answer_options=self.options, progress=progress,
+                        model=self.describer if options is None else None)
+
+    def positions(self, most: int) -> dict:
+        """The database positions (UTM) for a map, at most `most` evenly chosen."""
+        utm = self.bundle.database.utm
+        if utm is None:
+            return {"zone": None, "step": 1, "points": []}
+        step = max(1, -(-len(utm) // most))
+        return {"zone": self.info()["zone"], "step": step, "points": [[round(float(e), 2), round(float(n), 2)]
+                                                                      for e, n in utm[::step]]}
+
+    def thumbnail(self, image_id: int, size: int):
+        """An upright RGB thumbnail (longest side `size`) of database row `image_id` (`IndexError` outside it)."""
+        from vpr.data.images import load_thumbnail
+
+        if not 0 <= image_id < len(self):
+            raise IndexError(image_id)
+        return load_thumbnail(self.bundle.database.paths[image_id], size)
 
     def _checked_descriptors(self, descriptors: object) -> np.ndarray:
         """Query descriptors as an N x dim float32 array of finite values, or a `UsageError`."""
+        import numpy as np
+
         try:
             array = np.asarray(descriptors, dtype=np.float32)
         except (TypeError, ValueError):
@@ -288,50 +385,19 @@ class Index:
             raise UsageError("descriptors hold NaN or infinite values; describe the images again")
         return array
 
-    def _matches(self, answers: Answers, q: int, distances: np.ndarray) -> list[Match]:
-        db = self.bundle.database
-        ranked_by_score = self.options.sequence is not None
-        matches = []
-        for r, i in enumerate(answers.indices[q]):
-            if i < 0:
-                continue
-            east = north = lat = lon = None
-            if db.utm is not None:
-                east, north = float(db.utm[i, 0]), float(db.utm[i, 1])
-                lat, lon = self._latlon(east, north)
-            heading = None if db.heading is None or np.isnan(db.heading[i]) else float(db.heading[i])
-            matches.append(Match(
-                len(matches) + 1, int(i), db.paths[i], float(answers.similarities[q, r]), float(distances[r]),
-                east, north, lat, lon, heading,
-                score=float(answers.scores[q, r]) if ranked_by_score else None,
-                inliers=None if answers.inliers is None else int(answers.inliers[q, r]),
-            ))
-        return matches
 
-    def _position(self, utm: np.ndarray, confidence: float, support: int) -> Position | None:
-        if not np.isfinite(utm).all():
-            return None
-        east, north = float(utm[0]), float(utm[1])
-        return Position(east, north, *self._latlon(east, north), float(confidence), int(support))
-
-    def _latlon(self, east: float, north: float) -> tuple[float | None, float | None]:
-        zone = self.bundle.database.zone
-        if zone is None:
-            return None, None
-        lat, lon = utm_to_latlon(east, north, zone[0], zone[1])
-        return (lat, lon) if math.isfinite(lat) and math.isfinite(lon) else (None, None)
-
-
-def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+def _as_list(images_: ImageInput | Sequence[ImageInput]) -> list:
     """One image or a sequence of them, as a list."""
-    single = isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)) or (
-        isinstance(images, np.ndarray) and images.ndim in (2, 3))
+    from PIL import Image
+
+    single = isinstance(images_, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)) or (
+        type(images_).__name__ == "ndarray" and images_.ndim in (2, 3))
     if single:
-        return [images]
-    if not isinstance(images, Sequence) and not isinstance(images, np.ndarray):
-        raise UsageError(f"images: a {type(images).__name__} is not an image or a list of images; give paths, PIL images, "
+        return [images_]
+    if not isinstance(images_, Sequence) and type(images_).__name__ != "ndarray":
+        raise UsageError(f"images: a {type(images_).__name__} is not an image or a list of images; give paths, PIL images, "
                          "uint8 arrays or file bytes")
-    return list(images)
+    return list(images_)
 
 
 def _names(names: Sequence[str] | None, count: int, default: Callable[[int], str]) -> list[str]:
@@ -342,35 +408,3 @@ def _names(names: Sequence[str] | None, count: int, default: Callable[[int], str
     if len(names) != count:
         raise UsageError(f"names: {len(names)} names for {count} queries; give one name per query or none")
     return names
-
-
-def load_model(checkpoint: str | os.PathLike | None = None, config: ModelConfig | None = None, *,
-               pretrained: str | None = None, fmt: str | None = None) -> tuple[VPRModel, PCA | None]:
-    """A model and its own PCA: a checkpoint (vpr's or a published layout; `fmt` forces one) when given,
-    else `config` (default: ResNet18 + CosPlace 512-d) built from scratch, seeded."""
-    if config is not None and not isinstance(config, ModelConfig):
-        raise UsageError(f"config: a {type(config).__name__}, not a ModelConfig")
-    return pipeline.load_model(None if checkpoint is None else Path(checkpoint), config or ModelConfig(), pretrained, fmt)
-
-
-def build_index(
-    database: str | os.PathLike | GeoImageSet, out: str | os.PathLike, *, model: VPRModel | None = None,
-    model_pca: PCA | None = None, pca_dim: int | None = None, whiten: bool = False, kind: str = "flat",
-    device: str | torch.device = "auto", batch_size: int = 32, workers: int = 2, amp: bool = False,
-    cache: bool = True, skip_bad: bool = False, progress: Progress | None = None,
-) -> BuildReport:
-    """Index a folder, a CSV manifest or a `GeoImageSet` into the directory `out` (as `vpr build-index`):
-    `model` defaults to `load_model()`; `cache` keeps descriptors in `OUT.cache` so a rerun resumes."""
-    if not isinstance(database, (GeoImageSet, str, os.PathLike)):
-        raise UsageError(f"database: a {type(database).__name__}, not a folder, a CSV manifest or a GeoImageSet")
-    batch_size, workers = whole_number(batch_size, "batch_size"), whole_number(workers, "workers", minimum=0)
-    images = database if isinstance(database, GeoImageSet) else load_image_set(Path(database))
-    if model is None:
-        model, model_pca = load_model()
-    options = ExtractOptions(batch_size=batch_size, num_workers=workers, device=resolve_device(device), amp=amp,
-                             skip_bad=skip_bad)
-    out = Path(out)
-    return pipeline.build_index(
-        images, out, model=model, model_pca=model_pca, pca_dim=pca_dim, pca_whiten=whiten, kind=kind,
-        options=options, cache=cache_dir_for(out) if cache else None, progress=progress,
-    )

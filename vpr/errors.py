@@ -3,11 +3,25 @@
 The CLI maps `exit_code` to the process exit status (1 runtime failure, 2 usage error).
 """
 
+from __future__ import annotations
+
+
+import re
+
+PARAMETER = re.compile(r"`([a-z_][a-z0-9_]*(?:=[^`]*)?)`")  # a parameter the message names, marked for the CLI
+
 
 class VPRError(Exception):
-    """Base of every error caused by user input; its message is shown without a traceback."""
+    """Base of every error caused by user input; its message is shown without a traceback.
+
+    Messages name the library's parameters in backticks (`pca_dim` 0, `cache=False`): a Python caller reads
+    them plain (pca_dim 0, cache=False), and the command line says them as the flags its user typed
+    (--pca-dim 0, --no-cache; `cli.flags`), from the marked text in `args[0]`."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return PARAMETER.sub(r"\1", super().__str__())
 
 
 class UsageError(VPRError):

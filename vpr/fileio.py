@@ -19,6 +19,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -128,7 +129,7 @@ def output_lock(path: Path, *, wait: bool = True) -> Iterator[None]:
         os.close(fd)  # closing releases the lock; the lock file stays (deleting it would race)
 
 
-def check_separate(out: Path, inputs: Iterable[Path], option: str = "--out") -> None:
+def check_separate(out: Path, inputs: Iterable[Path], option: str = "`out`") -> None:
     """Refuse an output that is, contains or lies inside an input folder, or that is/contains an input file."""
     target = Path(os.path.realpath(out))
     for item in inputs:
@@ -382,7 +383,7 @@ def _retire(directory: Path, target: str) -> None:
 
 
 @contextmanager
-def atomic_dir(path: Path, *, kind: str, foreign: Callable[[Path], list[str]], option: str = "--out") -> Iterator[Path]:
+def atomic_dir(path: Path, *, kind: str, foreign: Callable[[Path], list[str]], option: str = "`out`") -> Iterator[Path]:
     """Yield an empty marked temporary directory next to `path`; on success swap it in for `path`.
 
     `path` may be missing, an empty directory, or a directory in which `foreign` finds nothing that
@@ -447,3 +448,28 @@ def check_replaceable_dir(path: Path, foreign: Callable[[Path], list[str]], opti
             f"{path}: {option} is a folder holding files vpr did not write ({shown}); choose an empty or new folder, "
             "or move your files away yourself"
         )
+
+
+def json_safe(data: object) -> object:
+    """`data` with NaN and infinities replaced by None (JSON null), recursively; tuples become lists, numpy
+    scalars and arrays plain numbers and lists."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(value) for value in data]
+    if hasattr(data, "dtype") and hasattr(data, "tolist"):
+        return json_safe(data.tolist())
+    return data
+
+
+def to_json(data: object, indent: int | None = 2) -> str:
+    """Strict JSON text (no NaN/Infinity, which most parsers refuse), ending in a newline."""
+    return json.dumps(json_safe(data), indent=indent, default=str, allow_nan=False) + "\n"
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write `data` as strict JSON to `path`, atomically (the caller has checked it may replace `path`)."""
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(to_json(data))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from vpr.bench import CASES
 from vpr.errors import UsageError
 from vpr.models.model import ModelConfig
 from vpr.retrieval.options import ExtractOptions
 
-CASES = ("extraction", "search", "memory")  # search: index build, search, single-image query latency
 Stage = Callable[[str], None]  # told what is being measured now (the CLI shows it as a status line)
 
 
@@ -55,9 +55,9 @@ def bench_config(quick: bool = False, device: str = "cpu", **overrides) -> Bench
                         extract_images=1024 if quick else 4096, forward_batches=10 if quick else 20)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     config = BenchConfig(**settings)
-    for flag, value, low in (("--images", config.extract_images, 2), ("--batch-size", config.batch_size, 1),
-                             ("--workers", config.workers, 0), ("--threads", config.threads or 1, 1),
-                             ("--sizes", min(config.index_sizes, default=0), 100)):
+    for flag, value, low in (("`extract_images`", config.extract_images, 2), ("`batch_size`", config.batch_size, 1),
+                             ("`workers`", config.workers, 0), ("`threads`", config.threads or 1, 1),
+                             ("`index_sizes`", min(config.index_sizes, default=0), 100)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
     return config

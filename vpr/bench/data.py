@@ -19,7 +19,7 @@ def city_images(config: BenchConfig, workdir: Path, stage: Stage) -> tuple[list[
     root = config.data
     info: dict = {}
     if root is None:
-        from vpr.data.synth import generate_city
+        from vpr.data.synth.generate import generate_city
 
         stage(f"rendering the '{config.preset}' synthetic city")
         root = workdir / "city"
@@ -33,7 +33,7 @@ def city_images(config: BenchConfig, workdir: Path, stage: Stage) -> tuple[list[
             queries += list_images(base / "queries")
     if not database or not queries:
         raise UsageError(f"{root}: no ROOT/images/SPLIT/{{database,queries}} (or ROOT/SPLIT/...) images; "
-                         "pass a `vpr synth` folder to --data")
+                         "give a `vpr synth` folder as `data`")
     return database, queries, {"root": str(root), "database": len(database), "queries": len(queries),
                                "preset": info.get("preset"), "image_size": _image_size(database[0])}
 

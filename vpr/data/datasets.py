@@ -54,7 +54,7 @@ class GeoImageSet:
         if self.utm is None:
             raise LabelError(
                 f"{self.source}: images have no coordinates but {what} needs them; "
-                "use '@utm_east@utm_north@...' file names, a CSV manifest (path,lat,lon), or --gt"
+                "use '@utm_east@utm_north@...' file names, a CSV manifest (path,lat,lon), or a ground-truth file (`gt`)"
             )
         return self.utm
 

@@ -34,7 +34,7 @@ def load_rgb(path: Path) -> Image.Image:
     return decode_rgb(path, str(path), advice=BAD_FILE_ADVICE)
 
 
-BAD_FILE_ADVICE = "; re-copy or remove it, or use --skip-bad"
+BAD_FILE_ADVICE = "; re-copy or remove it, or build with `skip_bad`"
 
 
 def read_image_bytes(path: Path) -> bytes:

@@ -169,7 +169,7 @@ def decode_batch(
     rule = as_rule(rule)
     input_size = rule.fixed_output
     if input_size is None:
-        raise UsageError(f"decoding on the GPU needs a fixed input size, not '{rule.describe()}'; give --resize HEIGHTxWIDTH or drop --gpu-decode")
+        raise UsageError(f"decoding on the GPU needs a fixed input size, not '{rule.describe()}'; give a fixed `resize` (HEIGHTxWIDTH) or drop `decode_on_device`")
     height, width = input_size
     batch = torch.zeros(len(items), 3, height, width, device=device)
     errors = [""] * len(items)

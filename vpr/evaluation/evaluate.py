@@ -1,28 +1,31 @@
-"""Evaluate an index on labelled queries: retrieve, find positives, compute recall@N."""
+"""Evaluate an index on labelled queries: retrieve, find positives, compute recall@N and the localisation error."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from vpr import distributed
 from vpr.data.datasets import GeoImageSet, load_ground_truth, positives_within
-from vpr.errors import LabelError
+from vpr.errors import LabelError, UsageError
 from vpr.evaluation.localization import error_summary, localization_errors, precision_at_recall
 from vpr.evaluation.recall import recall_at_n
+from vpr.models.model import VPRModel
 from vpr.retrieval.answer import Answers, answer
-from vpr.retrieval.options import AnswerOptions
-from vpr.retrieval.extract import Progress
-from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.build import describe
+from vpr.retrieval.extract import Describer, Progress
+from vpr.retrieval.options import AnswerOptions, ExtractOptions
+from vpr.retrieval.results import QueryResult, evaluated, query_results
+from vpr.retrieval.sharded import extract_sharded
 from vpr.retrieval.store import IndexBundle
 
 
 @dataclass
 class EvalReport:
-    """Recall@N per N (percent), counts, and per query: the answers, positives, descriptors and, when
-    the queries have coordinates, the position estimate's error (metres)."""
+    """Recall@N per N (percent), counts, and per query: the answers, positives, descriptors, the results (each
+    match marked positive or not, with its metres) and, when the queries have coordinates, the position
+    estimate's error (metres)."""
 
     recalls: dict[int, float]
     num_queries: int
@@ -30,21 +33,55 @@ class EvalReport:
     positives: list[np.ndarray]
     answers: Answers
     descriptors: np.ndarray
+    results: list[QueryResult] = field(default_factory=list)
     errors: np.ndarray | None = None
     localization: dict | None = None  # median / p90 error and share within 5/10/25/50 m
     confidence: dict = field(default_factory=dict)  # precision of a correct top-1 at 50/80/100% recall
+    settings: dict = field(default_factory=dict)  # what produced these numbers: protocol and answering
+
+    database_utm: np.ndarray | None = None
+    query_utm: np.ndarray | None = None
+
+    def draw_positions(self, path: Path) -> Path:
+        """A PNG map of the database positions with each query's true and estimated position."""
+        from vpr.evaluation.viz import save_positions_map
+
+        if self.database_utm is None:
+            raise UsageError(f"{self.settings.get('index')} holds no coordinates: there are no positions to draw")
+        return save_positions_map(self.database_utm, self.query_utm, self.answers.estimate.utm, path)
 
     @property
     def predictions(self) -> np.ndarray:
         """Database rows retrieved per query, best first."""
         return self.answers.indices
 
+    def summary(self) -> dict:
+        """The run's figures as `vpr eval --json` prints them (recall rounded to 2 decimals)."""
+        settings = self.settings
+        return {
+            "index": settings.get("index"), "queries": self.num_queries, "queries_with_positives": self.num_with_positives,
+            "database": settings.get("database"), "threshold_m": settings.get("threshold_m"),
+            "ground_truth": settings.get("ground_truth"), "recall": {f"R@{n}": round(v, 2) for n, v in self.recalls.items()},
+            "localization": self.localization, "confidence_precision": self.confidence, "answering": settings.get("answering"),
+        }
+
+
+def answering_summary(options: AnswerOptions) -> dict:
+    """The answering settings in a run's summary (what produced these numbers)."""
+    return {
+        "qe": asdict(options.qe) if options.qe.n else None,
+        "sequence": asdict(options.sequence) if options.sequence is not None else None,
+        "rerank": asdict(options.rerank) if options.rerank is not None else None,
+        "position": {"top_k": options.position_k, "radius_m": options.position_radius},
+    }
+
+
 def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | None, threshold: float) -> list[np.ndarray]:
     """Positives per query: from the ground-truth file if given, else database images within `threshold` m."""
     if gt is not None:
         return load_ground_truth(gt, queries, bundle.database)
-    query_utm = queries.require_labels("eval without --gt")
-    db_utm = bundle.database.require_labels("eval without --gt")
+    query_utm = queries.require_labels("eval")
+    db_utm = bundle.database.require_labels("eval")
     q_zone, db_zone = queries.zone, bundle.database.zone
     if q_zone and db_zone and q_zone[0] != db_zone[0]:
         raise LabelError(f"{queries.source}: queries are in UTM zone {q_zone[0]}, the index in zone {db_zone[0]}")
@@ -54,22 +91,33 @@ def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | Non
 def evaluate(
     bundle: IndexBundle, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5, 10, 20), gt: Path | None = None,
     threshold: float = 25.0, options: ExtractOptions, answer_options: AnswerOptions = AnswerOptions(),
-    progress: Progress | None = None,
-) -> EvalReport:
+    progress: Progress | None = None, model: VPRModel | Describer | None = None,
+) -> EvalReport | None:
     """Recall@N of `bundle` on `queries` (answered as `answer_options` says), the localisation error
-    of the position estimate, and how well its confidence separates right from wrong top-1s."""
+    of the position estimate, and how well its confidence separates right from wrong top-1s. `model` is
+    the bundle's model, or a `Describer` of it made earlier. Under torchrun the queries are described by
+    every rank and evaluated on rank 0; the other ranks get None."""
     positives = query_positives(bundle, queries, gt=gt, threshold=threshold)
-    descriptors = describe(bundle, queries.paths, options, progress)
+    extraction = extract_sharded(model or bundle.model, queries.paths, replace(options, skip_bad=False), progress=progress)
+    if not distributed.is_main():  # under torchrun: this rank described its share; rank 0 evaluates
+        return None
+    descriptors = bundle.project(extraction.descriptors)
     answers = answer(bundle, descriptors, max(ns), answer_options, query_paths=queries.paths,
-                     query_order=queries.frame_order(), device=str(options.device))
+                     query_order=queries.frame_order(), device=options.device)
     predictions = answers.indices
     correct = np.array([len(p) > 0 and predictions[q, 0] in p for q, p in enumerate(positives)], dtype=bool)
     report = EvalReport(
         recalls=recall_at_n(predictions, positives, ns), num_queries=len(queries),
         num_with_positives=int(sum(len(p) > 0 for p in positives)), positives=positives,
         answers=answers, descriptors=descriptors, confidence=precision_at_recall(answers.estimate.confidence, correct),
+        settings={"index": str(bundle.directory), "database": len(bundle.database), "threshold_m": None if gt else threshold,
+                  "ground_truth": str(gt) if gt else None, "answering": answering_summary(answer_options)},
     )
     if queries.utm is not None and bundle.database.utm is not None:
         report.errors = localization_errors(answers.estimate.utm, queries.utm)
         report.localization = error_summary(report.errors)
+    results = query_results(answers, bundle.database, [str(p) for p in queries.paths],
+                            sequence_scored=answer_options.sequence is not None)
+    report.results = evaluated(results, positives, queries.utm, bundle.database, report.errors)
+    report.database_utm, report.query_utm = bundle.database.utm, queries.utm
     return report

@@ -13,14 +13,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vpr.data.datasets import GeoImageSet
-from vpr.data.geo import utm_to_latlon
 from vpr.errors import UsageError
-from vpr.evaluation.evaluate import EvalReport
 from vpr.fileio import atomic_file, check_replaceable_file, h5_file
-from vpr.retrieval.results import similarity_to_distance
+from vpr.retrieval.results import QueryResult
 
 PREDICTIONS_FORMAT = "vpr-predictions"
+PREDICTIONS_VERSION = 2  # 2: each query is a QueryResult.to_dict (was its own record shape in 1)
 DESCRIPTORS_FORMAT = "vpr-query-descriptors"
 CSV_COLUMNS = (
     "query", "rank", "database", "similarity", "distance", "score", "inliers", "metres", "positive",
@@ -51,72 +49,40 @@ def is_descriptors_file(path: Path) -> bool:
 def check_predictions_path(path: Path) -> None:
     """Refuse, before any work, an extension vpr cannot write or a file vpr did not write."""
     if path.suffix.lower() not in (".csv", ".json"):
-        raise UsageError(f"--save-predictions {path}: name a .csv or .json file")
-    check_replaceable_file(path, is_predictions_file, "predictions file", "--save-predictions")
+        raise UsageError(f"`save_predictions` {path}: name a .csv or .json file")
+    check_replaceable_file(path, is_predictions_file, "predictions file", "`save_predictions`")
 
 
 def check_descriptors_path(path: Path) -> None:
     """Refuse, before any work, a non-HDF5 name or a file vpr did not write."""
     if path.suffix.lower() not in (".h5", ".hdf5"):
-        raise UsageError(f"--save-descriptors {path}: name a .h5 file")
-    check_replaceable_file(path, is_descriptors_file, "query descriptors file", "--save-descriptors")
+        raise UsageError(f"`save_descriptors` {path}: name a .h5 file")
+    check_replaceable_file(path, is_descriptors_file, "query descriptors file", "`save_descriptors`")
 
 
-def prediction_records(report: EvalReport, queries: GeoImageSet, database: GeoImageSet) -> list[dict]:
-    """One record per query: its estimate and error, and its top-k with similarity, metres and positivity."""
-    answers = report.answers
-    distances = similarity_to_distance(answers.similarities)
-    records = []
-    for q, path in enumerate(queries.paths):
-        east, north = answers.estimate.utm[q]
-        has_estimate = bool(np.isfinite(east))
-        lat = lon = None
-        if has_estimate and database.zone is not None:
-            lat, lon = utm_to_latlon(float(east), float(north), *database.zone)
-        positives = set(report.positives[q].tolist())
-        matches = []
-        for rank, index in enumerate(answers.indices[q]):
-            if index < 0:
-                continue
-            metres = None
-            if queries.utm is not None and database.utm is not None:
-                metres = float(np.linalg.norm(database.utm[index] - queries.utm[q]))
-            matches.append({
-                "rank": rank + 1, "database": str(database.paths[index]), "similarity": float(answers.similarities[q, rank]),
-                "distance": float(distances[q, rank]), "score": float(answers.scores[q, rank]),
-                "inliers": None if answers.inliers is None else int(answers.inliers[q, rank]),
-                "metres": metres, "positive": int(index) in positives,
-            })
-        error = None if report.errors is None or not np.isfinite(report.errors[q]) else float(report.errors[q])
-        records.append({
-            "query": str(path),
-            "estimate": {"utm_east": float(east), "utm_north": float(north), "lat": lat, "lon": lon} if has_estimate else None,
-            "confidence": float(answers.estimate.confidence[q]), "error_m": error, "matches": matches,
-        })
-    return records
-
-
-def save_predictions(records: list[dict], path: Path, summary: dict) -> None:
-    """Write the records as JSON (with the run's summary) or as CSV (one row per query and rank)."""
+def save_predictions(results: list[QueryResult], path: Path, summary: dict) -> None:
+    """Write an evaluation's results as JSON (the `QueryResult.to_dict` shape every command prints, with the
+    run's summary) or as CSV (one row per query and rank)."""
     path = Path(path)
     check_predictions_path(path)
+    records = [result.to_dict() for result in results]
     with atomic_file(path) as tmp:
         if path.suffix.lower() == ".json":
-            tmp.write_text(json.dumps({"format": PREDICTIONS_FORMAT, "version": 1, "summary": summary,
+            tmp.write_text(json.dumps({"format": PREDICTIONS_FORMAT, "version": PREDICTIONS_VERSION, "summary": summary,
                                        "queries": records}, indent=1, allow_nan=False))
             return
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
             for record in records:
-                estimate = record["estimate"] or {}
+                position = record["position"] or {}
                 for match in record["matches"]:
                     writer.writerow([
-                        record["query"], match["rank"], match["database"], f"{match['similarity']:.6f}",
-                        f"{match['distance']:.6f}", f"{match['score']:.6f}", _cell(match["inliers"]),
-                        _cell(match["metres"]), int(match["positive"]), _cell(estimate.get("utm_east")),
-                        _cell(estimate.get("utm_north")), _cell(estimate.get("lat")), _cell(estimate.get("lon")),
-                        f"{record['confidence']:.6f}", _cell(record["error_m"]),
+                        record["query"], match["rank"], match["path"], f"{match['similarity']:.6f}",
+                        f"{match['distance']:.6f}", _cell(match.get("score", match["similarity"])), _cell(match.get("inliers")),
+                        _cell(match.get("metres")), int(bool(match.get("positive"))), _cell(position.get("utm_east")),
+                        _cell(position.get("utm_north")), _cell(position.get("lat")), _cell(position.get("lon")),
+                        f"{position.get('confidence', 0.0):.6f}", _cell(record.get("error_m")),
                     ])
 
 

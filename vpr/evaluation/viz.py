@@ -81,7 +81,7 @@ def save_matches_figure(rows: list[tuple[Path, list[tuple[Path, str, bool | None
             x += t.width + 6
         y += max(t.height for t in tiles) + 6
     out_png = Path(out_png)
-    save_png(sheet, out_png, "--viz")
+    save_png(sheet, out_png, "`viz`")
     return MatchesFigure(out_png, missing)
 
 
@@ -90,7 +90,7 @@ DATABASE_DOT, TRUE_DOT, ESTIMATE_DOT = (170, 170, 170), (40, 170, 60), (200, 50,
 
 
 def save_positions_map(database_utm: np.ndarray, query_utm: np.ndarray | None, estimate_utm: np.ndarray,
-                       out_png: Path, option: str = "--viz") -> Path:
+                       out_png: Path, option: str = "`viz`") -> Path:
     """A top-down map in UTM metres (north up): database positions grey, true query positions green,
     estimates red, each estimate joined to its truth by a line whose length is the error."""
     points = [database_utm, estimate_utm[np.isfinite(estimate_utm).all(axis=1)]]

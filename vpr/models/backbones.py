@@ -43,7 +43,7 @@ def backbone_channels(name: str, layer: int = 4) -> int:
     if layer not in record.channels:
         cuts = " or ".join(str(cut) for cut in sorted(record.channels, reverse=True))
         what = "ViTs use all their blocks (layer 4)" if record.vit else f"use {cuts}"
-        raise UsageError(f"--layer {layer} is not available for {name}; {what}")
+        raise UsageError(f"`layer` {layer} is not available for {name}; {what}")
     return record.channels[layer]
 
 
@@ -90,7 +90,7 @@ def _imagenet_state(name: str, weights: str | Path) -> tuple[dict, str]:
         entry = enum.verify(str(weights))
     except KeyError:
         raise UsageError(
-            f"--pretrained {weights}: not a torchvision weights name for {name}; use one of "
+            f"`pretrained` {weights}: not a torchvision weights name for {name}; use one of "
             f"{', '.join(enum.__members__)} or the path of a .pth file"
         ) from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(entry.url).path).name
@@ -104,7 +104,7 @@ def _imagenet_state(name: str, weights: str | Path) -> tuple[dict, str]:
             raise CheckpointError(
                 f"{cached.parent}: the torch hub cache is not writable ({denied.strerror or type(denied).__name__}), so "
                 f"{name} weights {entry} cannot be saved there; set TORCH_HOME to a writable folder "
-                f"(e.g. TORCH_HOME=$HOME/.cache/torch) or pass a local .pth file with --pretrained FILE"
+                f"(e.g. TORCH_HOME=$HOME/.cache/torch) or pass a local .pth file with `pretrained` FILE"
             ) from exc
         if cached.is_file():
             raise CheckpointError(
@@ -114,7 +114,7 @@ def _imagenet_state(name: str, weights: str | Path) -> tuple[dict, str]:
         raise CheckpointError(
             f"{name}: cannot download torchvision weights {entry} ({type(exc).__name__}); "
             f"you are probably offline: fetch {entry.url} elsewhere and save it as {cached}, "
-            "or pass the file's path to --pretrained"
+            "or give the file's path as `pretrained`"
         ) from exc
     return state, str(cached)
 
@@ -164,7 +164,7 @@ def _torchvision_trunk(name: str) -> Callable[[int, str | Path | None, dict], nn
 
 def _grey(layer: int, pretrained: str | Path | None, options: dict) -> nn.Module:
     if pretrained is not None:
-        raise UsageError("--pretrained: the pixels backbone has no weights; drop --pretrained")
+        raise UsageError("`pretrained`: the pixels backbone has no weights; drop `pretrained`")
     return Grey()
 
 
@@ -174,6 +174,6 @@ BACKBONES = (
       for name in RESNET_CHANNELS),
     registry.Backbone("vgg16", "VGG-16 features up to conv5_3, before its ReLU (the NetVLAD paper's and published models' cut)",
                       {4: 512}, _torchvision_trunk("vgg16")),
-    registry.Backbone("pixels", "no weights: the resized image in grey (SeqSLAM's front end; pair it with --head patchnorm)",
+    registry.Backbone("pixels", "no weights: the resized image in grey (SeqSLAM's front end; pair it with the patchnorm head)",
                       {4: 1}, _grey, preprocessing=PIXELS_INPUT, heads=("patchnorm",)),
 )

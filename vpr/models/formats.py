@@ -47,7 +47,7 @@ CANDIDATE_BACKBONES = (
 )
 COSPLACE_URL = "https://github.com/gmberton/CosPlace/releases/download/v1.0/"
 EIGENPLACES_URL = "https://github.com/gmberton/EigenPlaces/releases/download/v1.0/"
-CNN_INPUT = "480x640 (--resize)"
+CNN_INPUT = "480x640 (resize)"
 LAYOUTS = (
     Layout("vpr", (), "vpr train", "format: vpr-checkpoint + config + state_dict"),
     Layout(
@@ -97,7 +97,7 @@ def resolve_format(fmt: str) -> str | None:
         if wanted == layout.name or wanted in layout.aliases:
             return layout.name
     names = [n for layout in registry.layouts().values() for n in (layout.name, *layout.aliases)]
-    raise UsageError(f"--format {fmt}: unknown checkpoint format; choose auto, {', '.join(names)}")
+    raise UsageError(f"`fmt` {fmt}: unknown checkpoint format; choose auto, {', '.join(names)}")
 
 
 def state_dict_of(payload: dict, path: Path) -> dict[str, torch.Tensor]:
@@ -145,7 +145,7 @@ def detect_format(state: dict[str, torch.Tensor], path: Path) -> str:
             return layout.name
     raise CheckpointError(
         f"{path}: unknown checkpoint layout; expected one of: {expected_layouts()}; "
-        f"found {summarize_keys(list(state))} (force a layout with --format)"
+        f"found {summarize_keys(list(state))} (force a layout with `fmt`)"
     )
 
 
@@ -181,7 +181,7 @@ def assemble(config: ModelConfig, weights: dict[str, torch.Tensor], path: Path) 
     unused = sorted(set(weights) - set(expected))
     if unused:  # every tensor of a published file is used (or dropped on purpose by its converter)
         raise CheckpointError(f"{path}: tensors {summarize_keys(unused)} have no place in {config.backbone} + {config.head}; "
-                              "the file has another architecture (force a layout with --format)")
+                              "the file has another architecture (force a layout with `fmt`)")
     full = {}
     for key in expected:
         if key in weights:
@@ -280,7 +280,7 @@ def convert_benchmark(state: dict[str, torch.Tensor], path: Path) -> Converted:
         expected = " | ".join(f"{name}: {', '.join(keys)}" for name, keys in BENCHMARK_AGGREGATIONS.items())
         raise CheckpointError(
             f"{path}: unsupported benchmark aggregation; expected {expected} (GeM with its default "
-            f"--l2 before_pool); found {', '.join(found) or 'no aggregation.* keys'}"
+            f"L2 before pooling, the benchmark's default); found {', '.join(found) or 'no aggregation.* keys'}"
         )
     backbone, layer = match_backbone(state, "backbone.", path)
     weights = trunk_weights(state, "backbone.")
@@ -322,7 +322,7 @@ def import_published(payload: dict, path: Path, fmt: str | None = None) -> tuple
     state = state_dict_of(payload, path)
     layout = (resolve_format(fmt) if fmt is not None else None) or detect_format(state, path)
     if layout == "vpr":
-        raise CheckpointError(f"{path}: not a vpr checkpoint (no 'format': 'vpr-checkpoint'); drop --format vpr")
+        raise CheckpointError(f"{path}: not a vpr checkpoint (no 'format': 'vpr-checkpoint'); drop `fmt=vpr`")
     extras = {key: value for key, value in payload.items() if key not in WRAPPER_KEYS and not isinstance(value, torch.Tensor)}
     return import_converted(registry.layouts()[layout], state, path, extras)
 

@@ -49,7 +49,7 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
 def compiled(model: VPRModel, device: torch.device) -> VPRModel:
     """`model` under `torch.compile` with one static shape; on the CPU inductor needs a C++ compiler."""
     if torch.device(device).type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
-        raise DependencyError("--compile on the CPU needs a C++ compiler (e.g. apt install g++); or drop --compile")
+        raise DependencyError("`compile` on the CPU needs a C++ compiler (e.g. apt install g++); or drop `compile`")
     return torch.compile(model, dynamic=False)
 
 

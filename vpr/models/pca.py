@@ -76,7 +76,7 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int =
     n, d = descriptors.shape
     if not 1 <= dim <= min(n, d):
         raise UsageError(
-            f"--pca-dim {dim} is impossible with {n} descriptors of size {d}; use at most {min(n, d)}"
+            f"`pca_dim` {dim} is impossible with {n} descriptors of size {d}; use at most {min(n, d)}"
         )
     if n > max_samples:  # rows read from an on-disk reader too: only the sample is ever in memory
         x = np.asarray(descriptors[np.sort(np.random.default_rng(seed).choice(n, max_samples, replace=False))], dtype=np.float32)
@@ -91,8 +91,8 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int =
     if whiten:
         spanned = int((variance > RANK_TOLERANCE * max(float(variance.max(initial=0.0)), 1e-30)).sum())
         if spanned < dim:  # whitening would scale a direction the data does not span by ~1e6
-            raise UsageError(f"--pca-dim {dim} with --whiten: the {len(x)} descriptors span only {spanned} dimensions "
-                             f"(centred, n descriptors span at most n - 1); use --pca-dim {max(spanned, 1)} or fewer, or drop --whiten")
+            raise UsageError(f"`pca_dim` {dim} with `whiten`: the {len(x)} descriptors span only {spanned} dimensions "
+                             f"(centred, n descriptors span at most n - 1); use `pca_dim` {max(spanned, 1)} or fewer, or drop `whiten`")
     scale = 1.0 / np.sqrt(np.maximum(variance, 1e-12)) if whiten else np.ones(dim, dtype=np.float32)
     return PCA(
         mean=mean.astype(np.float32), components=components.astype(np.float32),

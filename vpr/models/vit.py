@@ -119,7 +119,7 @@ class DinoV2(nn.Module):
         n, _, height, width = images.shape
         if height % PATCH or width % PATCH:  # DINOv2 refuses these too: whole patches only
             raise UsageError(f"a {height}x{width} input is not a multiple of {PATCH} on each side, as DINOv2 needs; "
-                             f"give --resize a size such as {height // PATCH * PATCH or PATCH}x{width // PATCH * PATCH or PATCH}")
+                             f"give `resize` a size such as {height // PATCH * PATCH or PATCH}x{width // PATCH * PATCH or PATCH}")
         x = torch.cat((self.cls_token.expand(n, -1, -1), self.patch_embed(images)), dim=1)
         return x + interpolate_pos_embed(self.pos_embed, height, width)
 
@@ -154,7 +154,7 @@ def vit_builder(cls: type[DinoV2], name: str, label: str):
     """A `Backbone` record's builder of `cls` at DINOv2 size `name` (ViTs have no ImageNet weights to take)."""
     def build_vit(layer: int, pretrained, options: dict) -> DinoV2:
         if pretrained is not None:
-            raise UsageError(f"--pretrained: {label} weights come with a published checkpoint; use --checkpoint FILE")
+            raise UsageError(f"`pretrained`: {label} weights come with a published checkpoint; give it as `checkpoint`")
         return build(cls, name, options, label)
 
     return build_vit

@@ -55,7 +55,7 @@ def answer(bundle: IndexBundle, descriptors: np.ndarray, k: int, options: Answer
     inliers, pairs = None, []
     if options.rerank is not None:
         if query_paths is None:
-            raise UsageError("--rerank local needs the query images")
+            raise UsageError("`rerank=local` needs the query images")
         indices, similarities, scores, inliers, pairs = _rerank(bundle, query_paths, indices, similarities, scores, options.rerank, k)
     informative = np.linalg.norm(np.asarray(descriptors, dtype=np.float32), axis=1) > FEATURELESS_NORM
     estimate = estimate_positions(_position_weights(scores, inliers, options), indices, bundle.database.utm,
@@ -89,7 +89,7 @@ def _sequence_search(bundle: IndexBundle, queries: np.ndarray, k: int, options: 
     query_order = np.arange(len(queries)) if query_order is None else np.asarray(query_order)
     count, dim = bundle.descriptors.shape
     if isinstance(bundle.descriptors, RowReader) and count * dim * 4 > SEQUENCE_MAX_BYTES:
-        raise UsageError(f"{bundle.directory}: --sequence compares every database descriptor and {count:,} x {dim} "
+        raise UsageError(f"{bundle.directory}: `sequence` matching compares every database descriptor and {count:,} x {dim} "
                          f"floats do not fit its {SEQUENCE_MAX_BYTES >> 30} GiB bound; match single frames instead")
     db_order = bundle.database.frame_order()
     scores, ordered = sequence_search(queries[query_order], bundle.descriptors[db_order], replace(options, k=k),

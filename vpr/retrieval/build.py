@@ -90,15 +90,15 @@ def build_index(
     out_dir = Path(out_dir)
     check_index_kind(kind)
     if pca_dim is not None and pca_dim < 1:
-        raise UsageError(f"--pca-dim {pca_dim}: must be at least 1 (omit it to keep full descriptors)")
+        raise UsageError(f"`pca_dim` {pca_dim}: must be at least 1 (omit it to keep full descriptors)")
 
     def claim_output() -> AbstractContextManager:
         inputs = database.input_folders()
         check_separate(out_dir, inputs)
         if cache is not None:
-            check_separate(cache, inputs, "--out's descriptor cache")
+            check_separate(cache, inputs, "`out`'s descriptor cache")
             check_cache_path(cache)
-        check_replaceable_dir(out_dir, foreign_files, "--out")
+        check_replaceable_dir(out_dir, foreign_files, "`out`")
         if local_features is not None:
             require_opencv()  # before hours of extraction, not after
         return output_lock(out_dir)

@@ -44,7 +44,7 @@ def check_cache_path(path: Path) -> None:
     """Refuse, writing nothing, a cache path that is not new, empty, or a descriptor cache vpr wrote (its
     marker): a file, a link, or a folder of the user's own (a `main.h5` included, which is never unlinked)."""
     path = Path(path)
-    refuse = f"{path}: exists and is not a vpr descriptor cache; move it away or build with --no-cache"
+    refuse = f"{path}: exists and is not a vpr descriptor cache; move it away or build with `cache=False`"
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise OutputError(refuse)
     if path.is_dir() and marker_kind(path) != "cache" and os.listdir(path):
@@ -92,7 +92,7 @@ class DescriptorCache:
 
     def _claim(self) -> None:
         check_cache_path(self.path)
-        make_owned_dir(self.path, "cache", "descriptor cache", "choose a writable --out or use --no-cache")
+        make_owned_dir(self.path, "cache", "descriptor cache", "choose a writable `out` or build with `cache=False`")
 
     def _open(self) -> None:
         self._claim()

@@ -45,7 +45,7 @@ class Generation:
         try:
             self.fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise IndexFormatError(f"{directory}: no index here; build one with `vpr build-index DATABASE --out {directory}`") from None
+            raise IndexFormatError(f"{directory}: no index here; build one (vpr build-index) into it") from None
         except NotADirectoryError:
             raise IndexFormatError(f"{directory}: not a folder, so no index; build one with `vpr build-index`") from None
         except OSError as exc:

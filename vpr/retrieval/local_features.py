@@ -37,7 +37,7 @@ LOCAL_FEATURES_FILE = "local_features.h5"
 FORMAT = "vpr-local-features"
 FORMAT_VERSION = 1
 CHUNK_ROWS = 256  # keypoint rows per HDF5 chunk: one image's read touches few small chunks
-REBUILD = "rebuild the index with `vpr build-index --local-features`"
+REBUILD = "rebuild the index with `local_features`"
 
 
 def require_opencv():

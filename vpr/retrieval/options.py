@@ -41,7 +41,7 @@ class ExtractOptions:
         object.__setattr__(self, "device", str(self.device))
         for name, value, low in (("batch_size", self.batch_size, 1), ("workers", self.num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError(f"`{name}={value!r}`: must be a whole number of at least {low}")
+                raise UsageError(f"`{name}` {value!r}: must be a whole number of at least {low}")
 
 
 @dataclass(frozen=True)
@@ -149,3 +149,27 @@ class AnswerOptions:
     rerank: RerankOptions | None = None  # verify the top K with local features and RANSAC
     position_k: int = DEFAULT_TOP_K
     position_radius: float = DEFAULT_RADIUS
+
+
+INDEX_KINDS = ("flat", "ivfpq", "hnsw")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How `build_index` makes an index from a database's descriptors (`vpr.retrieval.build`): the PCA (`pca_dim`
+    dimensions, whitened or not), the index `kind`, database-side augmentation (`dba`), local features for
+    geometric re-ranking, whether a descriptor cache resumes the build, and how descriptors are extracted."""
+
+    pca_dim: int | None = None
+    whiten: bool = False
+    kind: str = "flat"
+    dba: Expansion = field(default_factory=Expansion)
+    local_features: LocalFeatureConfig | None = None
+    cache: bool = True
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise UsageError(f"`kind={self.kind}`: unknown index kind; choose one of {', '.join(INDEX_KINDS)}")
+        if self.pca_dim is not None and (isinstance(self.pca_dim, bool) or self.pca_dim < 1):
+            raise UsageError(f"`pca_dim={self.pca_dim}`: must be at least 1 (omit it to keep full descriptors)")

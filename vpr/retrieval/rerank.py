@@ -161,7 +161,7 @@ def rerank_shortlist(
     )
 
 
-def draw_inlier_matches(query_path: Path, db_path: Path, pairs: np.ndarray, out_png: Path, option: str = "--viz") -> Path:
+def draw_inlier_matches(query_path: Path, db_path: Path, pairs: np.ndarray, out_png: Path, option: str = "`viz`") -> Path:
     """Draw the query beside a database image with a line per inlier pair (original pixels) into a vpr PNG."""
     images = [load_rgb(query_path), load_rgb(db_path)]
     factors = [DRAW_HEIGHT / img.height for img in images]

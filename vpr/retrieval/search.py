@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from vpr.errors import DependencyError, UsageError
-
-INDEX_KINDS = ("flat", "ivfpq", "hnsw")
+from vpr.retrieval.options import INDEX_KINDS
 
 
 def require_faiss():
@@ -81,7 +80,7 @@ def empty_faiss_index(n: int, dim: int, kind: str = "flat", sample: np.ndarray |
         index.hnsw.efSearch = 128
         return index
     if n < 256:
-        raise UsageError(f"--index ivfpq needs at least 256 database images (got {n}); use --index flat")
+        raise UsageError(f"`kind=ivfpq` needs at least 256 database images (got {n}); use `kind=flat`")
     nlist = ivf_lists(n)
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT)

@@ -97,8 +97,8 @@ class IndexBundle:
         where = self.directory / LOCAL_FEATURES_FILE
         present = self.generation.has(LOCAL_FEATURES_FILE) if self.generation is not None else where.is_file()
         if not present:
-            raise UsageError(f"{self.directory}: the index has no local features for --rerank local; "
-                             f"rebuild it with `vpr build-index ... --local-features`")
+            raise UsageError(f"{self.directory}: the index has no local features for `rerank=local`; "
+                             "rebuild it with `local_features`")
         source = self.generation.stream(LOCAL_FEATURES_FILE) if self.generation is not None else None
         return read_local_features(where, len(self.database), source, self.manifest.get("generation"))
 
@@ -114,7 +114,7 @@ class IndexBundle:
         """IVF lists probed (ivfpq, default 16) or HNSW's candidate list (hnsw, default 128): larger values
         find the exact neighbours more often and cost more time per query."""
         kind = self.manifest["index_kind"]
-        for option, value, wanted in (("--nprobe", nprobe, "ivfpq"), ("--ef-search", ef_search, "hnsw")):
+        for option, value, wanted in (("`nprobe`", nprobe, "ivfpq"), ("`ef_search`", ef_search, "hnsw")):
             if value is not None and kind != wanted:
                 raise UsageError(f"{option} applies to {wanted} indexes; {self.directory} is a {kind} index")
             if value is not None and not 1 <= value <= MAX_SEARCH_PARAM:
@@ -147,9 +147,9 @@ class IndexBundle:
 def check_index_kind(kind: str) -> None:
     """Refuse an unknown index kind (before any work is done)."""
     if kind not in INDEX_KINDS:
-        raise UsageError(f"--index {kind}: unknown index kind; choose one of {', '.join(INDEX_KINDS)}")
+        raise UsageError(f"`kind` {kind}: unknown index kind; choose one of {', '.join(INDEX_KINDS)}")
     if kind != "flat" and not faiss_available():
-        raise DependencyError(f"--index {kind} needs FAISS: pip install -e '.[cpu]'")
+        raise DependencyError(f"`kind` {kind} needs FAISS: pip install -e '.[cpu]'")
 
 
 def refuse_non_finite(descriptors: np.ndarray, where: Path, first_row: int = 0) -> None:

@@ -14,7 +14,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -22,9 +21,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from vpr import __version__
-from vpr.api import Index, NotAnImage, QueryResult
-from vpr.data.images import load_thumbnail
-from vpr.errors import ImageError, UsageError, VPRError
+from vpr.api import Index, QueryResult
+from vpr.errors import ImageError, NotAnImage, UsageError, VPRError
 from vpr.serve.batching import Batcher
 from vpr.serve.config import ServeConfig
 from vpr.serve.guard import Guard
@@ -59,10 +57,8 @@ class Thumbnails:
             if image_id in self._cache:
                 self._cache.move_to_end(image_id)
                 return self._cache[image_id]
-        if not 0 <= image_id < len(self.index):
-            raise IndexError(image_id)
         with self._making:
-            image = load_thumbnail(self.index.bundle.database.paths[image_id], self.size)
+            image = self.index.thumbnail(image_id, self.size)
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=85)
         with self._lock:
@@ -121,11 +117,7 @@ def create_app(config: ServeConfig, index: Index | None = None) -> FastAPI:
 
     @app.get("/positions", summary="Database positions (UTM) for a map, at most 20,000 evenly chosen")
     def positions() -> dict:
-        utm = index.bundle.database.utm
-        if utm is None:
-            return {"zone": None, "step": 1, "points": []}
-        step = max(1, -(-len(utm) // MAX_MAP_POINTS))
-        return {"zone": index.info()["zone"], "step": step, "points": np.round(utm[::step], 2).tolist()}
+        return index.positions(MAX_MAP_POINTS)
 
     @app.get("/images/{image_id}", summary="A JPEG thumbnail of database image `image_id` (a row of the index)",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: {}})

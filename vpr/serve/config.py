@@ -45,7 +45,7 @@ class ServeConfig:
         if not 0 <= self.batch_window_ms <= 1000:
             raise UsageError(f"batch window {self.batch_window_ms} ms: must be between 0 and 1000")
         if self.token is not None and not self.token.strip():
-            raise UsageError("--token is empty; give a secret string or drop --token")
+            raise UsageError("`token` is empty; give a secret string or drop `token`")
 
     def to_env(self) -> None:
         """Hand the settings to worker processes (uvicorn --workers) through the environment."""

@@ -11,8 +11,8 @@ from dataclasses import replace
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from vpr.api import check_index
 from vpr.errors import OutputError
-from vpr.retrieval.store import read_manifest
 from vpr.serve.app import create_app
 from vpr.serve.config import ServeConfig
 
@@ -75,7 +75,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, worker
         with bind(host, port) as sock:
             uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
         return
-    read_manifest(config.index)  # a bad index fails here, once, rather than in every worker
+    check_index(config.index)  # a bad index fails here, once, rather than in every worker
     config.to_env()
     with bind(host, port) as sock:
         server_config = uvicorn.Config("vpr.serve.app:app_from_env", factory=True, workers=workers, log_level=log_level)

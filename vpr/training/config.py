@@ -32,7 +32,7 @@ MAX_LR = 1000.0  # above this an optimiser's step overflows float32 (Adam divide
 def check_learning_rate(value: float | None, option: str) -> None:
     """Refuse a learning rate that is not a positive number up to MAX_LR (None: the default)."""
     if value is not None and not 0 < value <= MAX_LR:
-        raise UsageError(f"{option} {value}: must be a positive number up to {MAX_LR:g}")
+        raise UsageError(f"`{option}` {value}: must be a positive number up to {MAX_LR:g}")
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,13 @@ class TrainConfig:
                   "iterations_per_epoch": 1 if self.iterations_per_epoch is None else self.iterations_per_epoch}
         for name, value in counts.items():
             if value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+                raise UsageError(f"`{name}` {value}: must be at least 1")
         if self.backbone == "pixels":
-            raise UsageError("--backbone pixels has no weights to train; index with it directly: "
-                             "vpr build-index DB --model pixels --head patchnorm")
+            raise UsageError("`backbone=pixels` has no weights to train; index with it directly (build-index with the pixels "
+                             "backbone and the patchnorm head)")
         if self.workers < 0:
-            raise UsageError(f"--workers {self.workers}: must be 0 or more")
-        check_learning_rate(self.lr, "--lr")
+            raise UsageError(f"`workers` {self.workers}: must be 0 or more")
+        check_learning_rate(self.lr, "lr")
         pretrained = self.pretrained is not None
         done = replace(
             self, dataset=str(Path(self.dataset).resolve()), out=str(self.out),
@@ -121,19 +121,19 @@ class GroupParams:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.M) and self.M > 0):
-            raise UsageError(f"--M {self.M}: the class size must be a positive number of metres, e.g. 10")
+            raise UsageError(f"`cell_m` {self.M}: the class size must be a positive number of metres, e.g. 10")
         if not (math.isfinite(self.alpha) and 0 < self.alpha <= 360):
-            raise UsageError(f"--alpha {self.alpha}: the heading sector must be in (0, 360] degrees, e.g. 30")
+            raise UsageError(f"`alpha` {self.alpha}: the heading sector must be in (0, 360] degrees, e.g. 30")
         if self.N < 1 or self.L < 1:
-            raise UsageError(f"--N {self.N} --L {self.L}: both must be at least 1 (the paper uses N 5, L 2)")
+            raise UsageError(f"`cell_n` {self.N} `sector_l` {self.L}: both must be at least 1 (the paper uses N 5, L 2)")
         sectors = 360.0 / (self.alpha * self.L)
         if abs(sectors - round(sectors)) > 1e-9:
             raise UsageError(
-                f"--alpha {self.alpha} with --L {self.L}: alpha*L must divide 360 so heading groups wrap "
+                f"`alpha` {self.alpha} with `sector_l` {self.L}: alpha*L must divide 360 so heading groups wrap "
                 "around consistently (e.g. alpha 30, L 2)"
             )
         if self.min_images_per_class < 1:
-            raise UsageError(f"--min-images-per-class {self.min_images_per_class}: must be at least 1")
+            raise UsageError(f"`min_images_per_class` {self.min_images_per_class}: must be at least 1")
 
     @property
     def max_groups(self) -> int:
@@ -177,17 +177,17 @@ class CosPlaceConfig(TrainConfig):
         return PAPER_LR if self.pretrained is not None else SCRATCH_LR
 
     def check(self) -> None:
-        check_learning_rate(self.classifier_lr, "--classifier-lr")
+        check_learning_rate(self.classifier_lr, "classifier_lr")
         if self.iterations_per_epoch is None:
-            raise UsageError("--iterations-per-epoch: CosPlace needs a number of steps per epoch")
+            raise UsageError("`iterations_per_epoch`: CosPlace needs a number of steps per epoch")
         for name in ("groups_num", "dim"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+                raise UsageError(f"`{name}` {getattr(self, name)}: must be at least 1")
         if not (self.scale > 0 and 0 <= self.margin < 1 and self.classifier_lr > 0):
-            raise UsageError(f"--scale {self.scale} --margin {self.margin} --classifier-lr {self.classifier_lr}: "
+            raise UsageError(f"`scale` {self.scale} `margin` {self.margin} `classifier_lr` {self.classifier_lr}: "
                              "need scale > 0, 0 <= margin < 1 and a positive classifier lr")
         if not 0 < self.augment.crop_scale <= 1:
-            raise UsageError(f"--crop-scale {self.augment.crop_scale}: the smallest crop area must be in (0, 1]")
+            raise UsageError(f"`crop_scale` {self.augment.crop_scale}: the smallest crop area must be in (0, 1]")
 
     def model_config(self) -> ModelConfig:
         from vpr.models.model import ModelConfig
@@ -240,23 +240,23 @@ class NetVLADConfig(TrainConfig):
 
     def check(self) -> None:
         positive = {
-            "--cache-refresh": self.cache_refresh, "--negatives": self.num_negatives, "--neg-samples": self.neg_samples,
-            "--lr-step": self.lr_step, "--init-images": self.init_images, "--init-per-image": self.init_per_image,
-            "--kmeans-iterations": self.kmeans_iterations,
+            "cache_refresh": self.cache_refresh, "negatives": self.num_negatives, "neg_samples": self.neg_samples,
+            "lr_step": self.lr_step, "init_images": self.init_images, "init_per_image": self.init_per_image,
+            "kmeans_iterations": self.kmeans_iterations,
         }
         for option, value in positive.items():
             if value < 1:
-                raise UsageError(f"{option} {value}: must be at least 1")
+                raise UsageError(f"`{option}` {value}: must be at least 1")
         if self.num_clusters < 2:
-            raise UsageError(f"--clusters {self.num_clusters}: NetVLAD needs at least 2 clusters")
+            raise UsageError(f"`clusters` {self.num_clusters}: NetVLAD needs at least 2 clusters")
         if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
+            raise UsageError(f"`optimizer` {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if self.margin <= 0 or self.pca_dim < 0 or (self.weight_decay or 0.0) < 0:
-            raise UsageError("--triplet-margin must be positive; --pca-dim and --weight-decay at least 0")
+            raise UsageError("`triplet_margin` must be positive; `pca_dim` and `weight_decay` at least 0")
         if not 0 < self.pos_radius <= self.neg_radius:
-            raise UsageError(f"--pos-radius {self.pos_radius} must be positive and at most --neg-radius {self.neg_radius}")
+            raise UsageError(f"`pos_radius` {self.pos_radius} must be positive and at most `neg_radius` {self.neg_radius}")
         if self.mining_subset is not None and self.mining_subset < 1:
-            raise UsageError(f"--mining-subset {self.mining_subset}: must be at least 1 (leave it out for all)")
+            raise UsageError(f"`mining_subset` {self.mining_subset}: must be at least 1 (leave it out for all)")
 
     @property
     def tuples_per_step(self) -> int:

@@ -83,7 +83,7 @@ class CosPlaceMethod(Method):
         if groups.num_groups == 0:
             raise UsageError(
                 f"{self.train_set.source}: no class has {cfg.groups.min_images_per_class} images ({len(self.train_set)} "
-                "images); lower --min-images-per-class or raise --M"
+                "images); lower `min_images_per_class` or raise `cell_m`"
             )
         used = min(cfg.groups_num, groups.num_groups)
         if used < cfg.groups_num:
@@ -104,7 +104,7 @@ class CosPlaceMethod(Method):
             return
         if len(state["classifiers"]) != len(self.classifiers):
             raise UsageError(f"{cfg.out}: the run used {len(state['classifiers'])} groups, the dataset now gives "
-                             f"{len(self.classifiers)}; start a new --out")
+                             f"{len(self.classifiers)}; start a new `out`")
         for classifier, saved in zip(self.classifiers, state["classifiers"]):
             classifier.load_state_dict(saved)
         self.classifier_opts = [torch.optim.Adam(c.parameters(), lr=cfg.classifier_lr) for c in self.classifiers]

@@ -191,8 +191,8 @@ def build_groups(images: GeoImageSet, params: GroupParams, cache: Path | None = 
     """
     key = cache_key(images, params) if cache is not None else ""
     if cache is not None:
-        check_separate(cache, images.input_folders(), "--cache")  # a file among the images would join the next build
-        check_replaceable_file(cache, is_groups_file, "class-group cache", "--cache")
+        check_separate(cache, images.input_folders(), "`cache`")  # a file among the images would join the next build
+        check_replaceable_file(cache, is_groups_file, "class-group cache", "`cache`")
         cached = load_groups(cache, key, params)
         if cached is not None:
             return cached
@@ -211,7 +211,7 @@ def group_colour(group: int) -> tuple[int, int, int]:
 
 def save_group_map(groups: ClassGroups, images: GeoImageSet, out_png: Path, size: int = 1024) -> Path:
     """Draw every class at its UTM cell (a wedge per heading sector) coloured by group; dropped images in grey."""
-    check_separate(out_png, images.input_folders(), "--map")  # a PNG among the images would be indexed next time
+    check_separate(out_png, images.input_folders(), "`map_png`")  # a PNG among the images would be indexed next time
     utm = images.require_labels("the group map")
     params, margin, legend_rows = groups.params, 12, min(groups.num_groups, 24)
     low = np.floor(utm.min(axis=0) / params.M) * params.M  # plot whole cells
@@ -245,5 +245,5 @@ def save_group_map(groups: ClassGroups, images: GeoImageSet, out_png: Path, size
         y += 14
         draw.rectangle((margin, y + 2, margin + 10, y + 12), fill=group_colour(g))
         draw.text((margin + 16, y), f"group {g} {tuple(groups.group_ids[g].tolist())}: {len(groups.classes_of_group(g))} classes", fill=(0, 0, 0))
-    save_png(canvas, Path(out_png), "--map")
+    save_png(canvas, Path(out_png), "`map_png`")
     return Path(out_png)

@@ -38,6 +38,7 @@ from vpr.errors import CheckpointError, ImageError, TrainingError, UsageError
 from vpr.evaluation.recall import recall_at_n
 from vpr.fileio import (
     MARKER, atomic_file, check_replaceable_dir, check_separate, disk_full_errors, make_owned_dir, marker_kind, output_lock,
+    to_json,
 )
 from vpr.models.checkpoints import load_payload, model_from_payload, save_checkpoint
 from vpr.models.inference import amp_dtype
@@ -132,25 +133,25 @@ class RunDir:
         check_separate(self.root, inputs)
         if not resume:
             if self.root.is_dir() and not self.root.is_symlink() and os.listdir(self.root) and self.is_run():
-                raise UsageError(f"{self.root}: a run already exists here; pass --resume to continue it or choose another --out")
-            check_replaceable_dir(self.root, lambda path: os.listdir(path), "--out")  # new, or an empty folder
+                raise UsageError(f"{self.root}: a run already exists here; pass `resume` to continue it or choose another `out`")
+            check_replaceable_dir(self.root, lambda path: os.listdir(path), "`out`")  # new, or an empty folder
         else:
             if not self.root.is_dir() or not self.is_run():
-                raise UsageError(f"{self.root}: nothing to resume (no vpr training run here); drop --resume to start a new run")
+                raise UsageError(f"{self.root}: nothing to resume (no vpr training run here); drop `resume` to start a new run")
             if not self.last.is_file():
-                raise UsageError(f"{self.root}: nothing to resume (no last.pt); start a new run with another --out")
+                raise UsageError(f"{self.root}: nothing to resume (no last.pt); start a new run with another `out`")
             saved = self.read_config()
             if saved.get("method") != config["method"]:
                 raise UsageError(f"{self.config}: not the settings of a vpr {config['method']} run (method "
-                                 f"{saved.get('method')!r}); resume with the run's own --method or choose another --out")
+                                 f"{saved.get('method')!r}); resume with the run's own `method` or choose another `out`")
             changed = sorted(k for k in config if k in saved and saved[k] != config[k] and k not in FREE_TO_CHANGE)
             if changed:
-                raise UsageError(f"{self.root}: --resume with changed settings {changed}; use the original ones or a new --out")
+                raise UsageError(f"{self.root}: `resume` with changed settings {changed}; use the original ones or a new `out`")
 
     def prepare(self, config: dict, resume: bool, inputs: list[Path]) -> None:
         """Check again (see `check`), then create the run directory and write its config.json."""
         self.check(config, resume, inputs)
-        make_owned_dir(self.root, "run", "run folder", "choose a writable --out")
+        make_owned_dir(self.root, "run", "run folder", "choose a writable `out`")
         with atomic_file(self.config) as tmp:
             tmp.write_text(json.dumps(config, indent=2, default=str))
 
@@ -159,17 +160,17 @@ class RunDir:
         try:
             saved = json.loads(self.config.read_text())
         except FileNotFoundError:
-            raise CheckpointError(f"{self.config}: missing, so the run's settings are unknown; start a new run with another --out") from None
+            raise CheckpointError(f"{self.config}: missing, so the run's settings are unknown; start a new run with another `out`") from None
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{self.config}: not valid JSON ({str(exc)[:80]}); the run cannot be resumed, start a new one with another --out") from None
+            raise CheckpointError(f"{self.config}: not valid JSON ({str(exc)[:80]}); the run cannot be resumed, start a new one with another `out`") from None
         if not isinstance(saved, dict):
-            raise CheckpointError(f"{self.config}: not a vpr run configuration; start a new run with another --out")
+            raise CheckpointError(f"{self.config}: not a vpr run configuration; start a new run with another `out`")
         return saved
 
     def append_log(self, record: dict) -> None:
         """One strict JSON line per epoch (a non-finite figure is written as null)."""
         with disk_full_errors(self.log), open(self.log, "a") as handle:
-            handle.write(json.dumps(_finite(record), default=float, allow_nan=False) + "\n")
+            handle.write(to_json(record, indent=None))
 
     def trim_log(self, epochs_done: int) -> None:
         """Keep only log lines of epochs already in last.pt (a kill may have left a later one, or half a line)."""
@@ -188,17 +189,6 @@ class RunDir:
             tmp.write_text("".join(line + "\n" for line in kept))
 
 
-def _finite(value):
-    """`value` with NaN and infinite floats replaced by None, inside dicts and lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def refuse_divergence(model: torch.nn.Module, record: dict, epoch: int, run: "RunDir", last_saved: int) -> None:
     """Stop a run whose epoch ended with a non-finite loss or weights, before any checkpoint is replaced:
     `last.pt` (and `best.pt`) keep the last healthy epoch."""
@@ -209,8 +199,8 @@ def refuse_divergence(model: torch.nn.Module, record: dict, epoch: int, run: "Ru
         return
     what = f"the loss is {loss}" if not finite_loss else "the weights hold NaN or infinite values"
     kept = f"{run.last} still holds epoch {last_saved}" if last_saved else "no checkpoint was written"
-    raise TrainingError(f"epoch {epoch}: {what}, the training diverged; {kept}; start again in a new --out "
-                        "with a lower --lr (or --classifier-lr)")
+    raise TrainingError(f"epoch {epoch}: {what}, the training diverged; {kept}; start again in a new `out` "
+                        "with a lower `lr` (or `classifier_lr`)")
 
 
 def save_training_checkpoint(path: Path, model: VPRModel, training: dict, pca: PCA | None = None) -> None:
@@ -224,10 +214,10 @@ def load_resumable(run: "RunDir", method: str) -> tuple[VPRModel, dict]:
     try:
         model, _, state = load_training_checkpoint(run.last)
     except CheckpointError as exc:
-        raise CheckpointError(f"{exc}; {run.root} is not a vpr run that --resume can continue: choose another --out") from exc
+        raise CheckpointError(f"{exc.args[0]}; {run.root} is not a vpr run that `resume` can continue: choose another `out`") from exc
     if state.get("method", method) != method or not isinstance(state.get("epoch"), int):
         raise CheckpointError(f"{run.last}: a {state.get('method')} run's checkpoint, not {method}'s; "
-                              "resume with the run's own --method or choose another --out")
+                              "resume with the run's own `method` or choose another `out`")
     return model, state
 
 
@@ -356,7 +346,7 @@ def rank0_first(work: Callable[[], object], others: bool = True) -> object:
 def global_share(count: int) -> slice:
     """This rank's rows of a global batch of `count` items (contiguous, rank order); every rank needs one."""
     if count < distributed.world_size():
-        raise UsageError(f"a batch of {count} cannot be shared by {distributed.world_size()} ranks; raise --batch-size")
+        raise UsageError(f"a batch of {count} cannot be shared by {distributed.world_size()} ranks; raise `batch_size`")
     part = distributed.shard(count)
     return slice(int(part[0]), int(part[-1]) + 1)
 

@@ -50,7 +50,7 @@ def initial_model(cfg: NetVLADConfig, database: GeoImageSet, progress: Progress 
     """The untrained model: seeded backbone, NetVLAD centroids and alpha from clustered local features."""
     model = build_model(cfg.model_config(), pretrained=cfg.pretrained, seed=cfg.seed)
     cache = Path(cfg.clusters_cache) if cfg.clusters_cache is not None else Path(cfg.out) / "clusters.h5"
-    check_separate(cache, database.input_folders(), "--clusters-cache")
+    check_separate(cache, database.input_folders(), "`clusters_cache`")
     clusters = init_netvlad(
         model, database.paths, cache=cache, num_images=cfg.init_images, per_image=cfg.init_per_image, seed=cfg.seed,
         iterations=cfg.kmeans_iterations, options=cfg.extract_options(), progress=progress,
@@ -94,7 +94,7 @@ class NetVLADMethod(Method):
         self.sets = tuple_sets(self.database.utm, self.queries.utm, cfg.pos_radius, cfg.neg_radius)
         if len(self.sets.trainable) == 0:
             raise LabelError(f"{cfg.dataset}: no training query has a database image within {cfg.pos_radius} m; "
-                             "check the coordinates or raise --pos-radius")
+                             "check the coordinates or raise `pos_radius`")
 
     def start(self, run: RunDir, model: VPRModel | None, state: dict | None, phase: Phase) -> None:
         self.clusters: Clusters | None = None

@@ -81,8 +81,8 @@ def sample_local_features(
             maps = F.normalize(backbone(batch).float(), dim=1).flatten(2).cpu().numpy()  # B x C x HW
         if per_image > maps.shape[2] and not features:
             log.warning(
-                "--init-per-image %d: the %dx%d input gives only %d feature-map positions per image; taking all %d "
-                "(raise --init-images for more features)", per_image, *model.config.input_size, maps.shape[2], maps.shape[2])
+                "init_per_image %d: the %dx%d input gives only %d feature-map positions per image; taking all %d "
+                "(raise init_images for more features)", per_image, *model.config.input_size, maps.shape[2], maps.shape[2])
         for fmap in maps:
             take = rng.choice(fmap.shape[1], size=min(per_image, fmap.shape[1]), replace=False)
             features.append(fmap[:, take].T)
@@ -98,7 +98,7 @@ def fit_centroids(features: np.ndarray, num_clusters: int, *, seed: int = 0, ite
     if len(features) < num_clusters:
         raise UsageError(
             f"only {len(features)} local features for {num_clusters} clusters; "
-            "use more --init-images / --init-per-image or fewer --clusters"
+            "use more `init_images` / `init_per_image` or fewer `clusters`"
         )
     faiss = require_faiss()
     kmeans = faiss.Kmeans(features.shape[1], num_clusters, niter=iterations, seed=seed, verbose=False,
@@ -115,7 +115,7 @@ def assignment_alpha(features: np.ndarray, centroids: np.ndarray) -> float:
     nearest = squared.topk(2, dim=1, largest=False).values
     gap = float((nearest[:, 1] - nearest[:, 0]).mean())
     if gap <= 0.0:
-        raise UsageError("local features are all equidistant from two clusters; use fewer --clusters")
+        raise UsageError("local features are all equidistant from two clusters; use fewer `clusters`")
     return -math.log(SECOND_TO_FIRST) / gap
 
 
@@ -184,7 +184,7 @@ def init_netvlad(
     if not isinstance(model.head, NetVLAD):
         raise UsageError(f"NetVLAD initialisation needs a netvlad head, not '{model.config.head}'")
     if cache is not None:
-        check_replaceable_file(cache, is_clusters_file, "NetVLAD cluster cache", "--clusters-cache")
+        check_replaceable_file(cache, is_clusters_file, "NetVLAD cluster cache", "`clusters_cache`")
     key = clusters_key(model, paths, num_images=num_images, per_image=per_image, seed=seed, iterations=iterations)
     clusters = load_clusters(cache, key) if cache is not None else None
     if clusters is None:

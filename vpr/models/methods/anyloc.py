@@ -79,7 +79,7 @@ def head_options(config) -> dict:
 
 def build_head(config) -> AnyLocVLAD:
     if config.backbone not in vit.SIZES:
-        raise UsageError(f"the anyloc head aggregates DINOv2 facet features: use --model dinov2_vitg14 (or another of "
+        raise UsageError(f"the anyloc head aggregates DINOv2 facet features: use `backbone=dinov2_vitg14` (or another of "
                          f"{', '.join(vit.SIZES)}) with backbone options blocks/facet, not {config.backbone}")
     return AnyLocVLAD(config.channels, head_options(config)["num_clusters"])
 
@@ -201,7 +201,7 @@ def combine(dinov2: Path, centers: Path, out: Path, layer: int | None = None, fa
     if facet is None:
         facet = match.group(3) if match else PUBLISHED_FACET
     if facet not in FACETS:
-        raise UsageError(f"--facet {facet}: choose one of {', '.join(FACETS)}")
+        raise UsageError(f"`facet` {facet}: choose one of {', '.join(FACETS)}")
     odd = next((k for k in state if str(k).startswith("blocks.") and not str(k).split(".")[1].isdigit()), None)
     if odd is not None:
         raise CheckpointError(f"{dinov2}: key {odd!r} is not a numbered DINOv2 block (blocks.N.*); give dinov2_vitg14_pretrain.pth "

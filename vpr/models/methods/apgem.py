@@ -67,7 +67,7 @@ def head_options(config) -> dict:
 
 def build_head(config) -> APGeM:
     if config.backbone in vit.SIZES or config.backbone == "pixels":
-        raise UsageError(f"the apgem head pools a CNN feature map: use --model resnet101 (or another ResNet), "
+        raise UsageError(f"the apgem head pools a CNN feature map: use `backbone=resnet101` (or another ResNet), "
                          f"not {config.backbone}")
     return APGeM(config.channels, config.descriptor_dim, **head_options(config))
 

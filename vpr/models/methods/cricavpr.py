@@ -161,7 +161,7 @@ class CricaVPR(nn.Module):
         """B x 14 x C: the CLS token and the GeM of the 13 regions of the L2-normalised patch map."""
         if patches.shape[-2] < MIN_GRID or patches.shape[-1] < MIN_GRID:
             raise UsageError(f"CricaVPR pools fixed regions of a 16x16 patch grid but got {patches.shape[-2]}x"
-                             f"{patches.shape[-1]}: keep the model's 224x224 input (drop --resize)")
+                             f"{patches.shape[-1]}: keep the model's 224x224 input (drop `resize`)")
         patches = F.normalize(patches, p=2, dim=1)
         pooled = [self.gem(patches[:, :, rows, cols]) for rows, cols in REGIONS]
         return torch.stack([cls, *pooled], dim=1)

@@ -78,7 +78,7 @@ class MixVPR(nn.Module):
         if tuple(x.shape[-2:]) != (self.in_h, self.in_w):
             raise UsageError(
                 f"MixVPR mixes a {self.in_h}x{self.in_w} feature map but got {x.shape[-2]}x{x.shape[-1]}: "
-                "keep the model's input size (drop --resize)"
+                "keep the model's input size (drop `resize`)"
             )
         x = self.mix(x.flatten(2))  # B x C x N, mixed along N
         x = self.channel_proj(x.transpose(1, 2))  # B x N x d

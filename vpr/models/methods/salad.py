@@ -88,7 +88,7 @@ class SALAD(nn.Module):
             raise UsageError(
                 f"SALAD with {self.num_clusters} clusters needs more than {self.num_clusters} patches, but a "
                 f"{patches.shape[-2]}x{patches.shape[-1]}-patch input has {n}: use a larger input "
-                f"(e.g. --resize 322x322)"
+                f"(e.g. `resize=322x322`)"
             )
         f = self.cluster_features(patches).flatten(2)  # B x l x n
         scores = self.score(patches).flatten(2)  # B x m x n
@@ -106,7 +106,7 @@ def head_options(config) -> dict:
 
 def require_vit(config, head: str) -> None:
     if config.backbone not in vit.SIZES:
-        raise UsageError(f"the {head} head aggregates DINOv2 tokens: use --model dinov2_vitb14 (or another "
+        raise UsageError(f"the {head} head aggregates DINOv2 tokens: use `backbone=dinov2_vitb14` (or another "
                          f"of {', '.join(vit.SIZES)}), not {config.backbone}")
 
 
