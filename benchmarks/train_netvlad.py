@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from vpr.data.datasets import load_split, positives_within
+from vpr.data.datasets import load_split
+from vpr.data.ground_truth import positives_within
 from vpr.data.synth.generate import generate_city
 from vpr.evaluation.recall import recall_at_n
 from vpr.models.checkpoints import load_checkpoint

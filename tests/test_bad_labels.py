@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vpr.data.datasets import GeoImageSet, load_folder, load_ground_truth, load_manifest
+from vpr.data.datasets import GeoImageSet, load_folder, load_manifest
+from vpr.data.ground_truth import load_ground_truth
 from vpr.data.geo import UTM_LETTERS
 from vpr.errors import VPRError
 

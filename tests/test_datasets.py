@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vpr.data.datasets import GeoImageSet, load_ground_truth, load_image_set, load_manifest, positives_within
+from vpr.data.datasets import GeoImageSet, load_image_set, load_manifest
+from vpr.data.ground_truth import load_ground_truth, positives_within
 from vpr.errors import ImageError, LabelError, UsageError, VPRError
 
 

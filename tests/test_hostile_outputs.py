@@ -149,7 +149,7 @@ def test_an_hdf5_file_on_a_full_disk_fails_cleanly(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.real.close()
 
-    import vpr.fileio as fileio
+    import vpr.fileio.files as fileio
 
     real_open = open
     def opener(path, mode="r", *args, **kwargs):

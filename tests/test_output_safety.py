@@ -232,7 +232,7 @@ def test_run_folders_are_refused_unless_resumable(monkeypatch, capsys, data, tmp
 
 
 def test_resume_with_a_corrupt_config_is_one_line(tmp_path):
-    from vpr.training.loop import RunDir
+    from vpr.training.run import RunDir
 
     run = RunDir(tmp_path / "run")
     run.prepare({"a": 1}, resume=False, inputs=[])

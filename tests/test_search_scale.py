@@ -110,11 +110,12 @@ def test_a_build_from_a_file_in_chunks_equals_the_one_shot_build(tmp_path, ivfpq
 
 
 def test_large_databases_read_paths_on_demand(ivfpq, monkeypatch):
-    import vpr.retrieval.store as store
+    import vpr.retrieval.index_files as index_files
+    from vpr.retrieval.rows import StoredPaths
 
-    monkeypatch.setattr(store, "LAZY_PATHS_ROWS", 100)
+    monkeypatch.setattr(index_files, "LAZY_PATHS_ROWS", 100)
     paths = load_index(ivfpq).database.paths
-    assert isinstance(paths, store.StoredPaths) and len(paths) == N
+    assert isinstance(paths, StoredPaths) and len(paths) == N
     assert [paths[0], paths[-1], *paths[3:5]] == [Path("/data/img0.jpg"), Path(f"/data/img{N - 1}.jpg"),
                                                    Path("/data/img3.jpg"), Path("/data/img4.jpg")]
 

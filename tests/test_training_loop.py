@@ -18,7 +18,8 @@ from vpr.errors import UsageError
 from vpr.models.checkpoints import save_checkpoint
 from vpr.models.model import ModelConfig, build_model
 from vpr.training.config import CosPlaceConfig
-from vpr.training.loop import Precision, RunDir, is_better, saved_best, trainable
+from vpr.training.loop import Precision, is_better, trainable
+from vpr.training.run import RunDir, saved_best
 from vpr.training.config import NetVLADConfig
 from vpr.training.netvlad_init import sample_local_features
 

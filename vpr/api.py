@@ -52,7 +52,7 @@ LAZY = {  # heavy names, imported when first asked for
     "save_positions_map": "vpr.evaluation.viz", "draw_inlier_matches": "vpr.retrieval.rerank",
     "save_descriptors": "vpr.evaluation.predictions", "save_predictions": "vpr.evaluation.predictions",
     "check_predictions_path": "vpr.evaluation.predictions", "check_descriptors_path": "vpr.evaluation.predictions",
-    "positives_within": "vpr.data.datasets", "exact_search": "vpr.retrieval.search", "cache_dir_for": "vpr.retrieval.build",
+    "positives_within": "vpr.data.ground_truth", "exact_search": "vpr.retrieval.search", "cache_dir_for": "vpr.retrieval.build",
     "synth": "vpr.jobs", "demo": "vpr.jobs", "groups": "vpr.jobs", "bench": "vpr.jobs", "BENCH_CASES": "vpr.bench",
     "join_anyloc": "vpr.jobs", "to_json": "vpr.fileio", "Reported": "vpr.distributed",
 }
@@ -225,7 +225,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[str,
 
 def check_index(directory: str | os.PathLike) -> dict:
     """Validate an index directory without loading its model; its manifest."""
-    from vpr.retrieval.store import read_manifest
+    from vpr.retrieval.index_files import read_manifest
 
     return read_manifest(Path(directory))
 
@@ -303,9 +303,10 @@ class Index:
     def describe(self, images_: ImageInput | Sequence[ImageInput], progress: Progress | None = None,
                  names: Sequence[str] | None = None) -> np.ndarray:
         """Descriptors of images in the index's space, `batch_size` images per forward pass."""
+        from vpr.data.images import image_list
         from vpr.retrieval.extract import extract_descriptors
 
-        items = _as_list(images_)
+        items = image_list(images_)
         if not items:
             import numpy as np
 
@@ -318,11 +319,12 @@ class Index:
         """Top-k matches and the position estimate for each descriptor row (from `describe`), through
         the same answering stages as `vpr query` (`options`; re-ranking needs `query_paths`)."""
         from vpr.retrieval.answer import answer
-        from vpr.retrieval.results import query_results
+        from vpr.retrieval.results import query_names, query_results
+        from vpr.retrieval.search import query_rows
 
         k = whole_number(k, "k")
-        descriptors = self._checked_descriptors(descriptors)
-        names = _names(names, len(descriptors), lambda i: f"query {i}")
+        descriptors = query_rows(descriptors, self.bundle.dim)
+        names = query_names(names, len(descriptors), lambda i: f"query {i}")
         if len(descriptors) == 0:
             return []
         paths = None if query_paths is None else [Path(p) for p in query_paths]
@@ -332,10 +334,11 @@ class Index:
     def query(self, images_: ImageInput | Sequence[ImageInput], k: int = 5,
               names: Sequence[str] | None = None) -> list[QueryResult]:
         """Where were these photos taken: the top-k database matches and a position per image."""
-        from vpr.data.images import image_name
+        from vpr.data.images import image_list, image_name
+        from vpr.retrieval.results import query_names
 
-        items = _as_list(images_)
-        names = _names(names, len(items), lambda i: image_name(items[i], i))
+        items = image_list(images_)
+        names = query_names(names, len(items), lambda i: image_name(items[i], i))
         paths = items if all(isinstance(item, (str, os.PathLike)) for item in items) else None
         return self.search(self.describe(items, names=names), k, names, query_paths=paths)
 
@@ -370,41 +373,3 @@ class Index:
         if not 0 <= image_id < len(self):
             raise IndexError(image_id)
         return load_thumbnail(self.bundle.database.paths[image_id], size)
-
-    def _checked_descriptors(self, descriptors: object) -> np.ndarray:
-        """Query descriptors as an N x dim float32 array of finite values, or a `UsageError`."""
-        import numpy as np
-
-        try:
-            array = np.asarray(descriptors, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise UsageError(f"descriptors: a {type(descriptors).__name__} is not an N x {self.bundle.dim} array of numbers") from None
-        if array.ndim != 2 or array.shape[1] != self.bundle.dim:
-            raise UsageError(f"descriptors of shape {array.shape}: the index takes N x {self.bundle.dim} (from describe)")
-        if not np.isfinite(array).all():
-            raise UsageError("descriptors hold NaN or infinite values; describe the images again")
-        return array
-
-
-def _as_list(images_: ImageInput | Sequence[ImageInput]) -> list:
-    """One image or a sequence of them, as a list."""
-    from PIL import Image
-
-    single = isinstance(images_, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)) or (
-        type(images_).__name__ == "ndarray" and images_.ndim in (2, 3))
-    if single:
-        return [images_]
-    if not isinstance(images_, Sequence) and type(images_).__name__ != "ndarray":
-        raise UsageError(f"images: a {type(images_).__name__} is not an image or a list of images; give paths, PIL images, "
-                         "uint8 arrays or file bytes")
-    return list(images_)
-
-
-def _names(names: Sequence[str] | None, count: int, default: Callable[[int], str]) -> list[str]:
-    """One name per query: `names` when given (as many as the queries), else `default(i)`."""
-    if names is None:
-        return [default(i) for i in range(count)]
-    names = [str(name) for name in names]
-    if len(names) != count:
-        raise UsageError(f"names: {len(names)} names for {count} queries; give one name per query or none")
-    return names

@@ -1,4 +1,4 @@
-"""Geo-tagged image sets from `@`-named folders, CSV manifests and ground-truth files.
+"""Geo-tagged image sets from `@`-named folders and CSV manifests.
 
 Everything becomes one `GeoImageSet`: image paths with UTM east/north (metres), heading (degrees,
 NaN when unknown) and the UTM zone; an unlabelled folder has no coordinates.
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.neighbors import NearestNeighbors
 
 from vpr.data.geo import UTM_LETTERS, check_zone_letter, latlon_to_utm, parse_at_name, parse_zone_number
 from vpr.data.images import IMAGE_EXTENSIONS
@@ -165,7 +164,7 @@ def _one_zone(zones: set[tuple[int, str]], what: str, split: str) -> tuple[int, 
     return min(zones) if zones else None
 
 
-def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The stripped header and the non-blank (line number, cells) rows of a UTF-8 CSV file."""
     try:
         data = Path(csv_path).read_bytes()
@@ -193,13 +192,13 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header or [], rows
 
 
-def _extra_cells(cells: list[str], header: list[str], where: str, hint: str) -> None:
+def extra_cells(cells: list[str], header: list[str], where: str, hint: str) -> None:
     """Refuse a row with more non-empty cells than the header has columns (a comma inside a value)."""
     if any(c.strip() for c in cells[len(header):]):
         raise LabelError(f"{where}: {len(cells)} fields but the header has {len(header)} columns; {hint}")
 
 
-def _row_dict(columns: list[str], cells: list[str]) -> dict[str, str]:
+def row_dict(columns: list[str], cells: list[str]) -> dict[str, str]:
     """Cells by column name (the first of repeated columns wins; missing cells are absent)."""
     row: dict[str, str] = {}
     for key, value in zip(columns, cells):
@@ -252,7 +251,7 @@ def load_manifest(csv_path: Path) -> GeoImageSet:
     The UTM form takes the zone as `10S`, or `10` plus a `zone_letter` (or `letter`) column.
     """
     csv_path = Path(csv_path)
-    columns, cell_rows = _read_csv(csv_path)
+    columns, cell_rows = read_csv(csv_path)
     if "path" not in columns:
         raise LabelError(f"{csv_path}: no 'path' column (found {columns}); header must be path,lat,lon[,heading]")
     has_latlon = {"lat", "lon"} <= set(columns)
@@ -267,8 +266,8 @@ def load_manifest(csv_path: Path) -> GeoImageSet:
     paths, coords, headings, zones, times = [], [], [], set(), []
     for line, cells in cell_rows:
         where = f"{csv_path}:{line}"
-        _extra_cells(cells, columns, where, "quote values that contain commas, and write decimals with '.'")
-        row = _row_dict(columns, cells)
+        extra_cells(cells, columns, where, "quote values that contain commas, and write decimals with '.'")
+        row = row_dict(columns, cells)
         rel = (row.get("path") or "").strip()
         if not rel:
             raise LabelError(f"{where}: empty 'path'; fill it in or remove the row")
@@ -333,82 +332,3 @@ def load_split(root: Path, split: str) -> tuple[GeoImageSet, GeoImageSet]:
 def load_split_images(root: Path, split: str) -> GeoImageSet:
     """Every image under `split_folder(root, split)`, recursively: database and queries alike, or a flat folder."""
     return load_folder(split_folder(root, split))
-
-
-def positives_within(database_utm: np.ndarray, query_utm: np.ndarray, radius: float) -> list[np.ndarray]:
-    """For each query, the database indices within `radius` metres, sorted by distance."""
-    knn = NearestNeighbors(n_jobs=1).fit(database_utm)
-    distances, indices = knn.radius_neighbors(query_utm, radius=radius, return_distance=True, sort_results=True)
-    return [idx.astype(np.int64) for idx in indices]
-
-
-def load_ground_truth(csv_path: Path, queries: GeoImageSet, database: GeoImageSet) -> list[np.ndarray]:
-    """Read a `query,positives` CSV into database indices per query.
-
-    Images are named by file name, by path (relative to the set's folder, or any trailing part of it)
-    or by 0-based index; positives are separated by spaces; each query has at most one row.
-    """
-    csv_path = Path(csv_path)
-    header, rows = _read_csv(csv_path)
-    if not {"query", "positives"} <= set(header):
-        raise LabelError(f"{csv_path}: header must be 'query,positives' (found {header})")
-    q_names, db_names = _name_index(queries), _name_index(database)
-    positives: list[np.ndarray | None] = [None] * len(queries)
-    first_line: dict[int, int] = {}
-    for line, cells in rows:
-        where = f"{csv_path}:{line}"
-        _extra_cells(cells, header, where, "separate positives with spaces, not commas (q.jpg,d1.jpg d2.jpg)")
-        row = _row_dict(header, cells)
-        token = row.get("query", "").strip()
-        if not token:
-            raise LabelError(f"{where}: empty 'query'; fill it in or remove the row")
-        q = _resolve(token, queries, q_names, where, "query")
-        if q in first_line:
-            raise LabelError(
-                f"{where}: query {token!r} already has a row on line {first_line[q]}; "
-                "merge the two rows (one row per query)"
-            )
-        first_line[q] = line
-        found = {_resolve(t, database, db_names, where, "database") for t in row.get("positives", "").split()}
-        positives[q] = np.array(sorted(found), dtype=np.int64)
-    return [np.zeros(0, dtype=np.int64) if p is None else p for p in positives]
-
-
-def _name_index(images: GeoImageSet) -> dict[str, list[int]]:
-    """Map each file name to the indices of the images with that name."""
-    index: dict[str, list[int]] = {}
-    for i, path in enumerate(images.paths):
-        index.setdefault(path.name, []).append(i)
-    return index
-
-
-def _resolve(token: str, images: GeoImageSet, names: dict[str, list[int]], where: str, role: str) -> int:
-    """The index of the image `token` names: a file name, a trailing part of its path, or an index."""
-    relative = token.removeprefix("./")
-    candidates = names.get(relative.rsplit("/", 1)[-1], [])
-    if "/" in relative:
-        candidates = [i for i in candidates if ("/" + images.paths[i].as_posix()).endswith("/" + relative)]
-    if len(candidates) == 1:
-        return candidates[0]
-    if candidates:
-        shown = ", ".join(_relative_name(images, i) for i in candidates[:3])
-        raise LabelError(
-            f"{where}: {role} image {token!r} is ambiguous: it matches {len(candidates)} images ({shown}); "
-            f"use the path relative to the {role} folder"
-        )
-    if token.isascii() and token.isdigit() and int(token) < len(images):
-        return int(token)
-    raise LabelError(
-        f"{where}: {role} image {token!r} is not in the {role} set (give a file name, a relative path or "
-        f"an index 0..{len(images) - 1}); check the ground-truth file"
-    )
-
-
-def _relative_name(images: GeoImageSet, i: int) -> str:
-    """Image `i`'s path relative to the set's folder (or to a manifest's folder) where it lies inside it."""
-    path = images.paths[i]
-    if images.source is not None:
-        base = images.source if images.source.is_dir() else images.source.parent
-        if path.is_relative_to(base):
-            return path.relative_to(base).as_posix()
-    return path.as_posix()

@@ -11,6 +11,7 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -128,6 +129,18 @@ def image_name(image: ImageItem, i: int) -> str:
     if isinstance(image, (str, os.PathLike)):
         return str(image)
     return getattr(image, "filename", "") or f"image {i}"
+
+
+def image_list(images_: object) -> list:
+    """One image or a sequence of them, as a list."""
+    single = isinstance(images_, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)) or (
+        type(images_).__name__ == "ndarray" and images_.ndim in (2, 3))
+    if single:
+        return [images_]
+    if not isinstance(images_, Sequence) and type(images_).__name__ != "ndarray":
+        raise UsageError(f"images: a {type(images_).__name__} is not an image or a list of images; give paths, PIL images, "
+                         "uint8 arrays or file bytes")
+    return list(images_)
 
 
 def upright_rgb(img: Image.Image) -> Image.Image:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from vpr import distributed
-from vpr.data.datasets import GeoImageSet, load_ground_truth, positives_within
+from vpr.data.datasets import GeoImageSet
+from vpr.data.ground_truth import load_ground_truth, positives_within
 from vpr.errors import LabelError, UsageError
 from vpr.evaluation.localization import error_summary, localization_errors, precision_at_recall
 from vpr.evaluation.recall import recall_at_n

@@ -7,7 +7,7 @@ and whether it is a positive, and the position estimate's error.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from vpr.data.datasets import GeoImageSet
 from vpr.data.geo import utm_to_latlon
+from vpr.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,16 @@ class QueryResult:
         if self.error_m is not None:
             data["error_m"] = self.error_m
         return data
+
+
+def query_names(names: Sequence[str] | None, count: int, default: Callable[[int], str]) -> list[str]:
+    """One name per query: `names` when given (as many as the queries), else `default(i)`."""
+    if names is None:
+        return [default(i) for i in range(count)]
+    names = [str(name) for name in names]
+    if len(names) != count:
+        raise UsageError(f"names: {len(names)} names for {count} queries; give one name per query or none")
+    return names
 
 
 def similarity_to_distance(similarity: np.ndarray) -> np.ndarray:

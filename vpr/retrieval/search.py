@@ -124,6 +124,19 @@ def exact_search(database, queries: np.ndarray, k: int, chunk: int = 1 << 18) ->
     return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), db, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
+def query_rows(descriptors: object, dim: int) -> np.ndarray:
+    """Query descriptors as an N x dim float32 array of finite values, or a `UsageError`."""
+    try:
+        array = np.asarray(descriptors, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise UsageError(f"descriptors: a {type(descriptors).__name__} is not an N x {dim} array of numbers") from None
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise UsageError(f"descriptors of shape {array.shape}: the index takes N x {dim} (from describe)")
+    if not np.isfinite(array).all():
+        raise UsageError("descriptors hold NaN or infinite values; describe the images again")
+    return array
+
+
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of the union of per-shard top-k results (similarities, global indices; -1 = none),
     best first: what one search over all shards returns."""

@@ -38,8 +38,9 @@ from vpr.training.config import CosPlaceConfig
 from vpr.training.cosface import CosFaceClassifier, cosface_loss
 from vpr.training.cosplace_groups import build_groups
 from vpr.training.loop import (
-    Method, Phase, RunDir, TrainProgress, TrainResult, first_error, global_share, rank0_first, parallel, train, trainable,
+    Method, Phase, TrainProgress, TrainResult, first_error, global_share, rank0_first, parallel, train, trainable,
 )
+from vpr.training.run import RunDir
 
 log = logging.getLogger(__name__)
 

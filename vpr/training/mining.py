@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vpr.data.datasets import positives_within
+from vpr.data.ground_truth import positives_within
 
 
 @dataclass

@@ -35,7 +35,8 @@ from vpr.models.model import VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
 from vpr.training.config import NetVLADConfig
 from vpr.retrieval.extract import Progress, extract_descriptors
-from vpr.training.loop import Method, Phase, RunDir, TrainProgress, TrainResult, first_error, rank0_first, parallel, train, trainable
+from vpr.training.loop import Method, Phase, TrainProgress, TrainResult, first_error, rank0_first, parallel, train, trainable
+from vpr.training.run import RunDir
 from vpr.training.mining import FeatureCache, Miner, Triplet, tuple_sets
 from vpr.training.netvlad_init import Clusters, init_netvlad
 from vpr.training.triplet import TupleImages, collate_tuples, triplet_hinges

@@ -22,7 +22,8 @@ from PIL import Image
 from vpr.data.geo import format_at_name
 from vpr.data.synth.city import PEDESTRIAN, VAN, VEHICLE, City, Sprites, make_city, make_sprites, street_length
 from vpr.data.synth.presets import SynthPreset, get_preset
-from vpr.data.synth.render import LIGHTINGS, Lighting, render_view
+from vpr.data.synth.lighting import LIGHTINGS, Lighting
+from vpr.data.synth.render import render_view
 from vpr.errors import UsageError
 
 SPLITS = ("train", "val", "test")

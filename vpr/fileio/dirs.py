@@ -1,16 +1,5 @@
-"""Output-path safety: vpr deletes or replaces only what it can prove it wrote.
-
-- Every directory vpr creates (index, descriptor cache, training run, temporaries) holds a marker
-  file `.vpr-owned` naming what it is; clean-up of leftovers deletes a sibling only when it is a
-  temporary of this very output: its name has the exact shape a run creates (`NAME.tmp-XXXXXXXX`,
-  `NAME.old-XXXXXXXX`: no pattern expansion) and its marker says `tmp` for `NAME`. A complete index,
-  cache or run never carries that marker, whatever its name.
-- Outputs are written to a temporary sibling and renamed into place, so a kill at any moment leaves
-  either the old complete file/directory or the new complete one.
-- One writer per output at a time: an OS file lock (`flock`) on a hidden sibling `.NAME.lock`; a
-  second process waits for the first.
-- New files and directories get the usual permissions of the user's umask, not mkstemp's 0600/0700.
-"""
+"""Folders vpr writes: the ownership marker, the one-writer lock, the refusals of a path that is not vpr's, and
+`atomic_dir`, which swaps a complete new output in for the old one and cleans up only its own leftovers."""
 
 from __future__ import annotations
 
@@ -19,7 +8,6 @@ import errno
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -29,30 +17,12 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
-
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from vpr.errors import OutputError
-
-if TYPE_CHECKING:
-    import h5py
+from vpr.fileio.files import disk_full_errors, normal_mode, os_error
 
 log = logging.getLogger(__name__)
 MARKER = ".vpr-owned"
-PNG_SOFTWARE = "vpr"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _normal_mode(path: Path, directory: bool) -> None:
-    """Give a path made by mkstemp/mkdtemp the permissions a plain open()/mkdir() would have."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def write_marker(directory: Path, kind: str, target: str | None = None) -> None:
@@ -96,11 +66,6 @@ def marker_kind(directory: Path) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def _os_error(path: Path, exc: OSError, what: str) -> OutputError:
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return OutputError(f"{path}: cannot {what} ({reason.lower()}); choose a writable location")
-
-
 @contextmanager
 def output_lock(path: Path, *, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive OS lock on `path` (through `.NAME.lock` beside it).
@@ -115,7 +80,7 @@ def output_lock(path: Path, *, wait: bool = True) -> Iterator[None]:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OutputError(f"{lock_path}: the lock file is a symbolic link, which vpr never makes; remove the link") from exc
-        raise _os_error(path.parent, exc, "create the output folder or its lock") from exc
+        raise os_error(path.parent, exc, "create the output folder or its lock") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,176 +109,6 @@ def check_separate(out: Path, inputs: Iterable[Path], option: str = "`out`") -> 
     cwd = Path(os.getcwd())
     if target == cwd or target in cwd.parents:
         raise OutputError(f"{out}: {option} is the current folder or one of its parents; give a new folder name, e.g. {option} indexes/NAME")
-
-
-def save_png(image: Image.Image, path: Path, option: str) -> None:
-    """Write a PNG atomically, tagged as vpr's; an existing file is replaced only when vpr wrote it."""
-    check_replaceable_file(path, is_vpr_png, "PNG", option)
-    info = PngInfo()
-    info.add_text("Software", PNG_SOFTWARE)
-    with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-
-
-def is_vpr_png(path: Path) -> bool:
-    """Whether `path` is a PNG that vpr wrote (its Software text chunk)."""
-    try:
-        with Image.open(path) as img:
-            return img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE
-    except (OSError, ValueError, SyntaxError):
-        return False
-
-
-def check_replaceable_file(path: Path, owned: Callable[[Path], bool], what: str, option: str) -> None:
-    """Refuse to overwrite an existing file (or anything not a file) that `owned` does not recognise as vpr's."""
-    path = Path(path)
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise OutputError(f"{path}: {option} names an existing {'link' if path.is_symlink() else 'folder'}; give a new file path")
-    if path.exists() and not owned(path):
-        raise OutputError(f"{path}: exists and is not a {what} written by vpr; choose another {option} path or remove it yourself")
-
-
-class DiskFull(OutputError):
-    """A write that failed because its filesystem is full."""
-
-
-FULL_BYTES = 1 << 20  # a write that failed with less free space than this on its filesystem failed because it is full
-
-
-def _caused_by_full_disk(exc: BaseException) -> bool:
-    """ENOSPC or EDQUOT anywhere in the exception's chain (h5py and Python say it with errno)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-@contextmanager
-def disk_full_errors(path: Path, inside: Path | None = None) -> Iterator[None]:
-    """Turn a write to `path` that fails because its filesystem is full into one `OutputError` line, whatever
-    library wrote (torch's 'unexpected pos', FAISS's fwrite and h5py's errors say it in their own words):
-    ENOSPC in the error's chain, or less than FULL_BYTES free on the filesystem when it failed. Such an error
-    for a file inside the temporary folder `inside` is said of `path`."""
-    try:
-        yield
-    except DiskFull as exc:  # a file inside the temporary `inside` (its model.pt): name what the user asked for
-        named, _, reason = str(exc).partition(": ")
-        if inside is not None and Path(inside) in Path(named).parents:
-            raise DiskFull(f"{path}: {reason}") from exc
-        raise
-    except OutputError:
-        raise
-    except Exception as exc:
-        folder = Path(path)
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        try:
-            free = shutil.disk_usage(folder).free
-        except OSError:
-            free = None
-        if _caused_by_full_disk(exc) or (free is not None and free < FULL_BYTES):
-            shown = "" if free is None else f", {free / 1e6:.1f} MB free"
-            raise DiskFull(f"{path}: no space left on the device{shown}; free space there or write elsewhere "
-                           "(what was there before is unchanged)") from exc
-        raise
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success fsync and rename it onto `path`. A full disk is
-    one `OutputError` line and leaves the previous file whole."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    except OSError as exc:
-        raise _os_error(path, exc, "write") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with disk_full_errors(path):
-            _normal_mode(tmp, directory=False)
-            yield tmp
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class _Sink:
-    """The file object under an HDF5 file being written: once a write fails (a full disk) it stops writing
-    and lets HDF5 finish and close as if all went well, and the failure is raised when the file is closed.
-    HDF5's own writer, or a plain file, leaves HDF5 objects that crash the interpreter (a segmentation fault)
-    when they are freed after a failed write."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
-        self.failure: OSError | None = None
-        self.position = 0
-
-    def write(self, data) -> int:
-        if self.failure is None:
-            try:
-                self.handle.seek(self.position)
-                self.handle.write(data)
-            except OSError as exc:
-                self.failure = exc
-        self.position += len(data)
-        return len(data)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.position = offset if whence == 0 else self.position + offset if whence == 1 else self._size() + offset
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-    def read(self, size: int = -1) -> bytes:
-        self.handle.seek(self.position)
-        data = self.handle.read(size)
-        self.position += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def truncate(self, size: int | None = None) -> int:
-        if self.failure is None:
-            try:
-                return self.handle.truncate(self.position if size is None else size)
-            except OSError as exc:
-                self.failure = exc
-        return self.position if size is None else size
-
-    def flush(self) -> None:
-        if self.failure is None:
-            try:
-                self.handle.flush()
-            except OSError as exc:
-                self.failure = exc
-
-    def _size(self) -> int:
-        return os.fstat(self.handle.fileno()).st_size
-
-
-@contextmanager
-def h5_file(path: Path) -> Iterator["h5py.File"]:
-    """A new HDF5 file at `path` (a temporary of `atomic_file` or `atomic_dir`) that survives a full disk:
-    the write's OSError (ENOSPC) is raised once the file is closed, as one clean error (`_Sink`)."""
-    import h5py
-
-    with open(path, "wb+") as handle:
-        sink = _Sink(handle)
-        with h5py.File(sink, "w") as f:
-            yield f
-        if sink.failure is not None:
-            raise sink.failure
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -399,10 +194,10 @@ def atomic_dir(path: Path, *, kind: str, foreign: Callable[[Path], list[str]], o
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
     except OSError as exc:
-        raise _os_error(path.parent, exc, "create a folder") from exc
+        raise os_error(path.parent, exc, "create a folder") from exc
     try:
         write_marker(tmp, "tmp", path.name)
-        _normal_mode(tmp, directory=True)
+        normal_mode(tmp, directory=True)
         with disk_full_errors(path, inside=tmp):
             yield tmp
         check_replaceable_dir(path, foreign, option)  # nothing of the user's appeared meanwhile
@@ -419,7 +214,7 @@ def atomic_dir(path: Path, *, kind: str, foreign: Callable[[Path], list[str]], o
             tmp = old
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
-            raise _os_error(path, exc, "write the output") from exc
+            raise os_error(path, exc, "write the output") from exc
         raise
     finally:
         if tmp.exists():
@@ -440,7 +235,7 @@ def check_replaceable_dir(path: Path, foreign: Callable[[Path], list[str]], opti
     try:
         empty = not os.listdir(path)
     except OSError as exc:
-        raise _os_error(path, exc, "read the folder") from exc
+        raise os_error(path, exc, "read the folder") from exc
     others = [] if empty else sorted(foreign(path))
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
@@ -448,28 +243,3 @@ def check_replaceable_dir(path: Path, foreign: Callable[[Path], list[str]], opti
             f"{path}: {option} is a folder holding files vpr did not write ({shown}); choose an empty or new folder, "
             "or move your files away yourself"
         )
-
-
-def json_safe(data: object) -> object:
-    """`data` with NaN and infinities replaced by None (JSON null), recursively; tuples become lists, numpy
-    scalars and arrays plain numbers and lists."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {key: json_safe(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [json_safe(value) for value in data]
-    if hasattr(data, "dtype") and hasattr(data, "tolist"):
-        return json_safe(data.tolist())
-    return data
-
-
-def to_json(data: object, indent: int | None = 2) -> str:
-    """Strict JSON text (no NaN/Infinity, which most parsers refuse), ending in a newline."""
-    return json.dumps(json_safe(data), indent=indent, default=str, allow_nan=False) + "\n"
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write `data` as strict JSON to `path`, atomically (the caller has checked it may replace `path`)."""
-    with atomic_file(Path(path)) as tmp:
-        tmp.write_text(to_json(data))
