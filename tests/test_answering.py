@@ -15,8 +15,7 @@ from vpr.data.datasets import GeoImageSet, load_image_set, load_manifest
 from vpr.evaluation.localization import error_summary, localization_errors, precision_at_recall
 from vpr.models.model import ModelConfig, build_model
 from vpr.retrieval.expansion import augment_database, expand_queries
-from vpr.retrieval.options import Expansion
-from vpr.retrieval.options import ExtractOptions
+from vpr.retrieval.options import Expansion, ExtractOptions
 from vpr.retrieval.localize import estimate_positions
 from vpr.retrieval.build import build_index
 from vpr.retrieval.store import load_index

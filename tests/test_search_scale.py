@@ -10,8 +10,7 @@ import pytest
 
 from vpr.data.datasets import GeoImageSet
 from vpr.retrieval.answer import answer
-from vpr.retrieval.options import AnswerOptions
-from vpr.retrieval.options import Expansion
+from vpr.retrieval.options import AnswerOptions, Expansion
 from vpr.retrieval.search import (
     empty_faiss_index, exact_search, faiss_available, merge_topk, sharded_search, shard_database, torch_search,
     training_rows,

@@ -16,14 +16,14 @@ settings (the dataclasses below) import nothing heavy. Errors are `vpr.errors.VP
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from vpr.data.synth.presets import PRESETS as SYNTH_PRESETS
 from vpr.errors import UsageError
+from vpr.runtime import bf16_is_slow, distributed_run, extract_options, resolve_device
 from vpr.retrieval.options import (
     DEFAULT_RADIUS, DEFAULT_TOP_K, INDEX_KINDS, AnswerOptions, BuildOptions, Expansion, ExtractOptions,
     LocalFeatureConfig, RerankOptions, SequenceOptions, speed_range,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from vpr.data.datasets import GeoImageSet
     from vpr.evaluation.evaluate import EvalReport
-    from vpr.models.model import VPRModel
+    from vpr.models.model import ModelConfig, VPRModel
     from vpr.models.pca import PCA
     from vpr.retrieval.build import BuildReport
     from vpr.retrieval.results import QueryResult
@@ -54,13 +54,16 @@ LAZY = {  # heavy names, imported when first asked for
     "check_predictions_path": "vpr.evaluation.predictions", "check_descriptors_path": "vpr.evaluation.predictions",
     "positives_within": "vpr.data.ground_truth", "exact_search": "vpr.retrieval.search", "cache_dir_for": "vpr.retrieval.build",
     "synth": "vpr.jobs", "demo": "vpr.jobs", "groups": "vpr.jobs", "bench": "vpr.jobs", "BENCH_CASES": "vpr.bench",
-    "join_anyloc": "vpr.jobs", "to_json": "vpr.fileio", "Reported": "vpr.distributed",
+    "join_anyloc": "vpr.jobs", "to_json": "vpr.fileio", "write_json": "vpr.fileio", "save_png": "vpr.fileio",
+    "Reported": "vpr.distributed", "rss_bytes": "vpr.bench.measure", "peak_rss_bytes": "vpr.bench.measure",
+    "reset_peak_rss": "vpr.bench.measure", "netvlad_start": "vpr.training.netvlad:initial_model",
 }
 __all__ = [
     "AnswerOptions", "AugmentParams", "BuildOptions", "CosPlaceConfig", "DEFAULT_RADIUS", "DEFAULT_TOP_K", "Expansion",
     "ExtractOptions", "GroupParams", "INDEX_KINDS", "Index", "SYNTH_PRESETS", "LocalFeatureConfig", "NetVLADConfig", "RerankOptions",
-    "SequenceOptions", "TrainConfig", "build_index", "check_index", "describe", "images", "load_model", "new_model",
-    "resolve_device",
+    "SequenceOptions", "TrainConfig", "build_index", "check_index", "describe", "images", "index_descriptors", "load_model",
+    "new_model", "recall", "save_model",
+    "bf16_is_slow", "distributed_run", "extract_options", "resolve_device",
     "speed_range", "split", "train", *LAZY,
 ]
 
@@ -69,7 +72,8 @@ def __getattr__(name: str):
     if name == "BENCH_CASES":
         return import_module("vpr.bench").CASES
     if name in LAZY:
-        return getattr(import_module(LAZY[name]), name)
+        module, _, attribute = LAZY[name].partition(":")
+        return getattr(import_module(module), attribute or name)
     raise AttributeError(f"module 'vpr.api' has no attribute {name!r}")
 
 
@@ -79,57 +83,6 @@ def whole_number(value: object, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
         raise UsageError(f"`{name}` {value!r}: must be a whole number of at least {minimum}")
     return int(value)
-
-
-def resolve_device(device: object = "auto") -> str:
-    """'auto' -> CUDA when a GPU is visible, else the CPU; a named GPU must exist. Under torchrun, 'auto' and
-    'cuda' name the GPU of this process's local rank."""
-    import torch
-
-    from vpr import distributed
-
-    name = str(device)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"`device={name}`: no CUDA GPU is visible; use `device=cpu`")
-    try:
-        resolved = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"`device={name}`: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise UsageError(f"`device={name}`: use auto, cpu, cuda or cuda:N")
-    if str(resolved) == "cuda" and distributed.launched():
-        return f"cuda:{distributed.local_rank()}"
-    return str(resolved)
-
-
-def extract_options(device: object = "auto", **settings) -> ExtractOptions:
-    """`ExtractOptions` on a resolved `device` (`resolve_device`); decoding on the device needs CUDA."""
-    resolved = resolve_device(device)
-    if settings.get("decode_on_device") and not resolved.startswith("cuda"):
-        raise UsageError(f"`decode_on_device` needs a CUDA device (got `device={device}`)")
-    return ExtractOptions(device=resolved, **settings)
-
-
-def bf16_is_slow(device: str) -> bool:
-    """Whether bf16 autocast would be emulated here (a CPU without native bf16): slower than fp32, not faster."""
-    import torch
-
-    return device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-@contextmanager
-def distributed_run(device: str) -> Iterator[bool]:
-    """Join torchrun's process group for a job's body (a no-op without torchrun) and leave it at the end;
-    yields whether this process is the one that writes and reports (rank 0)."""
-    from vpr import distributed
-
-    distributed.init(device)
-    try:
-        yield distributed.is_main()
-    finally:
-        distributed.shutdown()
 
 
 def images(source: str | os.PathLike) -> GeoImageSet:
@@ -158,12 +111,15 @@ def query_images(arguments: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def new_model(backbone: str = "resnet18", *, pretrained: str | None = None, seed: int = 0, **fields) -> tuple[VPRModel, None]:
+def new_model(backbone: str | ModelConfig = "resnet18", *, pretrained: str | None = None, seed: int = 0,
+              **fields) -> tuple[VPRModel, None]:
     """A new model (seeded random weights, or ImageNet weights for its trunk with `pretrained`): `backbone` and
-    any `ModelConfig` field; the input rule is the backbone's own unless `fields` say otherwise."""
+    any `ModelConfig` field (the input rule is the backbone's own unless `fields` say otherwise), or a whole
+    `ModelConfig`."""
     from vpr.models.model import ModelConfig, build_model
 
-    return build_model(ModelConfig.for_backbone(backbone, **fields), pretrained=pretrained, seed=seed), None
+    config = backbone if isinstance(backbone, ModelConfig) and not fields else ModelConfig.for_backbone(backbone, **fields)
+    return build_model(config, pretrained=pretrained, seed=seed), None
 
 
 def load_model(checkpoint: str | os.PathLike, *, fmt: str | None = None,
@@ -199,7 +155,7 @@ def build_index(database: str | os.PathLike | GeoImageSet, out: str | os.PathLik
     return build.build_index(
         source, out, model=model, model_pca=model_pca, pca_dim=options.pca_dim, pca_whiten=options.whiten,
         kind=options.kind, options=options.extract, cache=build.cache_dir_for(out) if options.cache else None,
-        progress=progress, dba=options.dba, local_features=options.local_features,
+        progress=progress, dba=options.dba, local_features=options.local_features, spill_bytes=options.spill_bytes,
     )
 
 
@@ -221,6 +177,45 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[str,
     else:
         raise UsageError(f"config: a {type(config).__name__}, not a method's TrainConfig (CosPlaceConfig, NetVLADConfig)")
     return trainer(config, resume=resume, progress=progress, on_epoch=on_epoch)
+
+
+def save_model(model: VPRModel, path: str | os.PathLike, *, pca: PCA | None = None) -> Path:
+    """Write `model` (and its PCA) as a vpr checkpoint, atomically; an existing file is replaced only when it is
+    a vpr checkpoint (anything else at `path` is refused)."""
+    from vpr.fileio import check_replaceable_file
+    from vpr.models.checkpoints import is_vpr_checkpoint, save_checkpoint
+
+    check_replaceable_file(Path(path), is_vpr_checkpoint, "vpr checkpoint", "`path`")
+    return save_checkpoint(model, Path(path), pca=pca)
+
+
+def recall(model: VPRModel, database: GeoImageSet, queries: GeoImageSet, *, pca: PCA | None = None,
+           ns: tuple[int, ...] = (1, 5, 10, 20), threshold: float = 25.0,
+           options: ExtractOptions = ExtractOptions()) -> dict[int, float]:
+    """Recall@N (percent) of a model (and its `pca`) on labelled image sets by exact search, positives within
+    `threshold` metres, writing nothing: how training validates, for comparing checkpoints."""
+    from vpr.training.loop import validate
+
+    return validate(model, database, queries, options, ns=tuple(ns), threshold=threshold, pca=pca)
+
+
+def index_descriptors(descriptors: np.ndarray | str | os.PathLike, out: str | os.PathLike, *, model: VPRModel,
+                      database: GeoImageSet, kind: str = "flat", model_pca: PCA | None = None, pca: PCA | None = None,
+                      source: str = "descriptors") -> Path:
+    """An index over descriptors computed already (index space, one row per `database` image): an array, or an
+    HDF5 file whose `descriptors` dataset is read in chunks (millions of rows in bounded memory). `model` (and
+    `model_pca`, `pca`) describe the queries as those rows were made."""
+    from vpr.fileio import check_replaceable_dir, output_lock
+    from vpr.retrieval.store import foreign_files, write_index, write_index_from_file
+
+    out = Path(out)
+    check_replaceable_dir(out, foreign_files, "`out`")
+    with output_lock(out):
+        if isinstance(descriptors, (str, os.PathLike)):
+            return write_index_from_file(out, Path(descriptors), model=model, model_pca=model_pca, pca=pca,
+                                         database=database, kind=kind, source=source)
+        return write_index(out, model=model, model_pca=model_pca, pca=pca, database=database, descriptors=descriptors,
+                           kind=kind, source=source)
 
 
 def check_index(directory: str | os.PathLike) -> dict:
@@ -344,18 +339,21 @@ class Index:
 
     def evaluate(self, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5, 10, 20), gt: str | os.PathLike | None = None,
                  threshold: float = 25.0, options: ExtractOptions | None = None,
-                 progress: Progress | None = None) -> EvalReport:
+                 progress: Progress | None = None, descriptors: np.ndarray | None = None) -> EvalReport:
         """Recall@N on labelled `queries` (positives within `threshold` metres, or from a ground-truth file `gt`),
-        answered as this index answers queries, with the position estimate's error (`vpr eval`)."""
+        answered as this index answers queries, with the position estimate's error (`vpr eval`); `descriptors`
+        (from `describe`) skip describing the queries again."""
         import math
 
         from vpr.evaluation.evaluate import evaluate
+        from vpr.retrieval.search import query_rows
 
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
             raise UsageError(f"`threshold={threshold}`: must be a positive number of metres, e.g. 25")
         return evaluate(self.bundle, queries, ns=ns, gt=None if gt is None else Path(gt), threshold=threshold,
                         options=options or self.extract_options, answer_options=self.options, progress=progress,
-                        model=self.describer if options is None else None)
+                        model=self.describer if options is None else None,
+                        descriptors=None if descriptors is None else query_rows(descriptors, self.bundle.dim))
 
     def positions(self, most: int) -> dict:
         """The database positions (UTM) for a map, at most `most` evenly chosen."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class EvalReport:
     localization: dict | None = None  # median / p90 error and share within 5/10/25/50 m
     confidence: dict = field(default_factory=dict)  # precision of a correct top-1 at 50/80/100% recall
     settings: dict = field(default_factory=dict)  # what produced these numbers: protocol and answering
+    seconds: dict = field(default_factory=dict)  # wall time of describing the queries and of answering them
 
     database_utm: np.ndarray | None = None
     query_utm: np.ndarray | None = None
@@ -92,25 +94,34 @@ def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | Non
 def evaluate(
     bundle: IndexBundle, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5, 10, 20), gt: Path | None = None,
     threshold: float = 25.0, options: ExtractOptions, answer_options: AnswerOptions = AnswerOptions(),
-    progress: Progress | None = None, model: VPRModel | Describer | None = None,
+    progress: Progress | None = None, model: VPRModel | Describer | None = None, descriptors: np.ndarray | None = None,
 ) -> EvalReport | None:
     """Recall@N of `bundle` on `queries` (answered as `answer_options` says), the localisation error
     of the position estimate, and how well its confidence separates right from wrong top-1s. `model` is
-    the bundle's model, or a `Describer` of it made earlier. Under torchrun the queries are described by
+    the bundle's model, or a `Describer` of it made earlier; `descriptors` (index space), the queries'
+    descriptors from an earlier run, skip the extraction. Under torchrun the queries are described by
     every rank and evaluated on rank 0; the other ranks get None."""
     positives = query_positives(bundle, queries, gt=gt, threshold=threshold)
-    extraction = extract_sharded(model or bundle.model, queries.paths, replace(options, skip_bad=False), progress=progress)
+    start = time.perf_counter()
+    if descriptors is None:
+        extraction = extract_sharded(model or bundle.model, queries.paths, replace(options, skip_bad=False), progress=progress)
     if not distributed.is_main():  # under torchrun: this rank described its share; rank 0 evaluates
         return None
-    descriptors = bundle.project(extraction.descriptors)
+    if descriptors is None:
+        descriptors = bundle.project(extraction.descriptors)
+    elif descriptors.shape != (len(queries), bundle.dim):
+        raise UsageError(f"descriptors of shape {descriptors.shape}: {len(queries)} queries need {len(queries)} x {bundle.dim}")
+    described = time.perf_counter()
     answers = answer(bundle, descriptors, max(ns), answer_options, query_paths=queries.paths,
                      query_order=queries.frame_order(), device=options.device)
+    seconds = {"describe": described - start, "answer": time.perf_counter() - described}
     predictions = answers.indices
     correct = np.array([len(p) > 0 and predictions[q, 0] in p for q, p in enumerate(positives)], dtype=bool)
     report = EvalReport(
         recalls=recall_at_n(predictions, positives, ns), num_queries=len(queries),
         num_with_positives=int(sum(len(p) > 0 for p in positives)), positives=positives,
         answers=answers, descriptors=descriptors, confidence=precision_at_recall(answers.estimate.confidence, correct),
+        seconds=seconds,
         settings={"index": str(bundle.directory), "database": len(bundle.database), "threshold_m": None if gt else threshold,
                   "ground_truth": str(gt) if gt else None, "answering": answering_summary(answer_options)},
     )

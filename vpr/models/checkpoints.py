@@ -125,6 +125,15 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
+def is_vpr_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint vpr wrote (`save_checkpoint`): read weights-only, its format field."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file, or one that needs pickled code
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
 def load_checkpoint(path: Path, fmt: str | None = None) -> tuple[VPRModel, PCA | None]:
     """Rebuild a model (and its PCA, if stored) from our checkpoint or a published one.
 

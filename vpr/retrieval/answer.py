@@ -12,13 +12,11 @@ from vpr.errors import UsageError
 from vpr.retrieval.expansion import expand_queries
 from vpr.retrieval.local_features import extract_image_features
 from vpr.retrieval.localize import Estimate, estimate_positions
+from vpr.retrieval.options import AnswerOptions, RerankOptions, SequenceOptions
 from vpr.retrieval.rerank import rerank_shortlist
-from vpr.retrieval.options import RerankOptions
-from vpr.retrieval.sequence import sequence_search
-from vpr.retrieval.options import SequenceOptions
 from vpr.retrieval.rows import RowReader
+from vpr.retrieval.sequence import sequence_search
 from vpr.retrieval.store import IndexBundle
-from vpr.retrieval.options import AnswerOptions
 
 FEATURELESS_NORM = 1e-6  # a query descriptor shorter than this is all zeros: the image gave the model nothing
 SEQUENCE_MAX_BYTES = 2 << 30  # sequence matching holds every database descriptor in memory: at most 2 GiB of them

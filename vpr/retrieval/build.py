@@ -21,17 +21,15 @@ from vpr.models.model import ModelConfig, VPRModel, build_model
 from vpr.models.pca import PCA, fit_pca
 from vpr.retrieval.cache import check_cache_path
 from vpr.retrieval.expansion import augment_database
-from vpr.retrieval.options import Expansion
 from vpr.retrieval.extract import Progress
-from vpr.retrieval.sharded import extract_sharded
-from vpr.retrieval.options import ExtractOptions
 from vpr.retrieval.local_features import (
     LOCAL_FEATURES_FILE, LocalFeatureConfig, extract_local_features, require_opencv, write_local_features,
 )
+from vpr.retrieval.options import SPILL_BYTES, Expansion, ExtractOptions
 from vpr.retrieval.rows import ProjectedRows, project
+from vpr.retrieval.sharded import extract_sharded
 from vpr.retrieval.store import IndexBundle, check_index_kind, foreign_files, write_index
 
-SPILL_BYTES = 1 << 30  # database descriptors past this size go to disk during build-index, not memory
 
 log = logging.getLogger(__name__)
 

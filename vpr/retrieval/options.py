@@ -154,11 +154,15 @@ class AnswerOptions:
 INDEX_KINDS = ("flat", "ivfpq", "hnsw")
 
 
+SPILL_BYTES = 1 << 30  # database descriptors past this size go to disk during build-index, not memory
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """How `build_index` makes an index from a database's descriptors (`vpr.retrieval.build`): the PCA (`pca_dim`
     dimensions, whitened or not), the index `kind`, database-side augmentation (`dba`), local features for
-    geometric re-ranking, whether a descriptor cache resumes the build, and how descriptors are extracted."""
+    geometric re-ranking, whether a descriptor cache resumes the build, how descriptors are extracted, and past how
+    many bytes of descriptors they go to a file beside `out` instead of memory (`spill_bytes`)."""
 
     pca_dim: int | None = None
     whiten: bool = False
@@ -167,6 +171,7 @@ class BuildOptions:
     local_features: LocalFeatureConfig | None = None
     cache: bool = True
     extract: ExtractOptions = field(default_factory=ExtractOptions)
+    spill_bytes: int = SPILL_BYTES
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:

@@ -34,6 +34,7 @@ from vpr.evaluation.recall import recall_at_n
 from vpr.models.checkpoints import save_checkpoint
 from vpr.models.inference import amp_dtype
 from vpr.models.model import VPRModel
+from vpr.models.pca import PCA
 from vpr.retrieval.extract import Progress
 from vpr.retrieval.sharded import extract_sharded
 from vpr.retrieval.options import ExtractOptions
@@ -51,9 +52,9 @@ RECALLS = (1, 5)
 
 def validate(
     model: VPRModel, database: GeoImageSet, queries: GeoImageSet, options: ExtractOptions, *,
-    ns: tuple[int, ...] = RECALLS, threshold: float = 25.0, progress: Progress | None = None,
+    ns: tuple[int, ...] = RECALLS, threshold: float = 25.0, progress: Progress | None = None, pca: PCA | None = None,
 ) -> dict[int, float]:
-    """Recall@N (percent) of `model` on a labelled split, exact search, standard 25 m protocol.
+    """Recall@N (percent) of `model` (and its `pca`) on a labelled split, exact search, standard 25 m protocol.
 
     Under torchrun every rank calls it: the ranks share the images (with rank 0's BatchNorm statistics),
     rank 0 searches, and every rank returns its figures."""
@@ -62,6 +63,8 @@ def validate(
     q = extract_sharded(model, queries.paths, options).descriptors
     found = None
     if distributed.is_main():
+        if pca is not None:
+            db, q = pca.transform(db), pca.transform(q)
         positives = positives_within(database.require_labels("validation"), queries.require_labels("validation"), threshold)
         _, predictions = torch_search(db, q, max(ns), device=str(options.device))
         found = recall_at_n(predictions, positives, ns)

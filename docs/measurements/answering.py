@@ -10,41 +10,29 @@ work: the query's own local features and K matchings for --rerank local; the seq
 --sequence); "extract ms/query" is the forward pass. Writes a JSON report and prints markdown tables;
 not a test.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/answering.py --out benchmarks/results/answering.json
+    OMP_NUM_THREADS=2 .venv/bin/python docs/measurements/answering.py --out docs/measurements/results/answering.json
+
+It uses `vpr.api` alone: each variant is `Index.evaluate` on the same query descriptors, its answering time is
+the report's `seconds["answer"]`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from vpr.data.datasets import load_image_set
-from vpr.evaluation.evaluate import query_positives
-from vpr.evaluation.localization import error_summary, localization_errors
-from vpr.evaluation.recall import recall_at_n
-from vpr.fileio import atomic_file
-from vpr.models.model import ModelConfig, build_model
-from vpr.retrieval.answer import answer
-from vpr.retrieval.options import AnswerOptions
-from vpr.retrieval.options import Expansion
-from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.options import LocalFeatureConfig
-from vpr.retrieval.build import build_index, cache_dir_for, describe
-from vpr.retrieval.options import RerankOptions
-from vpr.retrieval.options import SequenceOptions, speed_range
-from vpr.retrieval.store import load_index
+from vpr import api
+from vpr.api import AnswerOptions, BuildOptions, Expansion, ExtractOptions, LocalFeatureConfig, RerankOptions
+from vpr.api import SequenceOptions, speed_range
 
 NS = (1, 5, 10)
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 LENGTHS = (1, 5, 10, 20)
 
 
@@ -57,17 +45,17 @@ class Dataset:
     queries: Path
     gt: Path | None
     ordered: bool  # frames of traversals: sequence matching applies
-    descriptors: dict[str, ModelConfig] = field(default_factory=dict)
+    descriptors: dict[str, dict] = field(default_factory=dict)  # name -> `api.new_model` arguments
 
 
-def thumbnail(height: int, width: int, patch: int) -> ModelConfig:
+def thumbnail(height: int, width: int, patch: int) -> dict:
     """SeqSLAM's front end: a grey patch-normalised thumbnail (no weights)."""
-    return ModelConfig(backbone="pixels", head="patchnorm", input_size=(height, width), patch_size=patch)
+    return dict(backbone="pixels", head="patchnorm", input_size=(height, width), patch_size=patch)
 
 
-def random_resnet(height: int, width: int) -> ModelConfig:
+def random_resnet(height: int, width: int) -> dict:
     """The demo's model: a seeded random-init ResNet-18 + CosPlace head (no pretrained weights exist here)."""
-    return ModelConfig(backbone="resnet18", head="cosplace", descriptor_dim=512, input_size=(height, width))
+    return dict(backbone="resnet18", head="cosplace", descriptor_dim=512, input_size=(height, width))
 
 
 def datasets(city: Path) -> list[Dataset]:
@@ -103,41 +91,37 @@ def variants(dataset: Dataset) -> dict[str, tuple[str, AnswerOptions]]:
     return out
 
 
-def build(dataset: Dataset, name: str, config: ModelConfig, flavour: str, work: Path, options: ExtractOptions) -> Path:
+def build(dataset: Dataset, name: str, config: dict, flavour: str, work: Path, options: ExtractOptions) -> Path:
     """The index of `dataset` for one descriptor and flavour (plain + SIFT, ORB, or with DBA), built once."""
     out = work / f"{dataset.name}-{name.replace(' ', '_')}-{flavour}"
     if out.is_dir():
         return out
     features = {"plain": LocalFeatureConfig("sift"), "orb": LocalFeatureConfig("orb")}.get(flavour)
     dba = Expansion(int(flavour[3:])) if flavour.startswith("dba") else Expansion()
-    build_index(load_image_set(dataset.database), out, model=build_model(config, seed=0), options=options,
-                cache=cache_dir_for(work / f"{dataset.name}-{name.replace(' ', '_')}"), dba=dba, local_features=features)
+    model, _ = api.new_model(seed=0, **config)
+    api.build_index(dataset.database, out, model=model, options=BuildOptions(extract=options, dba=dba, local_features=features))
     return out
 
 
-def measure(dataset: Dataset, name: str, config: ModelConfig, work: Path, options: ExtractOptions) -> dict:
+def measure(dataset: Dataset, name: str, config: dict, work: Path, options: ExtractOptions) -> dict:
     """Every variant on one (set, descriptor): R@N, ms/query, and the localisation error where positions exist."""
-    queries = load_image_set(dataset.queries)
+    queries = api.images(dataset.queries)
     rows: dict = {}
-    descriptors: dict[str, np.ndarray] = {}
+    descriptors = None
     for label, (flavour, answering) in variants(dataset).items():
-        bundle = load_index(build(dataset, name, config, flavour, work, options))
-        positives = query_positives(bundle, queries, gt=dataset.gt, threshold=25.0)
-        if "extract_ms" not in rows:
-            start = time.perf_counter()
-            descriptors["q"] = describe(bundle, queries.paths, options)
-            rows["extract_ms"] = round(1000 * (time.perf_counter() - start) / len(queries), 2)
-        start = time.perf_counter()
-        answers = answer(bundle, descriptors["q"], max(NS), answering, query_paths=queries.paths,
-                         query_order=queries.frame_order())
-        ms = 1000 * (time.perf_counter() - start) / len(queries)
-        labelled = [q for q, p in enumerate(positives) if len(p)]  # Nordland's dark frames have none
-        recalls = recall_at_n(answers.indices[labelled], [positives[q] for q in labelled], NS)
+        index = api.Index.load(build(dataset, name, config, flavour, work, options), device="cpu",
+                               batch_size=options.batch_size, options=answering)
+        report = index.evaluate(queries, ns=NS, gt=dataset.gt, descriptors=descriptors)
+        if descriptors is None:  # every variant answers the same query descriptors
+            descriptors = report.descriptors
+            rows["extract_ms"] = round(1000 * report.seconds["describe"] / len(queries), 2)
+        ms = 1000 * report.seconds["answer"] / len(queries)
+        labelled = [q for q, p in enumerate(report.positives) if len(p)]  # Nordland's dark frames have none
+        recalls = api.recall_at_n(report.predictions[labelled], [report.positives[q] for q in labelled], NS)
         row = {"ms_per_query": round(ms, 2), **{f"R@{n}": round(v, 2) for n, v in recalls.items()}}
-        if queries.utm is not None:
-            errors = error_summary(localization_errors(answers.estimate.utm, queries.utm))
-            row["median_error_m"] = errors["median_m"] and round(errors["median_m"], 1)
-            row["within_25m"] = round(errors["within"]["25m"], 1)
+        if report.localization is not None:
+            row["median_error_m"] = report.localization["median_m"] and round(report.localization["median_m"], 1)
+            row["within_25m"] = round(report.localization["within"]["25m"], 1)
         rows[label] = row
         logging.info("%s / %s / %s: %s", dataset.name, name, label, row)
     return rows
@@ -166,7 +150,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--city", type=Path, default=Path("data/demo-city-small"), help="synthetic city (`make demo` renders it)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vpr-answering-bench"), help="scratch folder for the indexes")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/answering.json"), help="JSON report")
+    parser.add_argument("--out", type=Path, default=Path("docs/measurements/results/answering.json"), help="JSON report")
     parser.add_argument("--sets", default="nordland,corridor,city", help="comma-separated subset of the sets")
     return parser.parse_args(argv)
 
@@ -183,8 +167,7 @@ def main(argv: list[str]) -> None:
             continue
         results["sets"][dataset.name] = {name: measure(dataset, name, config, args.work, options)
                                          for name, config in dataset.descriptors.items()}
-    with atomic_file(args.out) as tmp:
-        tmp.write_text(json.dumps(results, indent=1))
+    api.write_json(args.out, results)
     print(markdown(results))
 
 

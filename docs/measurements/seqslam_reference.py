@@ -2,14 +2,13 @@
 
 Winter frames are the queries, summer frames the database; recall@1 counts a query when its best
 match is one of its `ground_truth.csv` positives (±1 frame), over the queries that have positives.
-Run: `.venv/bin/python benchmarks/seqslam_reference.py [--quick]`; writes benchmarks/results/seqslam_reference.json.
+Run: `.venv/bin/python docs/measurements/seqslam_reference.py [--quick]`; writes docs/measurements/results/seqslam_reference.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import subprocess
 import sys
 import time
@@ -19,11 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vpr.retrieval.sequence import sequence_search
+from vpr import api
+from vpr.api import SequenceOptions, sequence_search, speed_range
 
-from vpr.retrieval.options import SequenceOptions, speed_range
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nordland_seqslam_64x32"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "nordland_seqslam_64x32"
 RESULTS = Path(__file__).resolve().parent / "results" / "seqslam_reference.json"
 LENGTHS = (1, 5, 10, 20)
 
@@ -118,8 +116,7 @@ def time_per_query(winter, summer, length: int, speeds: tuple[float, ...], repea
 
 PEAK_SCRIPT = """
 import sys, numpy as np, torch
-from vpr.retrieval.sequence import sequence_search
-from vpr.retrieval.options import SequenceOptions, speed_range
+from vpr.api import SequenceOptions, sequence_search, speed_range
 
 def status(field):
     return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field)))
@@ -179,8 +176,7 @@ def main() -> None:
         "peak_rss_mb_10k_x_10k": memory,
         "threads": torch.get_num_threads(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    api.write_json(RESULTS, result)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ k-means clusters); "after" is the run's best.pt, with full descriptors and with 
 (what `vpr build-index --checkpoint best.pt` applies). Exact search, positives within 25 m. Writes a
 JSON report; not a test.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/train_netvlad.py --out benchmarks/results/train_netvlad.json
+    OMP_NUM_THREADS=2 .venv/bin/python docs/measurements/train_netvlad.py --out docs/measurements/results/train_netvlad.json
 """
 
 from __future__ import annotations
@@ -21,44 +21,27 @@ from pathlib import Path
 
 import torch
 
-from vpr.data.datasets import load_split
-from vpr.data.ground_truth import positives_within
-from vpr.data.synth.generate import generate_city
-from vpr.evaluation.recall import recall_at_n
-from vpr.models.checkpoints import load_checkpoint
-from vpr.models.model import VPRModel
-from vpr.models.pca import PCA
-from vpr.retrieval.extract import extract_descriptors
-from vpr.retrieval.options import ExtractOptions
-from vpr.retrieval.search import torch_search
-from vpr.training.netvlad import initial_model, train_netvlad
-from vpr.training.config import NetVLADConfig
+from vpr import api
+from vpr.api import ExtractOptions, NetVLADConfig
 
 NS = (1, 5, 10)
 
 
-def test_recalls(model: VPRModel, pca: PCA | None, dataset: Path, cfg: NetVLADConfig) -> dict[str, dict[str, float]]:
+def test_recalls(model, pca, dataset: Path, cfg: NetVLADConfig) -> dict[str, dict[str, float]]:
     """Recall@1/5/10 (percent, exact search, 25 m) on the test split: full descriptors, and PCA'd when given."""
-    database, queries = load_split(dataset, "test")
-    options = ExtractOptions(batch_size=cfg.extract_batch_size, num_workers=cfg.workers, device=torch.device(cfg.device))
-    db = extract_descriptors(model, database.paths, options).descriptors
-    q = extract_descriptors(model, queries.paths, options).descriptors
-    positives = positives_within(database.utm, queries.utm, 25.0)
-    variants = {"full": (db, q)}
-    if pca is not None:
-        variants["wpca"] = (pca.transform(db), pca.transform(q))
-    out = {}
-    for name, (d, x) in variants.items():
-        _, predictions = torch_search(d, x, max(NS))
-        out[name] = {f"R@{n}": round(v, 2) for n, v in recall_at_n(predictions, positives, NS).items()}
-    return out
+    database, queries = api.split(dataset, "test")
+    options = ExtractOptions(batch_size=cfg.extract_batch_size, num_workers=cfg.workers, device=cfg.device)
+    variants = {"full": None, **({"wpca": pca} if pca is not None else {})}
+    return {name: {f"R@{n}": round(v, 2) for n, v in api.recall(model, database, queries, pca=projection, ns=NS,
+                                                                  options=options).items()}
+            for name, projection in variants.items()}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=Path("data/bench-city-small"), help="synthetic city (rendered if missing)")
     parser.add_argument("--preset", default="small", help="preset used when the city must be rendered")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_netvlad.json"), help="JSON report")
+    parser.add_argument("--out", type=Path, default=Path("docs/measurements/results/train_netvlad.json"), help="JSON report")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--clusters", type=int, default=16)
@@ -88,7 +71,7 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     if not (args.dataset / "images").is_dir():
         logging.info("rendering the '%s' city into %s", args.preset, args.dataset)
-        generate_city(args.dataset, preset=args.preset, seed=0)
+        api.synth(args.dataset, preset=args.preset, seed=0)
     height, width = (int(v) for v in args.resize.split("x"))
     with tempfile.TemporaryDirectory(prefix="bench-netvlad-") as tmp:
         workdir = Path(tmp)
@@ -101,22 +84,22 @@ def main(argv: list[str]) -> None:
             optimizer=args.optimizer, lr=args.lr, lr_step=args.lr_step, lr_gamma=args.lr_gamma, pca_dim=args.pca_dim, workers=args.workers, device=args.device,
             seed=args.seed, clusters_cache=workdir / "clusters.h5",
         )
-        train_database, _ = load_split(args.dataset, "train")
+        train_database, _ = api.split(args.dataset, "train")
         tic = time.perf_counter()
-        model, clusters = initial_model(cfg.resolved(), train_database)
+        model, clusters = api.netvlad_start(cfg.resolved(), train_database)
         init_seconds = time.perf_counter() - tic
         before = test_recalls(model, None, args.dataset, cfg)["full"]
         logging.info("before training: %s", before)
         tic = time.perf_counter()
-        result = train_netvlad(cfg, on_epoch=lambda r: logging.info("epoch %d: %s", r["epoch"], r))
+        result = api.train(cfg, on_epoch=lambda r: logging.info("epoch %d: %s", r["epoch"], r))
         train_seconds = time.perf_counter() - tic
-        trained, pca = load_checkpoint(result.best)
+        trained, pca = api.load_model(result.best)
         after = test_recalls(trained, pca, args.dataset, cfg)
     images = sum(r["images"] for r in result.records)
     step_seconds = sum(r["train_seconds"] for r in result.records)
     report = {
         "benchmark": "train_netvlad", "command": " ".join(sys.argv), "dataset": str(args.dataset),
-        "split_sizes": {s: [len(x) for x in load_split(args.dataset, s)] for s in ("train", "val", "test")},
+        "split_sizes": {s: [len(x) for x in api.split(args.dataset, s)] for s in ("train", "val", "test")},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "descriptor_dim": trained.config.descriptor_dim, "pca_dim": result.extras["pca_dim"],
         "clusters": {"k": args.clusters, "alpha": round(clusters.alpha, 3), "features": clusters.num_features,
@@ -130,8 +113,7 @@ def main(argv: list[str]) -> None:
         "machine": {"device": args.device, "torch_threads": args.threads, "cpu": platform.processor() or platform.machine(),
                     "torch": torch.__version__},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    api.write_json(args.out, report)
     print(json.dumps({k: report[k] for k in ("recall_before", "recall_after", "recall_after_wpca", "train_seconds",
                                              "train_images_per_s", "total_seconds")}, indent=2))
 

@@ -11,7 +11,7 @@ augmentation. In GPU sweeps on this city, short runs gained with mild jitter and
 paper's strong one (brightness/contrast/saturation 0.7, hue 0.5), which pays off only over
 thousands of iterations.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_cosplace.py --preset small
+    OMP_NUM_THREADS=1 .venv/bin/python docs/measurements/train_cosplace.py --preset small
 """
 
 from __future__ import annotations
@@ -26,17 +26,8 @@ from pathlib import Path
 
 import torch
 
-from vpr.data.datasets import load_split
-from vpr.data.synth.generate import generate_city
-from vpr.fileio import atomic_file
-from vpr.models.checkpoints import load_checkpoint
-from vpr.models.model import build_model
-from vpr.retrieval.options import ExtractOptions
-from vpr.training.config import AugmentParams
-from vpr.training.cosplace import train_cosplace
-from vpr.training.config import CosPlaceConfig
-from vpr.training.config import GroupParams
-from vpr.training.loop import validate
+from vpr import api
+from vpr.api import AugmentParams, CosPlaceConfig, ExtractOptions, GroupParams
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,7 +59,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def test_recall(model, database, queries, args) -> dict[str, float]:
-    recalls = validate(model, database, queries, ExtractOptions(batch_size=32, num_workers=args.workers), ns=(1, 5, 10))
+    recalls = api.recall(model, database, queries, ns=(1, 5, 10), options=ExtractOptions(batch_size=32, num_workers=args.workers))
     return {f"R@{n}": round(v, 2) for n, v in recalls.items()}
 
 
@@ -79,7 +70,7 @@ def main() -> None:
     out = args.out or Path("runs") / f"bench-cosplace-{args.preset}"
     result_path = args.json or Path("bench_results") / f"train_cosplace_{args.preset}.json"
     if not data.exists():
-        generate_city(data, preset=args.preset, seed=0)
+        api.synth(data, preset=args.preset, seed=0)
     if out.exists():
         shutil.rmtree(out)
     height, width = (int(v) for v in args.resize.split("x"))
@@ -90,19 +81,19 @@ def main() -> None:
         groups_num=args.groups_num,
         augment=AugmentParams(brightness=args.jitter, contrast=args.jitter, saturation=args.jitter, hue=args.hue, crop_scale=args.crop_scale), seed=args.seed, device="cpu", workers=args.workers,
     )
-    database, queries = load_split(data, "test")
+    database, queries = api.split(data, "test")
     start = time.perf_counter()
-    before = test_recall(build_model(config.model_config(), seed=args.seed), database, queries, args)
+    before = test_recall(api.new_model(config.model_config(), seed=args.seed)[0], database, queries, args)
     eval_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    result = train_cosplace(config)
+    result = api.train(config)
     run_seconds = time.perf_counter() - start
     train_seconds = sum(r["train_seconds"] for r in result.records)
     images = args.epochs * args.iterations * args.batch_size
-    after_best = test_recall(load_checkpoint(result.best)[0], database, queries, args)
+    after_best = test_recall(api.load_model(result.best)[0], database, queries, args)
     best_epoch = result.best_epoch
     last_is_best = best_epoch == result.records[-1]["epoch"]
-    after_last = after_best if last_is_best else test_recall(load_checkpoint(result.last)[0], database, queries, args)
+    after_last = after_best if last_is_best else test_recall(api.load_model(result.last)[0], database, queries, args)
     report = {
         "benchmark": "train_cosplace", "preset": args.preset, "dataset": str(data), "run": str(out),
         "test_split": {"database": len(database), "queries": len(queries)},
@@ -114,8 +105,7 @@ def main() -> None:
         "train_images_per_second": round(images / train_seconds, 2),
         "machine": {"cpu_count": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2), "torch_threads": args.threads, "torch": torch.__version__, "python": platform.python_version()},
     }
-    with atomic_file(result_path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    api.write_json(result_path, report)
     print(json.dumps({k: report[k] for k in ("recall_before", "recall_after_best", "recall_after_last", "train_seconds", "train_images_per_second")}, indent=2))
     print(f"wrote {result_path}")
 

@@ -8,8 +8,8 @@ the server's resident memory (RSS, from /proc) at the start, every few seconds a
 clients run on the same machine as the server and share its cores. Writes one JSON file and prints
 a Markdown table (the one in docs/serving.md).
 
-    .venv/bin/python benchmarks/serve_load.py [--index indexes/demo-small] [--clients 32] [--duration 60]
-        [--out benchmarks/results/serve_load.json] [--screenshot docs/serve-page.png]
+    .venv/bin/python docs/measurements/serve_load.py [--index indexes/demo-small] [--clients 32] [--duration 60]
+        [--out docs/measurements/results/serve_load.json] [--screenshot docs/serve-page.png]
 
 `--screenshot` also saves the web page after one upload, taken with Playwright and /usr/bin/chromium.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import platform
 import signal
@@ -33,8 +32,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from vpr.data.datasets import load_image_set, split_folder
-from vpr.fileio import atomic_file, save_png
+from vpr import api
 
 VPR = [sys.executable, "-c", "from cli.app import main; main()"]
 RSS_EVERY_S = 5.0
@@ -170,7 +168,7 @@ def screenshot(url: str, photo: tuple[str, bytes], path: Path) -> None:
         expect(page.locator("[data-testid=match] img[src^='blob:']")).to_have_count(5)
         png = page.screenshot(full_page=True)
         browser.close()
-    save_png(Image.open(io.BytesIO(png)), path, "--screenshot")
+    api.save_png(Image.open(io.BytesIO(png)), path, "--screenshot")
 
 
 def machine() -> dict:
@@ -201,17 +199,16 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=64, help="distinct query photos the clients cycle through")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default="on,off", help="batching modes to run: on, off or on,off")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/measurements/results/serve_load.json"))
     parser.add_argument("--screenshot", type=Path, default=None)
     args = parser.parse_args()
-    folder = split_folder(args.queries, "test") / "queries" if (args.queries / "images").is_dir() else args.queries
-    photos = [(p.name, p.read_bytes()) for p in load_image_set(folder).paths[:args.photos]]
+    queries = api.split(args.queries, "test")[1] if (args.queries / "images").is_dir() else api.images(args.queries)
+    photos = [(p.name, p.read_bytes()) for p in queries.paths[:args.photos]]
     started = machine()
     results = [run_mode(args.index, mode == "on", photos, args) for mode in args.modes.split(",")]
     report = {"index": str(args.index), "clients": args.clients, "duration_s": args.duration, "warmup_s": args.warmup, "k": args.k,
               "photos": len(photos), "device": args.device, "machine": started, "results": results}
-    with atomic_file(args.out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    api.write_json(args.out, report)
     print(markdown(results))
     print(f"written to {args.out}")
 

@@ -6,7 +6,7 @@ minutes on a CPU; the full MegaLoc weights add their own size (reported separate
 that loads a MegaLoc-layout file of ViT-B/14). Images are hard links to a few small JPEGs (distinct
 paths, no extra disk).
 
-    .venv/bin/python benchmarks/published_memory.py --images 10000 --workdir /tmp/vpr-megaloc-mem
+    .venv/bin/python docs/measurements/published_memory.py --images 10000 --workdir /tmp/vpr-megaloc-mem
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vpr.models.checkpoints import save_checkpoint
-from vpr.models.model import ModelConfig, build_model
+from vpr import api
 
 RESULTS = Path(__file__).parent / "results" / "published_memory.json"
 VPR = str(Path(sys.executable).parent / "vpr")
@@ -65,35 +64,33 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     db = images(work, args.images)
     preprocessing = dict(input_size=(126, 126), multiple=14, resampler="torch")
-    small = ModelConfig(backbone="dinov2_vits14", backbone_options={"blocks": 1}, head="megaloc", **preprocessing)
-    save_checkpoint(build_model(small, seed=0), work / "megaloc_head_vits1.pt")
-    full = ModelConfig(backbone="dinov2_vitb14", head="megaloc", **preprocessing)
-    save_checkpoint(build_model(full, seed=0), work / "megaloc_vitb14.pt")
+    small, _ = api.new_model("dinov2_vits14", backbone_options={"blocks": 1}, head="megaloc", **preprocessing)
+    api.save_model(small, work / "megaloc_head_vits1.pt")
+    full, _ = api.new_model("dinov2_vitb14", head="megaloc", **preprocessing)
+    api.save_model(full, work / "megaloc_vitb14.pt")
     rows = []
     for label, extra in (("flat, no PCA", ["--index", "flat"]), ("PCA 512 + flat", ["--pca-dim", "512", "--index", "flat"]),
                          ("PCA 256 + ivfpq", ["--pca-dim", "256", "--index", "ivfpq"])):
         out = work / f"index-{len(rows)}"
         run = peak_of([VPR, "build-index", str(db), "--checkpoint", str(work / "megaloc_head_vits1.pt"), "--out", str(out),
                        "--no-cache", "--batch-size", "64", "--workers", "1", "--json", *extra])
-        rows.append({"case": label, "images": args.images, "descriptor_dim": small.descriptor_dim, **run,
+        rows.append({"case": label, "images": args.images, "descriptor_dim": small.config.descriptor_dim, **run,
                      "index_mb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 1)})
         print(rows[-1], flush=True)
     out = work / "index-spilled"
-    script = ("import sys; from pathlib import Path; from vpr.data.datasets import load_image_set; "
-              "from vpr.models.checkpoints import load_checkpoint; from vpr.retrieval.extract import ExtractOptions; "
-              "from vpr.retrieval.build import build_index; model, pca = load_checkpoint(Path(sys.argv[1])); "
-              "build_index(load_image_set(Path(sys.argv[2])), Path(sys.argv[3]), model=model, model_pca=pca, pca_dim=256, "
-              "kind='ivfpq', options=ExtractOptions(batch_size=64, num_workers=1), spill_bytes=0)")
+    script = ("import sys; from vpr import api; model, pca = api.load_model(sys.argv[1]); "
+              "api.build_index(sys.argv[2], sys.argv[3], model=model, model_pca=pca, options=api.BuildOptions("
+              "pca_dim=256, kind='ivfpq', cache=False, extract=api.ExtractOptions(batch_size=64, num_workers=1), spill_bytes=0))")
     run = peak_of([sys.executable, "-c", script, str(work / "megaloc_head_vits1.pt"), str(db), str(out)])
     rows.append({"case": "PCA 256 + ivfpq, spilled to disk (library, spill_bytes=0)", "images": args.images,
-                 "descriptor_dim": small.descriptor_dim, **run,
+                 "descriptor_dim": small.config.descriptor_dim, **run,
                  "index_mb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 1)})
     print(rows[-1], flush=True)
-    model_only = peak_of([sys.executable, "-c", "from vpr.models.checkpoints import load_checkpoint; import sys; "
-                          "load_checkpoint(sys.argv[1])", str(work / "megaloc_vitb14.pt")])
+    model_only = peak_of([sys.executable, "-c", "import sys; from vpr import api; api.load_model(sys.argv[1])",
+                          str(work / "megaloc_vitb14.pt")])
     result = {"rows": rows, "megaloc_vitb14_load_peak_rss_mb": model_only["peak_rss_mb"],
-              "descriptors_mb": round(args.images * small.descriptor_dim * 4 / 2**20, 1), "cpus": os.cpu_count()}
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+              "descriptors_mb": round(args.images * small.config.descriptor_dim * 4 / 2**20, 1), "cpus": os.cpu_count()}
+    api.write_json(RESULTS, result)
     print(json.dumps(result, indent=2))
 
 

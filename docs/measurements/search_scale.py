@@ -2,8 +2,8 @@
 then queried in a fresh process (load + queries): build time, size on disk, query RSS, ms/query, and
 top-1 agreement with exact search (computed chunk-wise on the file).
 
-    .venv/bin/python benchmarks/search_scale.py --sizes 1000000 10000000 --workdir /tmp/vpr-scale
-    .venv/bin/python benchmarks/search_scale.py --sizes 10000000 --workdir /tmp/vpr-scale --reuse-index --cold
+    .venv/bin/python docs/measurements/search_scale.py --sizes 1000000 10000000 --workdir /tmp/vpr-scale
+    .venv/bin/python docs/measurements/search_scale.py --sizes 10000000 --workdir /tmp/vpr-scale --reuse-index --cold
 
 The second form measures the queries again on the index the first built, from disk (page cache dropped).
 """
@@ -21,12 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vpr.bench.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
-from vpr.data.datasets import GeoImageSet
-from vpr.models.model import ModelConfig, build_model
-from vpr.retrieval.search import exact_search
-from vpr.retrieval.rows import open_rows
-from vpr.retrieval.store import write_index_from_file
+from vpr import api
 
 DIM = 256
 CENTRES = 16384
@@ -36,17 +31,16 @@ RESULTS = Path(__file__).parent / "results" / "search_scale.json"
 QUERY_SCRIPT = """
 import json, sys, time
 import numpy as np
-from vpr.bench.measure import peak_rss_bytes, rss_bytes
-from vpr.retrieval.store import load_index
+from vpr import api
 index, queries = sys.argv[1], np.load(sys.argv[2])
-t0 = time.perf_counter(); bundle = load_index(index); load_s = time.perf_counter() - t0
+t0 = time.perf_counter(); loaded = api.Index.load(index, device="cpu"); load_s = time.perf_counter() - t0
 single = []
 for q in queries:
-    t = time.perf_counter(); bundle.search(q[None], 5); single.append(time.perf_counter() - t)
-t = time.perf_counter(); _, idx = bundle.search(queries, 5); batched = time.perf_counter() - t
+    t = time.perf_counter(); loaded.search(q[None], 5); single.append(time.perf_counter() - t)
+t = time.perf_counter(); results = loaded.search(queries, 5); batched = time.perf_counter() - t
 print(json.dumps({"load_s": load_s, "ms_single_p50": 1e3 * float(np.median(single)),
-                  "ms_batched": 1e3 * batched / len(queries), "rss_mb": rss_bytes() / 2**20,
-                  "peak_rss_mb": peak_rss_bytes() / 2**20, "top1": idx[:, 0].tolist()}))
+                  "ms_batched": 1e3 * batched / len(queries), "rss_mb": api.rss_bytes() / 2**20,
+                  "peak_rss_mb": api.peak_rss_bytes() / 2**20, "top1": [r.matches[0].id for r in results]}))
 """
 
 
@@ -69,21 +63,22 @@ def write_descriptors(path: Path, n: int, seed: int) -> None:
 def queries_near(path: Path, count: int, seed: int) -> np.ndarray:
     """Queries: random database rows moved by noise (a revisit of a known place)."""
     rng = np.random.default_rng(seed)
-    rows = open_rows(path)[np.sort(rng.choice(len(open_rows(path)), count, replace=False))]
+    with h5py.File(path, "r") as f:
+        stored = f["descriptors"]
+        rows = stored[np.sort(rng.choice(len(stored), count, replace=False))]
     return unit(rows + 0.04 * rng.standard_normal(rows.shape).astype(np.float32))
 
 
 def build(n: int, source: Path, index: Path) -> dict:
     """Build the ivfpq index over `source` in this process: its time and peak RSS (the peak reset first,
     so writing the source does not count), and the RSS with the N image paths alone (any build of N holds them)."""
-    reset_peak_rss()
-    database = GeoImageSet(paths=[Path(f"/synthetic/{i}.jpg") for i in range(n)])
-    paths_mb = rss_bytes() / 2**20
-    model = build_model(ModelConfig(descriptor_dim=DIM, input_size=(48, 64)), seed=0)
+    api.reset_peak_rss()
+    database = api.GeoImageSet(paths=[Path(f"/synthetic/{i}.jpg") for i in range(n)])
+    paths_mb = api.rss_bytes() / 2**20
+    model, _ = api.new_model(descriptor_dim=DIM, input_size=(48, 64))
     t0 = time.perf_counter()
-    write_index_from_file(index, source, model=model, model_pca=None, pca=None, database=database,
-                          kind="ivfpq", source="synthetic")
-    return {"build_s": round(time.perf_counter() - t0, 1), "build_peak_rss_mb": round(peak_rss_bytes() / 2**20),
+    api.index_descriptors(source, index, model=model, database=database, kind="ivfpq", source="synthetic")
+    return {"build_s": round(time.perf_counter() - t0, 1), "build_peak_rss_mb": round(api.peak_rss_bytes() / 2**20),
             "rss_with_paths_mb": round(paths_mb)}
 
 
@@ -112,7 +107,8 @@ def run_size(n: int, workdir: Path, queries: int, built: dict | None, cold: bool
                          check=True, capture_output=True, text=True)
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     t0 = time.perf_counter()
-    _, exact = exact_search(open_rows(source), q, 1)
+    with h5py.File(source, "r") as f:
+        _, exact = api.exact_search(f["descriptors"], q, 1)
     exact_s = time.perf_counter() - t0
     agreement = float(np.mean(np.asarray(measured.pop("top1")) == exact[:, 0]))
     size = {name: (index / name).stat().st_size / 2**20 for name in ("index.faiss", "database.h5")}
@@ -160,7 +156,7 @@ def main() -> None:
             built = {k: previous[0][k] for k in ("build_s", "build_peak_rss_mb", "rss_with_paths_mb") if k in previous[0]}
         row = run_size(n, args.workdir, args.queries, built, args.cold)
         rows = sorted([r for r in rows if r["images"] != n] + [row], key=lambda r: r["images"])
-        RESULTS.write_text(json.dumps({"rows": rows, "table": table(rows)}, indent=2) + "\n")
+        api.write_json(RESULTS, {"rows": rows, "table": table(rows)})
         print(json.dumps(row), flush=True)
     print(table(rows))
 
