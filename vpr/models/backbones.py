@@ -15,7 +15,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
 
 from vpr.errors import CheckpointError, UsageError
@@ -85,6 +84,8 @@ def _imagenet_state(name: str, weights: str | Path) -> tuple[dict, str]:
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a torchvision state dict")
         return state, str(path)
+    import torchvision  # its import costs about a second (it loads torch._dynamo): only when a trunk is built
+
     enum = torchvision.models.get_model_weights(name)
     try:
         entry = enum.verify(str(weights))
@@ -121,6 +122,8 @@ def _imagenet_state(name: str, weights: str | Path) -> tuple[dict, str]:
 
 def _torchvision_model(name: str, weights: str | Path | None) -> nn.Module:
     """Build the full torchvision classifier, with ImageNet weights by name or from a file."""
+    import torchvision
+
     if weights is None:
         return getattr(torchvision.models, name)(weights=None)
     state, source = _imagenet_state(name, weights)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA as SklearnPCA
 
 from vpr.errors import UsageError
 
@@ -85,6 +84,8 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False, seed: int =
     if len(x) >= d:
         mean, components, variance = _covariance_pca(x, dim)
     else:
+        from sklearn.decomposition import PCA as SklearnPCA  # fitting only: scikit-learn takes ~0.7 s to import
+
         pca = SklearnPCA(n_components=dim, whiten=whiten, svd_solver="full", random_state=seed).fit(x)
         mean, components, variance = pca.mean_, pca.components_, pca.explained_variance_
     variance = variance.astype(np.float32)
