@@ -226,3 +226,11 @@ def phase_bar(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
 def print_json(data: object) -> None:
     """Machine-readable output on stdout: strict JSON (no NaN or Infinity), indented."""
     sys.stdout.write(api.to_json(data))
+
+
+def warn_random_init(random_init: bool, what: str) -> None:
+    """One line on stderr when `what` (an index or the model being indexed) has random weights."""
+    if random_init:
+        err_console.print(f"warning: {what} has random weights (no --checkpoint or --pretrained): its matches are near "
+                          "chance and every similarity is close to 1; train a model (vpr train) or give a published "
+                          "checkpoint (vpr models)", soft_wrap=True)

@@ -17,7 +17,10 @@ from cli.answer_options import (
 from cli.common import (
     AMP, BATCH_SIZE, COMPILE, DEVICE, EF_SEARCH_HELP, GPU_DECODE, INT32_MAX, JSON, MAX_BATCH, MAX_CLUSTERS, MAX_DIM,
     MAX_EF_SEARCH, NPROBE_HELP, POSITIVE, WORKERS, check_output_file, console, device_of, distributed_run, err_console,
-    extract_options, parse_int_list, parse_resize, print_json, progress_bar,
+    extract_options, parse_int_list, parse_resize, print_json, progress_bar, warn_random_init,
+)
+from cli.source_options import (
+    FPS, SAVE_FRAMES, SKIP_UNLOCATED, TRACK, TRACK_OFFSET, VIDEO_START, load_source, video_options,
 )
 from vpr import api
 from vpr.errors import UsageError
@@ -26,7 +29,7 @@ DEFAULT_INDEX = Path("indexes/default")
 
 
 def build_index_cmd(
-    database: Path = typer.Argument(..., help="Folder of database images (`@utm_east@utm_north@...` names or unlabelled), or a CSV manifest path,lat,lon[,heading]."),
+    database: Path = typer.Argument(..., help="Folder of database images (`@utm_east@utm_north@...` names, EXIF GPS, or unlabelled), a CSV manifest path,lat,lon[,heading], or a video (--fps, --track)."),
     out: Path = typer.Option(DEFAULT_INDEX, "--out", "-o", help="Index directory to write (replaced atomically if it exists)."),
     backbone: str = typer.Option("resnet18", "--model", "--backbone", help="Backbone when no checkpoint is given: resnet18, resnet50, resnet101, vgg16, pixels (no weights: grey thumbnails, with --head patchnorm), or a DINOv2 ViT (dinov2_vits14 ... dinov2_vitg14); `vpr models` lists all."),
     head: str = typer.Option("cosplace", "--head", help="Head when no checkpoint is given: cosplace (GeM + FC), netvlad, patchnorm (SeqSLAM's thumbnail, with --model pixels), or a published method's aggregator (salad, megaloc, boq, mixvpr, ...: `vpr models`)."),
@@ -50,6 +53,8 @@ def build_index_cmd(
     local_features: bool = typer.Option(False, "--local-features", help="Also extract local features (OpenCV SIFT, or --local-method orb) into the index, for `query/eval --rerank local`."),
     local_method: str = typer.Option(api.LocalFeatureConfig.method, "--local-method", help="With --local-features: sift (default) or orb (faster, binary)."),
     max_keypoints: int = typer.Option(api.LocalFeatureConfig.max_keypoints, "--max-keypoints", min=1, max=100_000, help="With --local-features: the strongest keypoints kept per image."),
+    fps: float = FPS, track: Optional[Path] = TRACK, video_start: Optional[str] = VIDEO_START,
+    track_offset: float = TRACK_OFFSET, save_frames: Optional[Path] = SAVE_FRAMES, skip_unlocated: bool = SKIP_UNLOCATED,
     json_out: bool = JSON,
 ) -> None:
     """Build a self-contained index (model, PCA, FAISS index, database metadata) from database images."""
@@ -69,7 +74,8 @@ def build_index_cmd(
         extract=extract_options(device, batch_size=batch_size, workers=workers, amp=amp, compile_model=compile_model,
                                 gpu_decode=gpu_decode, skip_bad=skip_bad),
     )
-    images = api.images(database)
+    images = load_source(database, video_options(fps, track, video_start, track_offset), skip_unlocated, save_frames,
+                         json_out)
     start = time.perf_counter()
     with distributed_run(options.extract.device) as main, \
             progress_bar(f"indexing {len(images)} images", enabled=not json_out and main) as progress:
@@ -79,15 +85,18 @@ def build_index_cmd(
     seconds = time.perf_counter() - start
     skipped_file = report.out_dir / "skipped.txt"
     summary = {
-        "index": str(report.out_dir), "images": len(images), "indexed": report.count, "skipped": len(report.skipped),
+        "index": str(report.out_dir), "images": len(images) + len(images.left_out), "indexed": report.count,
+        "skipped": len(report.skipped),
         "reused_from_cache": report.reused, "dim": report.dim, "index_kind": kind, "seconds": round(seconds, 2),
-        "skipped_report": str(skipped_file) if report.skipped else None,
+        "skipped_report": str(skipped_file) if report.skipped else None, "random_init": model.random_init,
     }
+    warn_random_init(model.random_init, f"the model of {report.out_dir}")
     if json_out:
         print_json(summary)
         return
     console.print(
-        f"indexed {report.count} of {len(images)} images ({len(report.skipped)} skipped, {report.reused} from cache) "
+        f"indexed {report.count} of {len(images) + len(images.left_out)} images ({len(report.skipped)} skipped, "
+        f"{report.reused} from cache) "
         f"-> {report.out_dir} [{report.dim}-d, {kind}] in {seconds:.1f}s"
     )
     if report.skipped:
@@ -95,7 +104,7 @@ def build_index_cmd(
 
 
 def query_cmd(
-    images: list[Path] = typer.Argument(..., help="Query image(s), or folders of frames (their images in file-name order)."),
+    images: list[Path] = typer.Argument(..., help="Query image(s), folders of frames (their images in file-name order), or videos (their frames at --fps)."),
     index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i", help="Index directory from `vpr build-index`."),
     k: int = typer.Option(5, "-k", "--top-k", max=INT32_MAX, help="Number of matches per query."),
     device: str = DEVICE, amp: bool = AMP,
@@ -106,6 +115,7 @@ def query_cmd(
     position_k: int = POSITION_K, position_radius: float = POSITION_RADIUS,
     json_out: bool = typer.Option(False, "--json", help="Print matches as JSON."),
     viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG of each query beside its matches (with --rerank local, also VIZ-inliers-N.png: the inlier matches of query N with its top match)."),
+    fps: float = FPS,
 ) -> None:
     """Find where photos were taken: print the top-k database matches with distance and position, and the
     estimated position with its confidence."""
@@ -114,7 +124,7 @@ def query_cmd(
     answering = answer_options(qe=qe, qe_alpha=qe_alpha, sequence=sequence, causal=causal, speeds=speeds, window=window,
                                rerank=rerank, rerank_k=rerank_k, position_k=position_k, position_radius=position_radius)
     check_output_file(viz, "--viz")
-    images = api.query_images(images)
+    images = api.query_images(images, video=api.VideoOptions(fps=fps))
     searcher = api.Index.load(index, device=device_of(device, amp), amp=amp, nprobe=nprobe, ef_search=ef_search,
                               options=answering)
     results = searcher.query(images, k)
@@ -127,6 +137,7 @@ def query_cmd(
             err_console.print(f"note: -k {k} is larger than the database ({len(searcher)} images); showed all")
     if viz is not None:
         _draw_queries(images, results, viz, json_out)
+    warn_random_init(searcher.info()["random_init"], str(index))
 
 
 def _draw_queries(images: list[Path], results: list, viz: Path, quiet: bool) -> None:
@@ -171,7 +182,7 @@ def _print_result(result, answering: api.AnswerOptions) -> None:
 
 
 def eval_cmd(
-    queries: Path = typer.Argument(..., help="Folder of query images (`@` names) or a CSV manifest; with --gt, any folder."),
+    queries: Path = typer.Argument(..., help="Folder of query images (`@` names or EXIF GPS), a CSV manifest, or a video with --track; with --gt, any folder."),
     index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i", help="Index directory from `vpr build-index`."),
     recall: str = typer.Option("1,5,10,20", "--recall", help="Comma-separated N values for recall@N."),
     threshold: float = typer.Option(25.0, "--threshold", callback=POSITIVE, help="A database image within this many metres of a query is a positive."),
@@ -184,8 +195,14 @@ def eval_cmd(
     position_k: int = POSITION_K, position_radius: float = POSITION_RADIUS,
     save_predictions: Optional[Path] = typer.Option(None, "--save-predictions", help="Write each query's top-k (similarity, metres, positive?), position estimate and error to a .csv or .json file."),
     save_descriptors: Optional[Path] = typer.Option(None, "--save-descriptors", help="Write the query descriptors (index space) to a .h5 file."),
-    viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG map of database positions with each query's true and estimated position."),
-    json_out: bool = typer.Option(False, "--json", help="Print the recalls as JSON."),
+    viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG map of database positions with each query's true and estimated position (wrong answers as red lines)."),
+    pr_curve: Optional[Path] = typer.Option(None, "--pr-curve", help="Save a PNG of the precision-recall curve of the top-1 answers ranked by confidence."),
+    save_preds: Optional[Path] = typer.Option(None, "--save-preds", help="Write one picture per query into this new folder: the query beside its top matches, green within the threshold, red beyond."),
+    num_preds: int = typer.Option(5, "--num-preds", min=1, max=100, help="With --save-preds: matches drawn per query."),
+    only_wrong: bool = typer.Option(False, "--only-wrong", help="With --save-preds: only the queries whose top-1 is wrong."),
+    json_out: bool = typer.Option(False, "--json", help="Print the recalls and metrics as JSON."),
+    fps: float = FPS, track: Optional[Path] = TRACK, video_start: Optional[str] = VIDEO_START,
+    track_offset: float = TRACK_OFFSET, save_frames: Optional[Path] = SAVE_FRAMES, skip_unlocated: bool = SKIP_UNLOCATED,
 ) -> None:
     """Recall@N of an index on labelled queries (standard protocol: hit = a positive in the top N), and the
     localisation error of the position estimate."""
@@ -200,9 +217,13 @@ def eval_cmd(
         if path is not None:
             check(path)
     check_output_file(viz, "--viz")
+    check_output_file(pr_curve, "--pr-curve")
+    if save_preds is None and (num_preds != 5 or only_wrong):
+        raise UsageError("--num-preds and --only-wrong describe --save-preds; add --save-preds DIR")
     options = extract_options(device, workers=workers, amp=amp, compile_model=compile_model, gpu_decode=gpu_decode)
     searcher = api.Index.load(index, device=options.device, amp=amp, nprobe=nprobe, ef_search=ef_search, options=answering)
-    query_set = api.images(queries)
+    query_set = load_source(queries, video_options(fps, track, video_start, track_offset), skip_unlocated, save_frames,
+                            json_out)
     with distributed_run(options.device) as main:
         with progress_bar(f"evaluating {len(query_set)} queries", enabled=not json_out and main) as progress:
             report = searcher.evaluate(query_set, ns=ns, gt=gt, threshold=threshold, options=options, progress=progress)
@@ -217,14 +238,32 @@ def eval_cmd(
         if not searcher.info()["positions"]:
             raise UsageError(f"--viz draws positions, but {index} holds no coordinates; drop --viz")
         report.draw_positions(viz)
+    if pr_curve is not None:
+        report.draw_pr_curve(pr_curve)
+    pictures = report.draw_queries(save_preds, num_preds, only_wrong) if save_preds is not None else []
+    warn_random_init(summary["random_init"], str(index))
     if json_out:
         print_json(summary)
         return
     print_recall_table(summary)
+    print_metrics(summary)
     print_localization(summary)
-    for path, what in ((save_predictions, "predictions"), (save_descriptors, "query descriptors"), (viz, "position map")):
+    for path, what in ((save_predictions, "predictions"), (save_descriptors, "query descriptors"), (viz, "position map"),
+                       (pr_curve, "precision-recall curve")):
         if path is not None:
             console.print(f"{what} written to {path}")
+    if save_preds is not None:
+        console.print(f"{len(pictures)} query pictures written to {save_preds}")
+
+
+def print_metrics(summary: dict) -> None:
+    """mAP@k and the precision-recall figures of the top-1 answers."""
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    maps = ", ".join(f"{k} {v:.1f}" for k, v in summary["mAP"].items())
+    console.print(f"{maps}; AUC-PR {shown(summary['auc_pr'])}, recall at 100% precision "
+                  f"{shown(summary['recall_at_100_precision'])}, extended precision {shown(summary['extended_precision'])}")
 
 
 def print_localization(summary: dict) -> None:

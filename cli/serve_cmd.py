@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import AMP_HELP, device_of, err_console
+from cli.common import AMP_HELP, device_of, err_console, warn_random_init
 from cli.retrieval_cmds import DEFAULT_INDEX
 
 MAX_WORKERS = 64
@@ -42,4 +42,5 @@ def serve_cmd(
     )
     if not is_loopback(host) and token is None:
         err_console.print(f"warning: --host {host} without --token: anyone who can reach this machine can query the index")
-    serve(config, host=host, port=port, workers=workers)
+    serve(config, host=host, port=port, workers=workers,
+          on_ready=lambda manifest: warn_random_init(manifest.get("random_init", False), str(index)))

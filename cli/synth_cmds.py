@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import DEVICE, JSON, SEED_MAX, console, device_of, phase_bar, print_json, progress_bar
+from cli.common import DEVICE, JSON, SEED_MAX, console, device_of, phase_bar, print_json, progress_bar, warn_random_init
 from cli.retrieval_cmds import print_recall_table
 from vpr import api
 
@@ -38,6 +38,7 @@ def demo_cmd(
     """The whole path on the built-in city: synthesise, build an index, evaluate, draw matches."""
     with phase_bar(enabled=not json_out) as progress:
         summary = api.demo(workdir, preset=preset, device=device_of(device), progress=progress)
+    warn_random_init(summary.get("random_init", False), "the demo's index")
     if json_out:
         print_json(summary)
         return

@@ -259,6 +259,7 @@ def test_two_iteration_run_writes_a_usable_run_directory(city, first_run):
     config = tiny_config(city, out).resolved()
     initial = build_model(config.model_config(), seed=config.seed)
     assert not torch.equal(trained.state_dict()["head.fc.weight"], initial.state_dict()["head.fc.weight"])
+    assert initial.random_init and not trained.random_init  # a trained checkpoint is not marked as random weights
     training = load_payload(out / "last.pt")["extra"]["training"]
     assert training["epoch"] == 1 and len(training["classifiers"]) == 2
 

@@ -266,7 +266,10 @@ def test_cli_warns_when_it_binds_beyond_localhost_without_a_token(monkeypatch, c
                            "--device", "cpu", "--no-batching", "--max-upload-mb", "1")
     assert code == 0 and "warning: --host 0.0.0.0 without --token" in err
     config, kwargs = calls[0]
+    on_ready = kwargs.pop("on_ready")
     assert kwargs == {"host": "0.0.0.0", "port": 8123, "workers": 1}
+    on_ready({"random_init": True})  # once the index loaded and the port is bound: the random-weights warning
+    assert "has random weights" in capsys.readouterr().err
     assert (config.batching, config.max_body_bytes, config.token) == (False, 1024 * 1024, None)
     monkeypatch.setenv("VPR_TOKEN", TOKEN)
     code, _, err = run_cli(monkeypatch, capsys, "serve", "--index", index_dir, "--host", "0.0.0.0")

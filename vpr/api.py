@@ -21,6 +21,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from vpr.data.frames import VIDEO_EXTENSIONS
 from vpr.data.synth.presets import PRESETS as SYNTH_PRESETS
 from vpr.errors import UsageError
 from vpr.runtime import bf16_is_slow, distributed_run, extract_options, resolve_device
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from vpr.data.datasets import GeoImageSet
+    from vpr.data.video import VideoOptions
     from vpr.evaluation.evaluate import EvalReport
     from vpr.models.model import ModelConfig, VPRModel
     from vpr.models.pca import PCA
@@ -54,15 +56,15 @@ LAZY = {  # heavy names, imported when first asked for
     "check_predictions_path": "vpr.evaluation.predictions", "check_descriptors_path": "vpr.evaluation.predictions",
     "positives_within": "vpr.data.ground_truth", "exact_search": "vpr.retrieval.search", "cache_dir_for": "vpr.retrieval.build",
     "synth": "vpr.jobs", "demo": "vpr.jobs", "groups": "vpr.jobs", "bench": "vpr.jobs", "BENCH_CASES": "vpr.bench",
-    "join_anyloc": "vpr.jobs", "to_json": "vpr.fileio", "write_json": "vpr.fileio", "save_png": "vpr.fileio",
+    "join_anyloc": "vpr.jobs", "VideoOptions": "vpr.data.video", "to_json": "vpr.fileio", "write_json": "vpr.fileio", "save_png": "vpr.fileio",
     "Reported": "vpr.distributed", "rss_bytes": "vpr.bench.measure", "peak_rss_bytes": "vpr.bench.measure",
     "reset_peak_rss": "vpr.bench.measure", "netvlad_start": "vpr.training.netvlad:initial_model",
 }
 __all__ = [
     "AnswerOptions", "AugmentParams", "BuildOptions", "CosPlaceConfig", "DEFAULT_RADIUS", "DEFAULT_TOP_K", "Expansion",
     "ExtractOptions", "GroupParams", "INDEX_KINDS", "Index", "SYNTH_PRESETS", "LocalFeatureConfig", "NetVLADConfig", "RerankOptions",
-    "SequenceOptions", "TrainConfig", "build_index", "check_index", "describe", "images", "index_descriptors", "load_model",
-    "new_model", "recall", "save_model",
+    "SequenceOptions", "TrainConfig", "VIDEO_EXTENSIONS", "build_index", "check_index", "describe", "images", "index_descriptors", "load_model",
+    "new_model", "query_images", "recall", "save_frames", "save_model",
     "bf16_is_slow", "distributed_run", "extract_options", "resolve_device",
     "speed_range", "split", "train", *LAZY,
 ]
@@ -85,11 +87,13 @@ def whole_number(value: object, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def images(source: str | os.PathLike) -> GeoImageSet:
-    """A folder of images (labelled by `@` names), or a CSV manifest, as an image set."""
+def images(source: str | os.PathLike, *, skip_unlocated: bool = False, video: VideoOptions | None = None) -> GeoImageSet:
+    """An image set: a folder (located by `@` names or EXIF GPS), a CSV manifest, or a video's frames (`video`: the
+    frame rate and GPS track). `skip_unlocated` leaves out a located folder's images without a position (their
+    paths and why in `left_out`) instead of refusing the folder."""
     from vpr.data.datasets import load_image_set
 
-    return load_image_set(Path(source))
+    return load_image_set(Path(source), skip_unlocated=skip_unlocated, video=video)
 
 
 def split(root: str | os.PathLike, name: str) -> tuple[GeoImageSet, GeoImageSet]:
@@ -99,16 +103,26 @@ def split(root: str | os.PathLike, name: str) -> tuple[GeoImageSet, GeoImageSet]
     return load_split(Path(root), name)
 
 
-def query_images(arguments: Sequence[str | os.PathLike]) -> list[Path]:
-    """Query images as given: files as they are, folders expanded to their images in frame (file-name) order."""
+def query_images(arguments: Sequence[str | os.PathLike], video: VideoOptions | None = None) -> list[Path]:
+    """Query images as given: files as they are, folders expanded to their images and videos to their frames
+    (`video`), both in frame order."""
+    from vpr.data.frames import VIDEO_EXTENSIONS
+
     out: list[Path] = []
     for argument in arguments:
-        if Path(argument).is_dir():
-            frames = images(argument)
+        if Path(argument).is_dir() or Path(argument).suffix.lower() in VIDEO_EXTENSIONS:
+            frames = images(argument, video=video)
             out.extend(frames.paths[i] for i in frames.frame_order())
         else:
             out.append(Path(argument))
     return out
+
+
+def save_frames(frames: GeoImageSet, out: str | os.PathLike, progress: Progress | None = None) -> Path:
+    """Write a video's frames (from `images`) as JPEGs into the new folder `out`, `@`-named when they are located."""
+    from vpr.data.video import save_frames as write
+
+    return write(frames, Path(out), progress)
 
 
 def new_model(backbone: str | ModelConfig = "resnet18", *, pretrained: str | None = None, seed: int = 0,
@@ -278,7 +292,7 @@ class Index:
             "index": str(self.bundle.directory), "model": manifest["model"], "dim": self.bundle.dim,
             "count": len(self), "index_kind": manifest["index_kind"], "zone": manifest.get("zone"),
             "positions": self.bundle.database.utm is not None, "device": self.device, "amp": self.amp,
-            "vpr_version": manifest.get("vpr_version"),
+            "vpr_version": manifest.get("vpr_version"), "random_init": manifest.get("random_init", False),
         }
 
     def prepare(self, image: ImageInput, name: str = "image", max_pixels: int | None = None,

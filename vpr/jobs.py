@@ -54,7 +54,7 @@ def demo(workdir: Path, preset: str = "small", device: str = "cpu", progress: Ph
         "dataset": str(dataset), "index": str(index_dir), "queries": report.num_queries,
         "queries_with_positives": report.num_with_positives, "database": len(database),
         "recall": {f"R@{n}": round(v, 2) for n, v in report.recalls.items()},
-        "visualisation": str(viz), "seconds": round(time.perf_counter() - start, 1),
+        "visualisation": str(viz), "seconds": round(time.perf_counter() - start, 1), "random_init": model.random_init,
     }
 
 

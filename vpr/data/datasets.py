@@ -18,11 +18,12 @@ import math
 import os
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from vpr.data.frames import holder
 from vpr.data.geo import UTM_LETTERS, check_zone_letter, latlon_to_utm, parse_at_name, parse_zone_number
 from vpr.data.images import IMAGE_EXTENSIONS
 from vpr.errors import ImageError, LabelError, UsageError
@@ -40,6 +41,7 @@ class GeoImageSet:
     zone: tuple[int, str] | None = None
     source: Path | None = None
     time: np.ndarray | None = None  # N float64: a manifest's timestamp or frame column, the order of a sequence
+    left_out: list[tuple[Path, str]] = field(default_factory=list)  # images of the source left out, and why
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -64,12 +66,12 @@ class GeoImageSet:
             paths=[self.paths[i] for i in idx],
             utm=None if self.utm is None else self.utm[idx],
             heading=None if self.heading is None else self.heading[idx],
-            zone=self.zone, source=self.source, time=None if self.time is None else self.time[idx],
+            zone=self.zone, source=self.source, time=None if self.time is None else self.time[idx], left_out=self.left_out,
         )
 
     def input_folders(self) -> list[Path]:
-        """What an output must stay clear of: the set's folder or manifest and every folder holding its images."""
-        parents = sorted({Path(path).parent for path in self.paths})
+        """What an output must stay clear of: the set's folder, manifest or video and every folder holding its images."""
+        parents = sorted({holder(path) for path in self.paths})
         return ([Path(self.source)] if self.source is not None else []) + parents
 
     def frame_order(self) -> np.ndarray:
@@ -123,31 +125,73 @@ def _check_utf8_name(path: Path, where: str = "") -> None:
         raise ImageError(f"{where}{shown}: file name is not valid UTF-8; rename it (e.g. with convmv)") from None
 
 
-def load_image_set(source: Path) -> GeoImageSet:
-    """Load a folder of images (labelled if they have `@` names) or a CSV manifest."""
+def load_image_set(source: Path, *, skip_unlocated: bool = False, video=None) -> GeoImageSet:
+    """Load a folder of images (labelled by `@` names or their EXIF GPS), a CSV manifest, or a video's frames
+    (`video`: a `vpr.data.video.VideoOptions`, the frame rate and the GPS track). `skip_unlocated` leaves out the
+    images of a labelled folder that have no position (listed in `left_out`) instead of refusing the folder."""
     source = Path(source)
     if source.is_dir():
-        return load_folder(source)
+        return load_folder(source, skip_unlocated=skip_unlocated)
     if source.is_file() and source.suffix.lower() == ".csv":
         return load_manifest(source)
+    from vpr.data.video import VIDEO_EXTENSIONS, load_video
+
+    if source.suffix.lower() in VIDEO_EXTENSIONS and source.is_file():
+        return load_video(source, video)
     if not source.exists():
-        raise UsageError(f"{source}: no such folder or CSV file; give a folder of images or a .csv manifest")
-    raise UsageError(f"{source}: expected a folder of images or a .csv manifest (path,lat,lon[,heading])")
+        raise UsageError(f"{source}: no such folder, CSV file or video; give a folder of images, a .csv manifest or a video")
+    raise UsageError(f"{source}: expected a folder of images, a .csv manifest (path,lat,lon[,heading]) or a video "
+                     f"({', '.join(VIDEO_EXTENSIONS)})")
 
 
-def load_folder(folder: Path) -> GeoImageSet:
-    """Images under `folder`; if any has an `@` name, all must, and they give the coordinates."""
+def load_folder(folder: Path, skip_unlocated: bool = False) -> GeoImageSet:
+    """Images under `folder`, located by their `@` names or else by their EXIF GPS. When some are located, all
+    must be: the first that is not is a `LabelError`, unless `skip_unlocated` leaves them out (in `left_out`)."""
     paths = list_images(folder)
     if not paths:
         raise UsageError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     if not any(p.name.startswith("@") for p in paths):
-        return GeoImageSet(paths=paths, source=folder)
-    names = [parse_at_name(p) for p in paths]  # raises LabelError naming the first bad file
-    utm_xy = np.array([[n.east, n.north] for n in names], dtype=np.float64)
-    heading = np.array([np.nan if n.heading is None else n.heading for n in names], dtype=np.float64)
-    zones = {(n.zone_number, n.zone_letter) for n in names if n.zone_number is not None}
+        return _exif_folder(folder, paths, skip_unlocated)
+    names, unlocated = [], []
+    for path in paths:
+        try:
+            names.append((path, parse_at_name(path)))
+        except LabelError as exc:
+            if not skip_unlocated:
+                raise LabelError(f"{exc}; or pass `skip_unlocated` to index only the @-named images") from None
+            unlocated.append((path, "no coordinates in its name"))
+    located = [n for _, n in names]
+    utm_xy = np.array([[n.east, n.north] for n in located], dtype=np.float64)
+    heading = np.array([np.nan if n.heading is None else n.heading for n in located], dtype=np.float64)
+    zones = {(n.zone_number, n.zone_letter) for n in located if n.zone_number is not None}
     zone = _one_zone(zones, f"{folder}: images", "them")
-    return GeoImageSet(paths=paths, utm=utm_xy, heading=heading, zone=zone, source=folder)
+    return GeoImageSet(paths=[p for p, _ in names], utm=utm_xy, heading=heading, zone=zone, source=folder,
+                       left_out=unlocated)
+
+
+def _exif_folder(folder: Path, paths: list[Path], skip_unlocated: bool) -> GeoImageSet:
+    """A folder of photos without `@` names: labelled by their EXIF GPS when any has one, else unlabelled."""
+    from vpr.data.exif import read_exif_place
+
+    places = [read_exif_place(path) for path in paths]
+    located = [i for i, place in enumerate(places) if place is not None]
+    if not located:
+        return GeoImageSet(paths=paths, source=folder)
+    missing = [paths[i] for i, place in enumerate(places) if place is None]
+    if missing and not skip_unlocated:
+        raise LabelError(
+            f"{missing[0]}: no GPS position in its EXIF, while {len(located)} of the {len(paths)} photos in {folder} have "
+            f"one; geo-tag or remove it, or pass `skip_unlocated` to index the {len(located)} located photos"
+        )
+    rows = [latlon_to_utm(places[i].lat, places[i].lon) for i in located]
+    zone = _one_zone({(number, letter) for _, _, number, letter in rows}, f"{folder}: photos", "them")
+    times = [places[i].time for i in located]
+    return GeoImageSet(
+        paths=[paths[i] for i in located], utm=np.array([r[:2] for r in rows], dtype=np.float64),
+        heading=np.array([np.nan if places[i].heading is None else places[i].heading for i in located], dtype=np.float64),
+        zone=zone, source=folder, time=None if None in times else np.array(times, dtype=np.float64),
+        left_out=[(path, "no GPS position in its EXIF") for path in missing],
+    )
 
 
 def _one_zone(zones: set[tuple[int, str]], what: str, split: str) -> tuple[int, str] | None:
@@ -245,8 +289,21 @@ def _manifest_image(csv_path: Path, rel: str, where: str) -> Path:
     return path
 
 
+def _exif_fallback(row: dict, path: Path, columns: tuple[str, str], where: str):
+    """The photo's EXIF place when the row leaves both position cells empty (None when the row gives them)."""
+    if any((row.get(column) or "").strip() for column in columns):
+        return None
+    from vpr.data.exif import read_exif_place
+
+    place = read_exif_place(path)
+    if place is None:
+        raise LabelError(f"{where}: no {columns[0]}/{columns[1]} and no GPS position in the photo's EXIF; fill in the row")
+    return place
+
+
 def load_manifest(csv_path: Path) -> GeoImageSet:
-    """Read `path,lat,lon[,heading]` or `path,utm_east,utm_north[,zone][,heading]`; paths relative to the CSV.
+    """Read `path,lat,lon[,heading]` or `path,utm_east,utm_north[,zone][,heading]`; paths relative to the CSV. A row
+    whose position cells are empty takes the photo's EXIF GPS (and its heading, when the row gives none).
 
     The UTM form takes the zone as `10S`, or `10` plus a `zone_letter` (or `letter`) column.
     """
@@ -272,7 +329,14 @@ def load_manifest(csv_path: Path) -> GeoImageSet:
         if not rel:
             raise LabelError(f"{where}: empty 'path'; fill it in or remove the row")
         paths.append(_manifest_image(csv_path, rel, where))
-        if has_utm:
+        exif = _exif_fallback(row, paths[-1], ("utm_east", "utm_north") if has_utm else ("lat", "lon"), where)
+        if exif is not None:  # the row leaves the position to the photo's EXIF (the row's values win where given)
+            east, north, number, letter = latlon_to_utm(exif.lat, exif.lon)
+            coords.append((east, north))
+            zone = (number, letter)
+            if not (row.get("heading") or "").strip() and exif.heading is not None:
+                row["heading"] = str(exif.heading)
+        elif has_utm:
             coords.append((_cell_float(row, "utm_east", where), _cell_float(row, "utm_north", where)))
             zone = _cell_zone(row, where)
         else:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vpr.data.frames import split_frame
 from vpr.errors import ImageError, ImageTooLarge, NotAnImage, UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -31,6 +32,9 @@ MAX_PIXELS = 178_956_970  # PIL's decompression-bomb limit (2x its warning thres
 def load_rgb(path: Path) -> Image.Image:
     """Open an image as an upright 8-bit RGB PIL image, or raise `ImageError` naming the file."""
     path = Path(path)
+    frame = split_frame(path)
+    if frame is not None:
+        return _frame(*frame)
     _check_file(path)
     return decode_rgb(path, str(path), advice=BAD_FILE_ADVICE)
 
@@ -38,9 +42,22 @@ def load_rgb(path: Path) -> Image.Image:
 BAD_FILE_ADVICE = "; re-copy or remove it, or build with `skip_bad`"
 
 
+def _frame(video: Path, seconds: float) -> Image.Image:
+    """A video frame (`vpr.data.frames`), decoded by `vpr.data.video`."""
+    from vpr.data.video import read_frame
+
+    return read_frame(video, seconds)
+
+
 def read_image_bytes(path: Path) -> bytes:
-    """The bytes of an image file (checked as `load_rgb` checks it), for decoding and content keys alike."""
+    """The bytes of an image file (checked as `load_rgb` checks it), for decoding and content keys alike; a video
+    frame's are its pixels as an uncompressed BMP."""
     path = Path(path)
+    frame = split_frame(path)
+    if frame is not None:
+        buffer = io.BytesIO()
+        _frame(*frame).save(buffer, format="BMP")
+        return buffer.getvalue()
     _check_file(path)
     try:
         return path.read_bytes()
@@ -83,8 +100,10 @@ def load_thumbnail(path: Path, size: int) -> Image.Image:
     """An upright RGB thumbnail (longest side `size`) of an image file; a JPEG is decoded at the smallest
     scale still at least `size` (PIL's draft mode), so a 24-megapixel photo costs a fraction of its memory."""
     path = Path(path)
-    _check_file(path)
-    thumb = decode_rgb(path, str(path), draft=size)
+    frame = split_frame(path)
+    if frame is None:
+        _check_file(path)
+    thumb = _frame(*frame) if frame is not None else decode_rgb(path, str(path), draft=size)
     thumb.thumbnail((size, size))
     return thumb
 

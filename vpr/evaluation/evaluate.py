@@ -13,6 +13,7 @@ from vpr.data.datasets import GeoImageSet
 from vpr.data.ground_truth import load_ground_truth, positives_within
 from vpr.errors import LabelError, UsageError
 from vpr.evaluation.localization import error_summary, localization_errors, precision_at_recall
+from vpr.evaluation.metrics import retrieval_metrics
 from vpr.evaluation.recall import recall_at_n
 from vpr.models.model import VPRModel
 from vpr.retrieval.answer import Answers, answer
@@ -41,6 +42,7 @@ class EvalReport:
     confidence: dict = field(default_factory=dict)  # precision of a correct top-1 at 50/80/100% recall
     settings: dict = field(default_factory=dict)  # what produced these numbers: protocol and answering
     seconds: dict = field(default_factory=dict)  # wall time of describing the queries and of answering them
+    metrics: dict = field(default_factory=dict)  # mAP@k, AUC-PR, recall at 100% precision, EP, the PR curve
 
     database_utm: np.ndarray | None = None
     query_utm: np.ndarray | None = None
@@ -51,7 +53,23 @@ class EvalReport:
 
         if self.database_utm is None:
             raise UsageError(f"{self.settings.get('index')} holds no coordinates: there are no positions to draw")
-        return save_positions_map(self.database_utm, self.query_utm, self.answers.estimate.utm, path)
+        return save_positions_map(self.database_utm, self.query_utm, self.answers.estimate.utm, path,
+                                  threshold=self.settings.get("threshold_m") or 25.0)
+
+    def draw_pr_curve(self, path: Path) -> Path:
+        """A PNG of the precision-recall curve of the top-1 answers ranked by confidence (AUC-PR in its title)."""
+        from vpr.evaluation.metrics import precision_recall, save_pr_curve, top1_correct
+
+        precision, recall, _ = precision_recall(self.answers.estimate.confidence, top1_correct(self.predictions, self.positives))
+        return save_pr_curve(precision, recall, path)
+
+    def draw_queries(self, folder: Path, num_preds: int = 5, only_wrong: bool = False) -> list[Path]:
+        """One picture per query in the new folder `folder`: the query beside its top `num_preds` matches, green
+        when a match is a positive, red when not, metres and similarity under each (`only_wrong`: wrong top-1s)."""
+        from vpr.evaluation.pictures import save_query_pictures
+
+        return save_query_pictures(self.results, folder, num_preds=num_preds, only_wrong=only_wrong,
+                                   threshold=self.settings.get("threshold_m") or 25.0)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -66,6 +84,9 @@ class EvalReport:
             "database": settings.get("database"), "threshold_m": settings.get("threshold_m"),
             "ground_truth": settings.get("ground_truth"), "recall": {f"R@{n}": round(v, 2) for n, v in self.recalls.items()},
             "localization": self.localization, "confidence_precision": self.confidence, "answering": settings.get("answering"),
+            "random_init": settings.get("random_init", False),
+            "mAP": {f"mAP@{k}": round(v, 2) for k, v in self.metrics.get("mAP@k", {}).items()},
+            **{key: self.metrics.get(key) for key in ("auc_pr", "recall_at_100_precision", "extended_precision", "pr_curve")},
         }
 
 
@@ -121,9 +142,10 @@ def evaluate(
         recalls=recall_at_n(predictions, positives, ns), num_queries=len(queries),
         num_with_positives=int(sum(len(p) > 0 for p in positives)), positives=positives,
         answers=answers, descriptors=descriptors, confidence=precision_at_recall(answers.estimate.confidence, correct),
-        seconds=seconds,
+        seconds=seconds, metrics=retrieval_metrics(predictions, positives, answers.estimate.confidence, ns),
         settings={"index": str(bundle.directory), "database": len(bundle.database), "threshold_m": None if gt else threshold,
-                  "ground_truth": str(gt) if gt else None, "answering": answering_summary(answer_options)},
+                  "ground_truth": str(gt) if gt else None, "answering": answering_summary(answer_options),
+                  "random_init": bundle.manifest.get("random_init", False)},
     )
     if queries.utm is not None and bundle.database.utm is not None:
         report.errors = localization_errors(answers.estimate.utm, queries.utm)

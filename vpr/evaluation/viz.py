@@ -1,5 +1,5 @@
 """Pictures of a query beside its top matches (green where the match is a true positive), and a map of
-estimated against true query positions."""
+estimated against true query positions; per-query pictures of an evaluation are in `vpr.evaluation.pictures`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from vpr.data.images import load_rgb
 from vpr.errors import ImageError
+from vpr.evaluation.localization import error_summary, localization_errors
 from vpr.fileio import save_png
 
 log = logging.getLogger(__name__)
@@ -85,46 +86,81 @@ def save_matches_figure(rows: list[tuple[Path, list[tuple[Path, str, bool | None
     return MatchesFigure(out_png, missing)
 
 
-MAP_SIZE, MAP_MARGIN = 900, 30
-DATABASE_DOT, TRUE_DOT, ESTIMATE_DOT = (170, 170, 170), (40, 170, 60), (200, 50, 40)
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's built-in font at `size` pixels (its small bitmap font where Pillow lacks FreeType)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
+MAP_SIZE, MAP_MARGIN, MAP_HEADER = 1600, 40, 34
+DATABASE_DOT, TRUE_DOT, ESTIMATE_DOT = (175, 175, 175), (40, 160, 60), (205, 45, 35)
+ERROR_LINE, NO_ESTIMATE = (220, 60, 40, 110), (20, 20, 20)
+
+
+def positions_summary(query_utm: np.ndarray | None, estimate_utm: np.ndarray, threshold: float) -> str:
+    """The map's summary line: how many queries, the share with an estimate within `threshold` m, the median error."""
+    count = len(estimate_utm)
+    if query_utm is None:
+        return f"{count} queries; no true positions, so no errors"
+    errors = localization_errors(estimate_utm, query_utm)
+    median = error_summary(errors)["median_m"]
+    share = 100.0 * float(np.mean(errors <= threshold)) if count else 0.0
+    missing = int(np.sum(~np.isfinite(errors)))
+    return (f"{count} queries   {share:.1f}% within {threshold:g} m   median error "
+            f"{'none' if median is None else f'{median:.1f} m'}   {int(np.sum(errors > threshold)) - missing} wrong"
+            + (f"   {missing} without estimate" if missing else ""))
 
 
 def save_positions_map(database_utm: np.ndarray, query_utm: np.ndarray | None, estimate_utm: np.ndarray,
-                       out_png: Path, option: str = "`viz`") -> Path:
-    """A top-down map in UTM metres (north up): database positions grey, true query positions green,
-    estimates red, each estimate joined to its truth by a line whose length is the error."""
-    points = [database_utm, estimate_utm[np.isfinite(estimate_utm).all(axis=1)]]
-    if query_utm is not None:
-        points.append(query_utm)
+                       out_png: Path, option: str = "`viz`", *, threshold: float = 25.0) -> Path:
+    """A top-down map in UTM metres (north up), legible at thousands of queries: database positions grey, true
+    query positions green; a wrong answer (estimate over `threshold` m off) is a translucent red line from the
+    truth to its estimate (red dot), a query without estimate a black cross; a summary line on top."""
+    finite = np.isfinite(estimate_utm).all(axis=1)
+    points = [database_utm, estimate_utm[finite]] + ([query_utm] if query_utm is not None else [])
     everything = np.concatenate(points)
     low, high = everything.min(axis=0), everything.max(axis=0)
     scale = (MAP_SIZE - 2 * MAP_MARGIN) / max(float((high - low).max()), 1.0)
-    width, height = (int(round(float(v) * scale)) + 2 * MAP_MARGIN for v in (high - low))
-    canvas = Image.new("RGB", (max(width, 420), height + CAPTION), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
+    width, height = (round(float(v) * scale) + 2 * MAP_MARGIN for v in (high - low))
+    canvas = Image.new("RGB", (max(width, 900), MAP_HEADER + height + CAPTION + 12), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas, "RGBA")  # translucent lines: thousands of them stay readable
 
     def xy(p: np.ndarray) -> tuple[float, float]:
-        return MAP_MARGIN + (p[0] - low[0]) * scale, height - MAP_MARGIN - (p[1] - low[1]) * scale
+        return MAP_MARGIN + (p[0] - low[0]) * scale, MAP_HEADER + height - MAP_MARGIN - (p[1] - low[1]) * scale
 
     def dot(p: np.ndarray, colour: tuple[int, int, int], r: float) -> None:
         x, y = xy(p)
         draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
 
     for p in database_utm:
-        dot(p, DATABASE_DOT, 1.5)
-    for q, estimate in enumerate(estimate_utm):
-        if query_utm is not None and np.isfinite(estimate).all():
-            draw.line((*xy(query_utm[q]), *xy(estimate)), fill=(230, 150, 140), width=1)
-    if query_utm is not None:
-        for p in query_utm:
-            dot(p, TRUE_DOT, 2.5)
-    for estimate in estimate_utm:
-        if np.isfinite(estimate).all():
-            dot(estimate, ESTIMATE_DOT, 2.5)
+        dot(p, DATABASE_DOT, 1.2)
+    if query_utm is None:
+        for estimate in estimate_utm[finite]:
+            dot(estimate, ESTIMATE_DOT, 2.0)
+        legend = "grey: database   red: estimated query position"
+    else:
+        errors = localization_errors(estimate_utm, query_utm)
+        wrong = np.flatnonzero(np.isfinite(errors) & (errors > threshold))
+        for q in wrong:
+            draw.line((*xy(query_utm[q]), *xy(estimate_utm[q])), fill=ERROR_LINE, width=1)
+        for q in np.flatnonzero(errors <= threshold):
+            dot(query_utm[q], TRUE_DOT, 2.0)
+        for q in wrong:
+            dot(query_utm[q], TRUE_DOT, 2.0)
+            dot(estimate_utm[q], ESTIMATE_DOT, 2.0)
+        for q in np.flatnonzero(~np.isfinite(errors)):
+            x, y = xy(query_utm[q])
+            draw.line((x - 3, y - 3, x + 3, y + 3), fill=NO_ESTIMATE, width=1)
+            draw.line((x - 3, y + 3, x + 3, y - 3), fill=NO_ESTIMATE, width=1)
+        legend = (f"grey: database   green: true query position   red: wrong answer (over {threshold:g} m), "
+                  "line from the truth to the estimate (dot)   black x: no estimate")
     metres = 10 ** np.floor(np.log10(max((high - low).max(), 1.0) / 2))
-    x0, y0 = MAP_MARGIN, height - 10
+    x0, y0 = MAP_MARGIN, MAP_HEADER + height - 12
     draw.line((x0, y0, x0 + metres * scale, y0), fill=(0, 0, 0), width=2)
-    draw.text((x0 + metres * scale + 6, y0 - 6), f"{metres:g} m", fill=(0, 0, 0))
-    draw.text((6, height + 2), "grey: database   green: true query position   red: estimate (line = error)", fill=(0, 0, 0))
+    draw.text((x0 + metres * scale + 6, y0), f"{metres:g} m", fill=(0, 0, 0), font=font(13), anchor="lm")
+    draw.text((8, MAP_HEADER // 2), positions_summary(query_utm, estimate_utm, threshold), fill=(0, 0, 0), font=font(18), anchor="lm")
+    draw.text((8, MAP_HEADER + height + 4), legend, fill=(60, 60, 60), font=font(13))
     save_png(canvas, Path(out_png), option)
     return Path(out_png)

@@ -63,6 +63,8 @@ def save_checkpoint(model: VPRModel, path: Path, *, pca: PCA | None = None, extr
     }
     if pca is not None:
         payload["pca"] = pca.to_state()
+    if getattr(model, "random_init", False):
+        payload["random_init"] = True
     if extra:
         payload["extra"] = extra
     with atomic_file(Path(path)) as tmp:
@@ -185,6 +187,7 @@ def model_from_payload(payload: dict, path: Path) -> tuple[VPRModel, PCA | None]
         raise CheckpointError(f"{path}: checkpoint config and weights do not match ({str(exc)[:160]})") from exc
     pca = PCA.from_state(payload["pca"]) if payload.get("pca") is not None else None
     refuse_non_finite(model, pca, path)
+    model.random_init = payload.get("random_init") is True
     return model.eval(), pca
 
 

@@ -196,6 +196,7 @@ def assemble(config: ModelConfig, weights: dict[str, torch.Tensor], path: Path) 
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"{path}: weights do not fit {config.backbone} + {config.head} ({detail})") from exc
+    model.random_init = False  # a published file's weights
     return model.eval()
 
 

@@ -126,6 +126,9 @@ class VPRModel(nn.Module):
         self.config = config
         self.backbone = build_backbone(config.backbone, config.layer, pretrained, config.backbone_options)
         self.head: nn.Module = registry.head(config.head).build(config)
+        # a new network that nobody trained: its descriptors are near chance (every similarity close to 1);
+        # weights loaded from a file, ImageNet weights and training clear it, and weightless models never have it
+        self.random_init = pretrained is None and any(True for _ in self.parameters())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))

@@ -126,9 +126,9 @@ def build_index(
         extras = _index_extras(kept, dba, local_features, progress)
         write_index(
             out_dir, model=model.cpu(), model_pca=model_pca, pca=pca, database=kept, descriptors=descriptors,
-            kind=kind, source=str(database.source), skipped=extraction.skipped, extras=extras,
+            kind=kind, source=str(database.source), skipped=[*database.left_out, *extraction.skipped], extras=extras,
         )
-    return BuildReport(out_dir, len(kept), descriptors.shape[1], extraction.reused, extraction.skipped)
+    return BuildReport(out_dir, len(kept), descriptors.shape[1], extraction.reused, [*database.left_out, *extraction.skipped])
 
 
 def _index_extras(database: GeoImageSet, dba: Expansion, local_features: LocalFeatureConfig | None,

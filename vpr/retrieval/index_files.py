@@ -85,7 +85,8 @@ def check_manifest(manifest: object, where: Path) -> None:
         value = manifest.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise malformed(key)
-    for key, kind in (("generation", str), ("files", dict), ("max_norm", (int, float)), ("local_features", dict), ("dba", dict)):
+    for key, kind in (("generation", str), ("files", dict), ("max_norm", (int, float)), ("local_features", dict), ("dba", dict),
+                      ("random_init", bool)):
         if manifest.get(key) is not None and not isinstance(manifest[key], kind):
             raise malformed(key)
     for name, record in (manifest.get("files") or {}).items():

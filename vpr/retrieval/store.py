@@ -224,6 +224,7 @@ def write_index(
             "zone": None if database.zone is None else list(database.zone),
             "source": source,
             "generation": generation,
+            "random_init": bool(getattr(model, "random_init", False)),
             "max_norm": max_norm,
             **(extras(tmp, generation) if extras is not None else {}),
         }

@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 
 import uvicorn
@@ -66,17 +67,22 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          log_level: str = "info") -> None:
+          log_level: str = "info", on_ready: Callable[[dict], None] | None = None) -> None:
     """Serve until interrupted. The index is loaded (and validated) and the port bound before uvicorn
-    starts; with `workers` > 1 each worker process loads its own copy."""
+    starts; with `workers` > 1 each worker process loads its own copy. `on_ready(manifest)` runs once both
+    succeeded, before the first request is taken."""
     config = replace(config, allowed_hosts=trusted_hosts(host, config.allowed_hosts))
     if workers == 1:
         app = create_app(config)
         with bind(host, port) as sock:
+            if on_ready is not None:
+                on_ready(check_index(config.index))
             uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
         return
-    check_index(config.index)  # a bad index fails here, once, rather than in every worker
+    manifest = check_index(config.index)  # a bad index fails here, once, rather than in every worker
     config.to_env()
     with bind(host, port) as sock:
+        if on_ready is not None:
+            on_ready(manifest)
         server_config = uvicorn.Config("vpr.serve.app:app_from_env", factory=True, workers=workers, log_level=log_level)
         Multiprocess(server_config, sockets=[sock]).run()

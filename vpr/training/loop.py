@@ -251,6 +251,7 @@ def train(
         else:
             seed_everything(cfg.seed)
             method.start(run, None, None, phases(progress))
+        method.model.random_init = False  # trained from here on: its checkpoints are not marked as random weights
         records: list[dict] = []
         for epoch in range(first, cfg.epochs):
             tic = time.perf_counter()
