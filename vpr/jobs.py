@@ -1,6 +1,6 @@
 """The jobs the command line runs end to end beside index, query and eval, reached through `vpr.api`: render the
 synthetic city, the demo (city -> index -> recall -> picture), CosPlace's class groups of a dataset, the speed
-benchmark, and joining AnyLoc's two files. Each returns what the command prints; none prints."""
+benchmark, joining AnyLoc's two files, and retrieval pairs and global features for the SfM tools. Each returns what the command prints; none prints."""
 
 from __future__ import annotations
 
@@ -96,3 +96,71 @@ def join_anyloc(dinov2: Path, centers: Path, out: Path, layer: int | None = None
     from vpr.models.methods.anyloc import combine
 
     return combine(dinov2, centers, out, layer, facet)
+
+
+def _names_root(root: Path | None, *image_lists: list[Path]) -> Path:
+    """The folder image names are relative to: `root`, else the deepest folder holding every image given (queries
+    and database together), so a query and a database image with the same file name keep different names."""
+    import os
+
+    from vpr.data.frames import holder
+
+    if root is not None:
+        return Path(root)
+    folders = {str(holder(Path(path).absolute())) for paths in image_lists for path in paths}
+    common = Path(os.path.commonpath(sorted(folders)))
+    return common.parent if common.is_file() else common  # one video's frames: the folder holding the video
+
+
+def pairs(queries: Path, index: Path, out: Path, *, num_matched: int = 20, fmt: str = "hloc", root: Path | None = None,
+          device: str = "cpu", min_score: float | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Retrieval pairs for the SfM tools: each query's top `num_matched` database images (`vpr query`'s search), as
+    hloc / COLMAP match lists or a kapture pairsfile at `out`, names relative to `root`."""
+    import numpy as np
+
+    from vpr import api
+    from vpr.retrieval.exports import check_pairs_path, relative_names, write_pairs
+
+    check_pairs_path(out)
+    searcher = api.Index.load(index, device=device)
+    query_paths = api.query_images([queries])
+    names_root = _names_root(root, query_paths, searcher.bundle.database.paths)
+    query_names = relative_names(query_paths, names_root)
+    db_names = relative_names(searcher.bundle.database.paths, names_root)
+    results = searcher.search(searcher.describe(query_paths, progress=progress), num_matched)
+    width = max((len(r.matches) for r in results), default=0)
+    indices, scores = np.full((len(results), width), -1, dtype=np.int64), np.zeros((len(results), width), dtype=np.float32)
+    for row, result in enumerate(results):
+        for col, match in enumerate(result.matches):
+            indices[row, col], scores[row, col] = match.id, match.similarity
+    written = write_pairs(out, query_names, db_names, indices, scores, fmt, num_matched=num_matched, min_score=min_score)
+    return {"out": str(out), "format": fmt, "queries": len(query_names), "pairs": written, "root": str(names_root),
+            "random_init": searcher.info()["random_init"]}
+
+
+def export_features(source: Path, out: Path, *, fmt: str = "hloc", index: Path | None = None, root: Path | None = None,
+                    device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> dict:
+    """Global descriptors for the SfM tools: an index's database rows (`source` an index directory), or images
+    described by `index` (`source` a folder or manifest), in the index's space, one per image name."""
+    from vpr import api
+    from vpr.errors import UsageError
+    from vpr.retrieval.exports import write_global_features, relative_names
+
+    source = Path(source)
+    if (source / "manifest.json").is_file():
+        if index is not None:
+            raise UsageError(f"{source} is an index: it exports its own database rows; drop `index`")
+        searcher = api.Index.load(source, device=device)
+        paths, descriptors = searcher.bundle.database.paths, searcher.bundle.descriptors
+        names_root = _names_root(root, paths)
+    else:
+        if index is None:
+            raise UsageError(f"{source}: images are described by an index's model; give `index`")
+        searcher = api.Index.load(index, device=device)
+        paths = api.query_images([source])
+        descriptors = searcher.describe(paths, progress=progress)
+        names_root = _names_root(root, paths)
+    names = relative_names(paths, names_root)
+    written = write_global_features(out, names, descriptors, fmt)
+    return {"out": str(written), "format": fmt, "images": len(names), "dim": int(descriptors.shape[1]),
+            "root": str(names_root), "random_init": searcher.info()["random_init"]}

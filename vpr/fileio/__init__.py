@@ -10,6 +10,8 @@
 - One writer per output at a time: an OS file lock (`flock`) on a hidden sibling `.NAME.lock`; a
   second process waits for the first.
 - New files and directories get the usual permissions of the user's umask, not mkstemp's 0600/0700.
+- A plain-text output that cannot hold a marker (an hloc or COLMAP pairs list) is tagged in its extended attribute
+  `user.vpr` with its content's hash; where the filesystem keeps no such attributes, an existing file is refused.
 """
 
 from vpr.fileio.dirs import (
@@ -17,12 +19,13 @@ from vpr.fileio.dirs import (
     remove_tree, write_marker,
 )
 from vpr.fileio.files import (
-    FULL_BYTES, DiskFull, atomic_file, check_replaceable_file, disk_full_errors, h5_file, is_vpr_png, json_safe, save_png,
-    to_json, write_json,
+    FILE_TAG, FULL_BYTES, DiskFull, atomic_file, check_replaceable_file, disk_full_errors, h5_file, is_tagged_file, is_vpr_png,
+    json_safe, keeps_tags, save_png, tag_file, to_json, write_json,
 )
 
 __all__ = [
     "DiskFull",
+    "FILE_TAG",
     "FULL_BYTES",
     "MARKER",
     "TEMP_SUFFIX",
@@ -33,13 +36,16 @@ __all__ = [
     "check_separate",
     "disk_full_errors",
     "h5_file",
+    "is_tagged_file",
     "is_vpr_png",
     "json_safe",
+    "keeps_tags",
     "make_owned_dir",
     "marker_kind",
     "output_lock",
     "remove_tree",
     "save_png",
+    "tag_file",
     "to_json",
     "write_json",
     "write_marker",

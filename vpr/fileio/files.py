@@ -4,6 +4,7 @@ the previous file left whole, HDF5 that survives a failed write, PNGs tagged as 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -237,3 +238,45 @@ def write_json(path: Path, data: object) -> None:
     """Write `data` as strict JSON to `path`, atomically (the caller has checked it may replace `path`)."""
     with atomic_file(Path(path)) as tmp:
         tmp.write_text(to_json(data))
+
+
+FILE_TAG = "user.vpr"  # the user extended attribute that records which vpr output a plain-text file is
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tag_file(path: Path, kind: str) -> bool:
+    """Record in `path`'s extended attribute `user.vpr` that vpr wrote it as `kind`, with its content's SHA-256 (a
+    file edited since is no longer vpr's); False where the filesystem or platform keeps no such attributes."""
+    try:
+        os.setxattr(path, FILE_TAG, f"{kind} sha256={_sha256(path)}".encode())
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def is_tagged_file(path: Path, kind: str) -> bool:
+    """Whether `path` carries vpr's `tag_file` attribute for `kind` and its content is still what vpr wrote."""
+    try:
+        tag = os.getxattr(path, FILE_TAG).decode()
+        return tag == f"{kind} sha256={_sha256(path)}"
+    except (OSError, AttributeError, UnicodeDecodeError):
+        return False
+
+
+def keeps_tags(path: Path) -> bool:
+    """Whether the filesystem holding the existing `path` keeps user extended attributes (so that a file without
+    vpr's tag is known not to be vpr's)."""
+    try:
+        os.getxattr(path, FILE_TAG)
+    except AttributeError:
+        return False
+    except OSError as exc:
+        return exc.errno == errno.ENODATA
+    return True
