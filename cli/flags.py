@@ -26,9 +26,15 @@ def flag_table(command: Callable) -> Flags:
     return table
 
 
+ALTERNATIVE = re.compile(r"[,;] or [^,;`]*`([a-z_][a-z0-9_]*)(?:=[^`]*)?`[^,;]*")  # ", or build with `skip_bad`"
+
+
 def as_flags(message: str, table: Flags) -> str:
     """`message` with every marked parameter the command has said as its flag (`k=0` -> -k 0, `cache=False` ->
-    --no-cache); parameters the command does not have stay as the library wrote them."""
+    --no-cache); an alternative naming a parameter that is not the command's own (", or build with `skip_bad`"
+    in `vpr query`) is left out, and the rest say another command's flag (`table`'s fallback) or stay as written."""
+    message = ALTERNATIVE.sub(lambda match: match.group(0) if dict.__contains__(table, match.group(1)) else "", message)
+
     def say(match: re.Match) -> str:
         name, value = match.group(1), match.group(2)
         if name not in table:

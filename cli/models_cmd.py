@@ -12,22 +12,34 @@ from cli.common import console, print_json
 from vpr import api
 
 
-def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], whole: tuple[str, ...] = ()) -> Table:
+    """A titled table; the `whole` columns wrap onto more lines rather than being cut (URLs, file names)."""
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold" if column in whole else "ellipsis", no_wrap=False)
     for row in rows:
         table.add_row(*row)
     return table
 
 
 def models_cmd(
+    wide: bool = typer.Option(False, "--wide", help="Every table in full: backbones, heads, checkpoint formats, and each published file with where to get it."),
     json_out: bool = typer.Option(False, "--json", help="Print everything (including each format's identifying keys) as JSON."),
 ) -> None:
-    """List the backbones, heads, published methods (file, where to get it, input size) and checkpoint formats."""
+    """List the published methods vpr loads (short); with --wide also the backbones, heads, checkpoint formats and
+    where each file comes from."""
     info = api.supported_models()
     if json_out:
         print_json(info)
+        return
+    if not wide:
+        published = [(m["method"], m["backbone"], m["descriptor_dims"], m["format"]) for m in info["methods"]]
+        console.print(_table("published models (vpr build-index DIR --checkpoint FILE)",
+                             ("method", "backbone", "descriptor size", "format"), published, whole=("method", "format")))
+        for what, flag, items in (("backbones", "--model", info["backbones"]), ("heads", "--head", info["heads"])):
+            console.print(f"{what} ({flag}): {', '.join(item['name'] for item in items)}", soft_wrap=False)
+        console.print("`vpr models --wide` shows every table with each file's name and download URL; --json all of it.",
+                      soft_wrap=False)
         return
     backbones = [
         (b["name"], f"{b['channels']['layer4']} / {b['channels']['layer3'] or '-'}", b["description"])
@@ -35,16 +47,17 @@ def models_cmd(
     ]
     heads = [(h["name"], h["descriptor_dim"], h["description"]) for h in info["heads"]]
     formats = [(f["name"], ", ".join(f["aliases"]) or "-", f["source"]) for f in info["formats"]]
-    published = [
-        (m["method"], m["backbone"], m["descriptor_dims"], m["input"], m["file"], m["url"], m["format"])
-        for m in info["methods"]
-    ]
+    published = [(m["method"], m["backbone"], m["descriptor_dims"], m["input"], m["file"], m["format"]) for m in info["methods"]]
     console.print(_table("backbones (--model)", ("name", "channels layer4 / layer3", "trunk"), backbones))
     console.print(_table("heads (--head)", ("name", "descriptor size", "computation"), heads))
     console.print(_table("checkpoint formats (--checkpoint FILE; detected from its keys, or --format NAME)",
-                         ("format", "aliases", "from"), formats))
+                         ("format", "aliases", "from"), formats, whole=("from",)))
     console.print(_table("published models (vpr build-index DIR --checkpoint FILE)",
-                         ("method", "backbone", "descriptor size", "input", "file", "where", "format"), published))
+                         ("method", "backbone", "descriptor size", "input", "file", "format"), published,
+                         whole=("method", "file", "format")))
+    console.print("where to get each file:")
+    for m in info["methods"]:  # one line each, never cut, so the URL can be copied
+        console.print(f"  {m['method']}: {m['file']}  {m['url']}", soft_wrap=True, highlight=False)
     height, width = info["published_input_size"]
     console.print(
         f"Each method's preprocessing (input size, resize rule, interpolation, {info['published_normalisation']}) "

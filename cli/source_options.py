@@ -16,6 +16,9 @@ TRACK = typer.Option(None, "--track", help="For a video: a GPS track (.gpx, or .
 VIDEO_START = typer.Option(None, "--video-start", help="For a video with a GPS track: when it started (ISO 8601, e.g. 2024-05-01T13:45:30Z), where its creation time is missing or wrong.")
 TRACK_OFFSET = typer.Option(0.0, "--track-offset", min=-1e9, max=1e9, help="For a video with a GPS track: seconds added to each frame's time before it is looked up in the track.")
 SAVE_FRAMES = typer.Option(None, "--save-frames", help="For a video: also write its frames as JPEGs into this new folder (@-named when located, so it is an image set itself).")
+BENCHMARK = typer.Option(None, "--benchmark", help="A standard benchmark read from its authors' own files under --root: pitts30k, pitts250k, tokyo247, msls-val, nordland, sped or vpr-bench (docs/benchmark-formats.md).")
+ROOT = typer.Option(None, "--root", help="With --benchmark: the folder that holds the benchmark as its authors distribute it.")
+GT_KIND = typer.Option(None, "--gt-kind", help="With --gt: the file's format, csv, gsv-cities, netvlad-mat, vpr-bench, patch-netvlad or msls (default: told from the file).")
 SKIP_UNLOCATED = typer.Option(False, "--skip-unlocated", help="In a folder of located photos (@ names or EXIF GPS): leave out the ones without a position (listed) instead of stopping at the first.")
 
 
@@ -53,3 +56,23 @@ def write_frames(images: api.GeoImageSet, out: Optional[Path], quiet: bool) -> N
     api.save_frames(images, out)
     if not quiet:
         console.print(f"{len(images)} frames written to {out}")
+
+
+def benchmark_source(name: Optional[str], root: Optional[Path], data: Optional[Path], data_name: str):
+    """The benchmark `--benchmark NAME --root DIR` names (None without one), refusing a DATA argument beside it."""
+    from vpr.errors import UsageError
+
+    if name is None:
+        if root is not None:
+            raise UsageError("--root is the folder of a --benchmark; add --benchmark NAME")
+        if data is None:
+            raise UsageError(f"missing {data_name}: give a folder, manifest or video, or --benchmark NAME --root DIR")
+        return None
+    if name not in api.BENCHMARKS:
+        raise UsageError(f"--benchmark {name}: not a benchmark vpr knows; use one of {', '.join(api.BENCHMARKS)}")
+    if data is not None:
+        raise UsageError(f"--benchmark reads its own images; drop {data} or drop --benchmark")
+    if root is None:
+        raise UsageError(f"--benchmark {name} needs --root DIR, the folder that holds it")
+    return api.load_benchmark(name, root)
+

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cli.common import DEVICE, JSON, SEED_MAX, console, device_of, phase_bar, print_json, progress_bar, warn_random_init
-from cli.retrieval_cmds import print_recall_table
+from cli.eval_cmd import print_recall_table
 from vpr import api
 
 

@@ -105,3 +105,31 @@ def test_a_file_that_is_no_image_shows_the_servers_reason(page, server, tmp_path
     error = page.locator("[data-testid=error]")
     error.wait_for(state="visible")
     assert "notes.txt: not an image file" in error.inner_text()
+
+
+def test_before_any_upload_the_page_shows_neither_results_nor_an_error(page, server):
+    url, index = server
+    page.goto(url)
+    expect(page.locator("[data-testid=info]")).to_contain_text("12 database images")
+    assert page.locator("#results").is_hidden() and page.locator("[data-testid=error]").is_hidden()
+    assert page.locator("[data-testid=query-image]").is_hidden() and page.locator("[data-testid=match]").count() == 0
+    warning = page.locator("[data-testid=warning]")
+    assert warning.is_visible() == index.info()["random_init"]
+    if index.info()["random_init"]:
+        assert "randomly initialised" in warning.inner_text()
+
+
+def test_a_bad_upload_after_a_good_one_leaves_no_old_matches(page, server, places, tmp_path):
+    url, _ = server
+    page.goto(url)
+    page.set_input_files("#file", str(load_image_set(places / "queries").paths[2]))
+    expect(page.locator("[data-testid=match]")).to_have_count(5)
+    note = tmp_path / "broken.jpg"
+    note.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    page.set_input_files("#file", str(note))
+    error = page.locator("[data-testid=error]")
+    error.wait_for(state="visible")
+    assert "broken.jpg" in error.inner_text()
+    assert page.locator("#results").is_hidden() and page.locator("[data-testid=match]").count() == 0
+    assert page.locator("[data-testid=query-name]").inner_text() == ""
+    assert page.locator("[data-testid=map-match]").count() == 0

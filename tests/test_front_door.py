@@ -161,6 +161,11 @@ def test_query_eval_serve_and_json_give_one_result_shape(places, places_index, i
     assert cli_result == api_result
     assert list(served) == list(api_result) and list(served["matches"][0]) == list(api_result["matches"][0])
     assert set(evaluated) >= set(api_result) and set(evaluated["matches"][0]) >= set(api_result["matches"][0])
+    database = places / "database"
+    assert [m["path"] for m in served["matches"]] == [Path(m["path"]).relative_to(database).as_posix()
+                                                     for m in api_result["matches"]]  # no server-side paths exposed
+    for match in served["matches"]:
+        match["path"] = str(database / match["path"])
     for other in (served, evaluated):
         assert other["query"] == api_result["query"]
         for got, want in zip(other["matches"], api_result["matches"], strict=True):

@@ -81,6 +81,10 @@ def test_query_returns_the_api_results_as_json(client, bundle, queries):
         assert got["position"]["utm_east"] == pytest.approx(want["position"]["utm_east"], abs=1e-3)
     assert list(body["results"][0]["matches"][0]) == ["rank", "id", "path", "distance", "similarity", "utm_east",
                                                       "utm_north", "lat", "lon", "heading"]
+    database = bundle.database.paths[0].parent
+    assert [m["path"] for m in body["results"][0]["matches"]] == [bundle.database.paths[m["id"]].name
+                                                                for m in body["results"][0]["matches"]]
+    assert str(database) not in response.text and str(database) not in client.get("/info").text  # no server paths
 
 
 def test_k_defaults_to_5(client, queries):

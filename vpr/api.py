@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from vpr.data.datasets import GeoImageSet
     from vpr.data.video import VideoOptions
+    from vpr.data.benchmarks import Benchmark
     from vpr.evaluation.evaluate import EvalReport
     from vpr.models.model import ModelConfig, VPRModel
     from vpr.models.pca import PCA
@@ -54,7 +55,8 @@ LAZY = {  # heavy names, imported when first asked for
     "save_positions_map": "vpr.evaluation.viz", "draw_inlier_matches": "vpr.retrieval.rerank",
     "save_descriptors": "vpr.evaluation.predictions", "save_predictions": "vpr.evaluation.predictions",
     "check_predictions_path": "vpr.evaluation.predictions", "check_descriptors_path": "vpr.evaluation.predictions",
-    "positives_within": "vpr.data.ground_truth", "exact_search": "vpr.retrieval.search", "cache_dir_for": "vpr.retrieval.build",
+    "positives_within": "vpr.data.ground_truth", "load_benchmark": "vpr.data.benchmarks", "Benchmark": "vpr.data.benchmarks",
+    "BENCHMARKS": "vpr.data.benchmarks", "GT_KINDS": "vpr.data.benchmarks", "exact_search": "vpr.retrieval.search", "cache_dir_for": "vpr.retrieval.build",
     "synth": "vpr.jobs", "demo": "vpr.jobs", "pairs": "vpr.jobs", "export_features": "vpr.jobs",
     "PAIRS_FORMATS": "vpr.retrieval.exports", "FEATURE_FORMATS": "vpr.retrieval.exports", "groups": "vpr.jobs", "bench": "vpr.jobs", "BENCH_CASES": "vpr.bench",
     "join_anyloc": "vpr.jobs", "VideoOptions": "vpr.data.video", "to_json": "vpr.fileio", "write_json": "vpr.fileio", "save_png": "vpr.fileio",
@@ -296,6 +298,12 @@ class Index:
             "vpr_version": manifest.get("vpr_version"), "random_init": manifest.get("random_init", False),
         }
 
+    def database_root(self) -> Path:
+        """The deepest folder holding every database image: what served names are relative to."""
+        from vpr.retrieval.exports import common_root
+
+        return common_root(self.bundle.database.paths)
+
     def prepare(self, image: ImageInput, name: str = "image", max_pixels: int | None = None,
                 max_input_pixels: int | None = None) -> torch.Tensor:
         """Decode and resize one image to the model's input: a 3 x H x W tensor of 0..255 values (no model
@@ -354,10 +362,11 @@ class Index:
 
     def evaluate(self, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5, 10, 20), gt: str | os.PathLike | None = None,
                  threshold: float = 25.0, options: ExtractOptions | None = None,
-                 progress: Progress | None = None, descriptors: np.ndarray | None = None) -> EvalReport:
-        """Recall@N on labelled `queries` (positives within `threshold` metres, or from a ground-truth file `gt`),
-        answered as this index answers queries, with the position estimate's error (`vpr eval`); `descriptors`
-        (from `describe`) skip describing the queries again."""
+                 progress: Progress | None = None, descriptors: np.ndarray | None = None,
+                 gt_kind: str | None = None, benchmark: Benchmark | None = None) -> EvalReport:
+        """Recall@N on labelled `queries` (positives within `threshold` metres, from a ground-truth file `gt` of
+        kind `gt_kind`, or `benchmark`'s own), answered as this index answers queries, with the position
+        estimate's error (`vpr eval`); `descriptors` (from `describe`) skip describing the queries again."""
         import math
 
         from vpr.evaluation.evaluate import evaluate
@@ -367,7 +376,7 @@ class Index:
             raise UsageError(f"`threshold={threshold}`: must be a positive number of metres, e.g. 25")
         return evaluate(self.bundle, queries, ns=ns, gt=None if gt is None else Path(gt), threshold=threshold,
                         options=options or self.extract_options, answer_options=self.options, progress=progress,
-                        model=self.describer if options is None else None,
+                        model=self.describer if options is None else None, gt_kind=gt_kind, benchmark=benchmark,
                         descriptors=None if descriptors is None else query_rows(descriptors, self.bundle.dim))
 
     def positions(self, most: int) -> dict:

@@ -11,6 +11,11 @@ import re
 PARAMETER = re.compile(r"`([a-z_][a-z0-9_]*(?:=[^`]*)?)`")  # a parameter the message names, marked for the CLI
 
 
+def plain(message: str) -> str:
+    """`message` as a Python caller reads it: the parameters it names without their marks."""
+    return PARAMETER.sub(r"\1", message)
+
+
 class VPRError(Exception):
     """Base of every error caused by user input; its message is shown without a traceback.
 
@@ -21,7 +26,7 @@ class VPRError(Exception):
     exit_code = 1
 
     def __str__(self) -> str:
-        return PARAMETER.sub(r"\1", super().__str__())
+        return plain(super().__str__())
 
 
 class UsageError(VPRError):

@@ -101,15 +101,9 @@ def join_anyloc(dinov2: Path, centers: Path, out: Path, layer: int | None = None
 def _names_root(root: Path | None, *image_lists: list[Path]) -> Path:
     """The folder image names are relative to: `root`, else the deepest folder holding every image given (queries
     and database together), so a query and a database image with the same file name keep different names."""
-    import os
+    from vpr.retrieval.exports import common_root
 
-    from vpr.data.frames import holder
-
-    if root is not None:
-        return Path(root)
-    folders = {str(holder(Path(path).absolute())) for paths in image_lists for path in paths}
-    common = Path(os.path.commonpath(sorted(folders)))
-    return common.parent if common.is_file() else common  # one video's frames: the folder holding the video
+    return Path(root) if root is not None else common_root(*image_lists)
 
 
 def pairs(queries: Path, index: Path, out: Path, *, num_matched: int = 20, fmt: str = "hloc", root: Path | None = None,

@@ -8,6 +8,8 @@ exifread (the `media` extra) where Pillow cannot parse a file's EXIF block. The 
 
 from __future__ import annotations
 
+import logging
+
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -112,6 +114,7 @@ def _exifread_tags(path: Path) -> tuple[dict, dict]:
         import exifread
     except ImportError:
         return {}, {}
+    logging.getLogger("exifread").setLevel(logging.ERROR)  # "File format not recognized" on every non-JPEG
     try:
         with open(path, "rb") as handle:
             tags = exifread.process_file(handle, details=False)

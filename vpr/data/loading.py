@@ -75,7 +75,7 @@ class ImageFiles(Dataset):
             data = read_image_bytes(path)
             return preprocess(decode_bytes(data, path), self.rule, str(path)), i, "", content_key(path, data)
         except ImageError as exc:
-            return torch.zeros(3, *(self.rule.fixed_output or (1, 1)), dtype=torch.uint8), i, str(exc), ""
+            return torch.zeros(3, *(self.rule.fixed_output or (1, 1)), dtype=torch.uint8), i, exc.args[0], ""
 
 
 def same_size_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -130,7 +130,7 @@ class JpegFiles(Dataset):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, i, "", key
             return preprocess(decode_bytes(data, path), self.rule, str(path)), False, i, "", key
         except ImageError as exc:
-            return torch.zeros(0, dtype=torch.uint8), False, i, str(exc), ""
+            return torch.zeros(0, dtype=torch.uint8), False, i, exc.args[0], ""
 
 
 def collate_lists(batch: list[tuple]) -> tuple[list[torch.Tensor], list[bool], torch.Tensor, list[str], list[str]]:
@@ -181,7 +181,7 @@ def decode_batch(
             try:
                 batch[j] = preprocess(load_rgb(paths[j]), rule, str(paths[j])).to(device)
             except ImageError as exc:
-                errors[j] = str(exc)
+                errors[j] = exc.args[0]
             continue
         groups.setdefault(tuple(image.shape[1:]), []).append((j, image))
     for size, members in groups.items():

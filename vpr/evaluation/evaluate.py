@@ -10,7 +10,8 @@ import numpy as np
 
 from vpr import distributed
 from vpr.data.datasets import GeoImageSet
-from vpr.data.ground_truth import load_ground_truth, positives_within
+from vpr.data.benchmarks import Benchmark, ground_truth_protocol, positives_onto, read_ground_truth
+from vpr.data.ground_truth import positives_within
 from vpr.errors import LabelError, UsageError
 from vpr.evaluation.localization import error_summary, localization_errors, precision_at_recall
 from vpr.evaluation.metrics import retrieval_metrics
@@ -82,7 +83,7 @@ class EvalReport:
         return {
             "index": settings.get("index"), "queries": self.num_queries, "queries_with_positives": self.num_with_positives,
             "database": settings.get("database"), "threshold_m": settings.get("threshold_m"),
-            "ground_truth": settings.get("ground_truth"), "recall": {f"R@{n}": round(v, 2) for n, v in self.recalls.items()},
+            "ground_truth": settings.get("ground_truth"), "protocol": settings.get("protocol"), "recall": {f"R@{n}": round(v, 2) for n, v in self.recalls.items()},
             "localization": self.localization, "confidence_precision": self.confidence, "answering": settings.get("answering"),
             "random_init": settings.get("random_init", False),
             "mAP": {f"mAP@{k}": round(v, 2) for k, v in self.metrics.get("mAP@k", {}).items()},
@@ -100,29 +101,36 @@ def answering_summary(options: AnswerOptions) -> dict:
     }
 
 
-def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | None, threshold: float) -> list[np.ndarray]:
-    """Positives per query: from the ground-truth file if given, else database images within `threshold` m."""
+def query_positives(bundle: IndexBundle, queries: GeoImageSet, *, gt: Path | None, threshold: float,
+                    gt_kind: str | None = None, benchmark: Benchmark | None = None) -> tuple[list[np.ndarray], dict]:
+    """Positives per query and the rule that made them: the benchmark's, the ground-truth file's (of kind
+    `gt_kind`, None: detected), else database images within `threshold` m."""
+    if benchmark is not None:
+        return positives_onto(benchmark, bundle.database), benchmark.protocol
     if gt is not None:
-        return load_ground_truth(gt, queries, bundle.database)
+        return read_ground_truth(gt, queries, bundle.database, gt_kind), ground_truth_protocol(gt, gt_kind)
     query_utm = queries.require_labels("eval")
     db_utm = bundle.database.require_labels("eval")
     q_zone, db_zone = queries.zone, bundle.database.zone
     if q_zone and db_zone and q_zone[0] != db_zone[0]:
         raise LabelError(f"{queries.source}: queries are in UTM zone {q_zone[0]}, the index in zone {db_zone[0]}")
-    return positives_within(db_utm, query_utm, threshold)
+    rule = {"positives": f"database images within {threshold:g} m (UTM) of the query", "threshold_m": threshold}
+    return positives_within(db_utm, query_utm, threshold), rule
 
 
 def evaluate(
     bundle: IndexBundle, queries: GeoImageSet, *, ns: tuple[int, ...] = (1, 5, 10, 20), gt: Path | None = None,
     threshold: float = 25.0, options: ExtractOptions, answer_options: AnswerOptions = AnswerOptions(),
     progress: Progress | None = None, model: VPRModel | Describer | None = None, descriptors: np.ndarray | None = None,
+    gt_kind: str | None = None, benchmark: Benchmark | None = None,
 ) -> EvalReport | None:
     """Recall@N of `bundle` on `queries` (answered as `answer_options` says), the localisation error
     of the position estimate, and how well its confidence separates right from wrong top-1s. `model` is
     the bundle's model, or a `Describer` of it made earlier; `descriptors` (index space), the queries'
     descriptors from an earlier run, skip the extraction. Under torchrun the queries are described by
-    every rank and evaluated on rank 0; the other ranks get None."""
-    positives = query_positives(bundle, queries, gt=gt, threshold=threshold)
+    every rank and evaluated on rank 0; the other ranks get None. `benchmark` (its queries as `queries`) or a
+    ground-truth file `gt` of kind `gt_kind` give the positives instead of `threshold`."""
+    positives, protocol = query_positives(bundle, queries, gt=gt, threshold=threshold, gt_kind=gt_kind, benchmark=benchmark)
     start = time.perf_counter()
     if descriptors is None:
         extraction = extract_sharded(model or bundle.model, queries.paths, replace(options, skip_bad=False), progress=progress)
@@ -143,8 +151,8 @@ def evaluate(
         num_with_positives=int(sum(len(p) > 0 for p in positives)), positives=positives,
         answers=answers, descriptors=descriptors, confidence=precision_at_recall(answers.estimate.confidence, correct),
         seconds=seconds, metrics=retrieval_metrics(predictions, positives, answers.estimate.confidence, ns),
-        settings={"index": str(bundle.directory), "database": len(bundle.database), "threshold_m": None if gt else threshold,
-                  "ground_truth": str(gt) if gt else None, "answering": answering_summary(answer_options),
+        settings={"index": str(bundle.directory), "database": len(bundle.database), "threshold_m": protocol.get("threshold_m"),
+                  "ground_truth": protocol.get("ground_truth"), "protocol": protocol, "answering": answering_summary(answer_options),
                   "random_init": bundle.manifest.get("random_init", False)},
     )
     if queries.utm is not None and bundle.database.utm is not None:

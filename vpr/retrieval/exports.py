@@ -37,6 +37,16 @@ PAIRS_TAG = "pairs"
 CHUNK_BYTES = 64 << 20  # descriptor rows read from the source at a time
 
 
+def common_root(*image_lists: Sequence[str | Path]) -> Path:
+    """The deepest folder holding every image given (a video's frames: the folder holding the video), so names
+    relative to it stay unique across all the lists."""
+    from vpr.data.frames import holder
+
+    folders = {str(holder(Path(os.path.abspath(path)))) for paths in image_lists for path in paths}
+    common = Path(os.path.commonpath(sorted(folders)))
+    return common.parent if common.is_file() else common
+
+
 def relative_names(paths: Sequence[str | Path], root: str | Path) -> list[str]:
     """Image names as the SfM tools expect them: each path relative to the folder `root` (a CSV manifest stands
     for the folder holding it), with `/` separators; a path outside `root` is an error."""

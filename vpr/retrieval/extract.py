@@ -31,7 +31,7 @@ from vpr.data.images import ImageItem
 from vpr.data.loading import (
     ImageFiles, JpegFiles, collate_lists, collate_sizes, decode_batch, file_content_key, same_size_groups,
 )
-from vpr.errors import ImageError, UsageError
+from vpr.errors import ImageError, UsageError, plain
 from vpr.fileio import output_lock
 from vpr.models.checkpoints import model_fingerprint
 from vpr.models.inference import amp_dtype, compiled, forward_batch, inference_model
@@ -229,7 +229,7 @@ def _extract(describer: Describer, paths: list[ImageItem], options: ExtractOptio
             for j in bad:
                 if not options.skip_bad:
                     raise ImageError(errors[j])
-                skipped.append((paths[rows[j]], errors[j]))
+                skipped.append((paths[rows[j]], plain(errors[j])))
                 ok[rows[j]] = False
             done += len(bad)
             launched = None

@@ -78,6 +78,7 @@ def create_app(config: ServeConfig, index: Index | None = None) -> FastAPI:
     batcher = Batcher(index_runner(index), max_batch=config.max_batch, window=config.batch_window_ms / 1000,
                       enabled=config.batching)
     thumbnails = Thumbnails(index, config.thumbnail_size)
+    root = index.database_root()
     decoders = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="vpr-decode")
 
     @asynccontextmanager
@@ -113,7 +114,7 @@ def create_app(config: ServeConfig, index: Index | None = None) -> FastAPI:
         limits = {key: getattr(config, key) for key in (
             "max_k", "max_images", "max_body_bytes", "max_pixels", "max_in_flight", "batching", "max_batch",
             "batch_window_ms")}
-        return {**index.info(), "limits": limits}
+        return {**index.info(), "index": Path(config.index).name, "limits": limits}
 
     @app.get("/positions", summary="Database positions (UTM) for a map, at most 20,000 evenly chosen")
     def positions() -> dict:
@@ -147,7 +148,9 @@ def create_app(config: ServeConfig, index: Index | None = None) -> FastAPI:
             tensors.append(await loop.run_in_executor(decoders, index.prepare, data, name, config.max_pixels,
                                                       config.max_input_pixels))
         results = await batcher.submit(tensors, k)
-        named = [replace(r, query=upload.filename or f"image {i}") for i, (r, upload) in enumerate(zip(results, images))]
+        named = [replace(r, query=upload.filename or f"image {i}", matches=[
+            replace(m, path=Path(os.path.relpath(m.path, root)).as_posix()) for m in r.matches])
+            for i, (r, upload) in enumerate(zip(results, images))]
         return {"results": [r.to_dict() for r in named], "k": k, "seconds": round(time.perf_counter() - start, 4)}
 
     return app

@@ -46,6 +46,10 @@ async function loadIndex() {
     const info = await (await api("/info")).json();
     const model = `${info.model.backbone} + ${info.model.head}`;
     $("info").textContent = `${info.count.toLocaleString()} database images · ${model}, ${info.dim}-d · ${info.index_kind} index · ${info.device}`;
+    $("warning").textContent = info.random_init
+      ? "This index was built with a randomly initialised model (no trained checkpoint): its matches are close to chance."
+      : "";
+    $("warning").hidden = !info.random_init;
     positions = await (await api("/positions")).json();
     drawMap(null);
     showError("");
@@ -59,10 +63,7 @@ async function query(file) {
   if (!file) return;
   current = file;
   showError("");
-  objectUrls.forEach((url) => URL.revokeObjectURL(url));
-  objectUrls = [URL.createObjectURL(file)];
-  $("query-image").src = objectUrls[0];
-  $("query-name").textContent = file.name;
+  clearResults();
   $("status").textContent = "searching…";
   const form = new FormData();
   form.append("images", file, file.name);
@@ -71,6 +72,9 @@ async function query(file) {
     const started = performance.now();
     const answer = await (await api("/query", { method: "POST", body: form })).json();
     const result = answer.results[0];
+    objectUrls = [URL.createObjectURL(file)];
+    $("query-image").src = objectUrls[0];
+    $("query-name").textContent = file.name;
     renderMatches(result);
     drawMap(result);
     $("results").hidden = false;
@@ -79,6 +83,17 @@ async function query(file) {
     $("status").textContent = "";
     showError(error.message);
   }
+}
+
+function clearResults() {  // before a new photo, and what a failed one leaves: no old matches under a new name
+  objectUrls.forEach((url) => URL.revokeObjectURL(url));
+  objectUrls = [];
+  $("results").hidden = true;
+  $("matches").replaceChildren();
+  $("query-image").removeAttribute("src");
+  $("query-name").textContent = "";
+  $("estimate").textContent = "";
+  drawMap(null);
 }
 
 function renderMatches(result) {
