@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[cpu,test,serve,local,media,interop]'
+	$(BIN)/pip install -e '.[cpu,test,serve,local,media,interop,deploy]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -32,6 +32,7 @@ def bench_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, max=MAX_WORKERS, help="DataLoader worker processes decoding JPEGs (default 2 on CPU)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=4096, help="torch and FAISS threads (default: all cores)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Add torch.compile cases: forward only and the bf16 pipeline (default: on CUDA only; on the CPU they add about a minute of compilation)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Add the backends case: all, or some of torch_fp32, torch_bf16, onnxruntime_fp32, onnxruntime_int8, openvino_fp32, openvino_bf16, openvino_int8 (comma-separated), beside a plain ONNX Runtime session. With --cases none only this case runs."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
 ) -> None:
     """Benchmark extraction (vs a plain fp32 reference loop), index building and search, side by side."""
@@ -42,7 +43,7 @@ def bench_cmd(
         model = api.ModelConfig.for_backbone(backbone or "resnet18", head=head or "cosplace",
                                              **({"input_size": parse_size(resize)} if resize else {}))
     settings = dict(
-        quick=quick, device=device_of(device), data=data, checkpoint=checkpoint, extract_images=extract_images,
+        backends=parse_backends(backend), quick=quick, device=device_of(device), data=data, checkpoint=checkpoint, extract_images=extract_images,
         batch_size=batch_size, workers=workers, threads=threads, model=model, cases=parse_cases(cases),
         index_sizes=parse_int_list(index_sizes, "--sizes") if index_sizes else None,
         jpeg_size=None if jpeg_size == "native" else parse_size(jpeg_size, "--jpeg-size"), compile=compile_model,
@@ -56,9 +57,24 @@ def bench_cmd(
     console.print(f"results written to {path} ({results['seconds']:.0f} s)")
 
 
-def parse_cases(text: str) -> tuple[str, ...]:
-    """--cases 'extraction,search' -> ('extraction', 'search'); 'all' -> every case."""
+def parse_backends(text: Optional[str]) -> tuple[str, ...]:
+    """--backend 'all' -> every variant; 'onnxruntime_fp32,torch_fp32' -> those; None -> ()."""
+    if text is None:
+        return ()
     wanted = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if wanted == ("all",):
+        return api.BENCH_BACKENDS
+    unknown = [name for name in wanted if name not in api.BENCH_BACKENDS]
+    if unknown or not wanted:
+        raise UsageError(f"--backend {text}: choose from {', '.join(api.BENCH_BACKENDS)} or all")
+    return wanted
+
+
+def parse_cases(text: str) -> tuple[str, ...]:
+    """--cases 'extraction,search' -> ('extraction', 'search'); 'all' -> every case; 'none' -> none."""
+    wanted = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if wanted == ("none",):
+        return ()
     if wanted == ("all",):
         return api.BENCH_CASES
     unknown = [case for case in wanted if case not in api.BENCH_CASES]
@@ -95,8 +111,23 @@ def print_tables(results: dict) -> None:
         print_search(results)
     if "build_index_memory" in results:
         print_memory(results["build_index_memory"])
+    if "backends" in results:
+        print_backends(results["backends"])
     console.print(f"peak RSS {results['memory']['peak_rss_mb']:,.0f} MB"
                   + (f", GPU peak {results['memory']['gpu_peak_mb']:,.0f} MB" if results["memory"]["gpu_peak_mb"] else ""))
+
+
+def print_backends(b: dict) -> None:
+    """The backends table: forward-only and JPEG-pipeline images/s, their ratio, latency and int8's cosine."""
+    rows = [["plain ONNX Runtime session fp32", b["forward_only_images_per_s"]["plain_onnxruntime_fp32"], None, None, None, None]]
+    for name, p in b["pipeline"].items():
+        rows.append([name.replace("_", " "), b["forward_only_images_per_s"][name], p["steady_images_per_s"],
+                     b["pipeline_vs_forward"][name], b["single_image_latency_ms"][name],
+                     b["agreement"].get(name, {}).get("min_cosine_to_torch_fp32")])
+    h, w = b["input_size"]
+    console.print(_table(f"backends: {b['images']} JPEGs, batch {b['batch_size']}, {h}x{w}",
+                         ["backend", "forward img/s", "pipeline img/s", "of forward", "1-image ms", "min cos"], rows,
+                         text_columns=1))
 
 
 def print_extraction(ex: dict) -> None:

@@ -143,6 +143,7 @@ GPU_DECODE_HELP = ("Decode JPEGs on the GPU (nvJPEG) and resize them there in ba
 
 DEVICE = typer.Option("auto", "--device", help=DEVICE_HELP)
 AMP = typer.Option(False, "--amp/--no-amp", help=AMP_HELP)
+BACKEND = typer.Option("torch", "--backend", help="Run the model on torch, onnxruntime or openvino (its graph exported on the fly; --amp: OpenVINO bf16), or an exported .onnx / .xml file of the same model (e.g. int8 from `vpr export-model`); CPU only. Any backend answers any index.")
 COMPILE = typer.Option(False, "--compile", help=COMPILE_HELP)
 GPU_DECODE = typer.Option(False, "--gpu-decode", help=GPU_DECODE_HELP)
 WORKERS = typer.Option(api.ExtractOptions.num_workers, "--workers", min=0, max=MAX_WORKERS,
@@ -165,10 +166,12 @@ def device_of(device: str, amp: bool = False) -> str:
 
 
 def extract_options(device: str, *, batch_size: int = 32, workers: int = 2, amp: bool = False,
-                    compile_model: bool = False, gpu_decode: bool = False, skip_bad: bool = False) -> api.ExtractOptions:
+                    compile_model: bool = False, gpu_decode: bool = False, skip_bad: bool = False,
+                    backend: str = "torch") -> api.ExtractOptions:
     """The one `ExtractOptions` of a command, from its flags (device resolved once; --gpu-decode needs CUDA)."""
-    return api.extract_options(device_of(device, amp), batch_size=batch_size, num_workers=workers, amp=amp,
-                               compile=compile_model, decode_on_device=gpu_decode, skip_bad=skip_bad)
+    return api.extract_options(device_of(device, amp) if backend == "torch" else "cpu", batch_size=batch_size,
+                               num_workers=workers, amp=amp, compile=compile_model, decode_on_device=gpu_decode,
+                               skip_bad=skip_bad, backend=backend)
 
 
 @contextmanager

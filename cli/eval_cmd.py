@@ -14,7 +14,7 @@ from cli.answer_options import (
     CAUSAL, POSITION_K, POSITION_RADIUS, QE, QE_ALPHA, RERANK, RERANK_K, SEQUENCE, SPEEDS, WINDOW, answer_options,
 )
 from cli.common import (
-    AMP, COMPILE, DEVICE, EF_SEARCH_HELP, GPU_DECODE, INT32_MAX, MAX_EF_SEARCH, NPROBE_HELP, POSITIVE, WORKERS,
+    AMP, BACKEND, COMPILE, DEVICE, EF_SEARCH_HELP, GPU_DECODE, INT32_MAX, MAX_EF_SEARCH, NPROBE_HELP, POSITIVE, WORKERS,
     check_output_file, console, distributed_run, extract_options, parse_int_list, print_json, progress_bar,
     warn_random_init,
 )
@@ -34,6 +34,7 @@ def eval_cmd(
     threshold: float = typer.Option(25.0, "--threshold", callback=POSITIVE, help="A database image within this many metres of a query is a positive."),
     gt: Optional[Path] = typer.Option(None, "--gt", help="Ground truth instead of coordinates: a CSV `query,positives` (space-separated database names or indices) or a benchmark's own file (gsv-cities .npy, NetVLAD .mat, VPR-Bench .npy, Patch-NetVLAD .npz, an MSLS folder)."),
     gt_kind: Optional[str] = GT_KIND, benchmark: Optional[str] = BENCHMARK, root: Optional[Path] = ROOT,
+    backend: str = BACKEND,
     device: str = DEVICE, workers: int = WORKERS, amp: bool = AMP, compile_model: bool = COMPILE, gpu_decode: bool = GPU_DECODE,
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, max=INT32_MAX, help=NPROBE_HELP),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, max=MAX_EF_SEARCH, help=EF_SEARCH_HELP),
@@ -74,8 +75,10 @@ def eval_cmd(
     check_output_file(pr_curve, "--pr-curve")
     if save_preds is None and (num_preds != 5 or only_wrong):
         raise UsageError("--num-preds and --only-wrong describe --save-preds; add --save-preds DIR")
-    options = extract_options(device, workers=workers, amp=amp, compile_model=compile_model, gpu_decode=gpu_decode)
-    searcher = api.Index.load(index, device=options.device, amp=amp, nprobe=nprobe, ef_search=ef_search, options=answering)
+    options = extract_options(device, workers=workers, amp=amp, compile_model=compile_model, gpu_decode=gpu_decode,
+                              backend=backend)
+    searcher = api.Index.load(index, device=options.device, amp=amp, nprobe=nprobe, ef_search=ef_search, options=answering,
+                              backend=backend)
     query_set = bench.queries if bench is not None else load_source(
         queries, video_options(fps, track, video_start, track_offset), skip_unlocated, save_frames, json_out)
     with distributed_run(options.device) as main:

@@ -14,7 +14,7 @@ from cli.answer_options import (
     CAUSAL, POSITION_K, POSITION_RADIUS, QE, QE_ALPHA, RERANK, RERANK_K, SEQUENCE, SPEEDS, WINDOW, answer_options,
 )
 from cli.common import (
-    AMP, BATCH_SIZE, COMPILE, DEVICE, EF_SEARCH_HELP, GPU_DECODE, INT32_MAX, JSON, MAX_BATCH, MAX_CLUSTERS, MAX_DIM,
+    AMP, BACKEND, BATCH_SIZE, COMPILE, DEVICE, EF_SEARCH_HELP, GPU_DECODE, INT32_MAX, JSON, MAX_BATCH, MAX_CLUSTERS, MAX_DIM,
     MAX_EF_SEARCH, NPROBE_HELP, WORKERS, check_output_file, console, device_of, distributed_run, err_console,
     extract_options, parse_resize, print_json, progress_bar, warn_random_init,
 )
@@ -55,7 +55,7 @@ def build_index_cmd(
     max_keypoints: int = typer.Option(api.LocalFeatureConfig.max_keypoints, "--max-keypoints", min=1, max=100_000, help="With --local-features: the strongest keypoints kept per image."),
     fps: float = FPS, track: Optional[Path] = TRACK, video_start: Optional[str] = VIDEO_START,
     track_offset: float = TRACK_OFFSET, save_frames: Optional[Path] = SAVE_FRAMES, skip_unlocated: bool = SKIP_UNLOCATED,
-    benchmark: Optional[str] = BENCHMARK, root: Optional[Path] = ROOT, json_out: bool = JSON,
+    benchmark: Optional[str] = BENCHMARK, root: Optional[Path] = ROOT, backend: str = BACKEND, json_out: bool = JSON,
 ) -> None:
     """Build a self-contained index (model, PCA, FAISS index, database metadata) from database images."""
     bench = benchmark_source(benchmark, root, database, "DATABASE")
@@ -73,7 +73,7 @@ def build_index_cmd(
         pca_dim=pca_dim, whiten=whiten, kind=kind, dba=api.Expansion(dba, dba_alpha), cache=cache,
         local_features=api.LocalFeatureConfig(method=local_method, max_keypoints=max_keypoints) if local_features else None,
         extract=extract_options(device, batch_size=batch_size, workers=workers, amp=amp, compile_model=compile_model,
-                                gpu_decode=gpu_decode, skip_bad=skip_bad),
+                                gpu_decode=gpu_decode, skip_bad=skip_bad, backend=backend),
     )
     images = bench.database if bench is not None else load_source(
         database, video_options(fps, track, video_start, track_offset), skip_unlocated, save_frames, json_out)
@@ -116,7 +116,7 @@ def query_cmd(
     position_k: int = POSITION_K, position_radius: float = POSITION_RADIUS,
     json_out: bool = typer.Option(False, "--json", help="Print matches as JSON."),
     viz: Optional[Path] = typer.Option(None, "--viz", help="Save a PNG of each query beside its matches (with --rerank local, also VIZ-inliers-N.png: the inlier matches of query N with its top match)."),
-    fps: float = FPS,
+    fps: float = FPS, backend: str = BACKEND,
 ) -> None:
     """Find where photos were taken: print the top-k database matches with distance and position, and the
     estimated position with its confidence."""
@@ -126,7 +126,7 @@ def query_cmd(
                                rerank=rerank, rerank_k=rerank_k, position_k=position_k, position_radius=position_radius)
     check_output_file(viz, "--viz")
     images = api.query_images(images, video=api.VideoOptions(fps=fps))
-    searcher = api.Index.load(index, device=device_of(device, amp), amp=amp, nprobe=nprobe, ef_search=ef_search,
+    searcher = api.Index.load(index, device=device_of(device, amp) if backend == "torch" else "cpu", amp=amp, backend=backend, nprobe=nprobe, ef_search=ef_search,
                               options=answering)
     results = searcher.query(images, k)
     if json_out:

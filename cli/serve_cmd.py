@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import AMP_HELP, device_of, err_console, warn_random_init
+from cli.common import AMP_HELP, BACKEND, device_of, err_console, warn_random_init
 from cli.retrieval_cmds import DEFAULT_INDEX
 
 MAX_WORKERS = 64
@@ -20,7 +20,7 @@ def serve_cmd(
     workers: int = typer.Option(1, "--workers", min=1, max=MAX_WORKERS, help="Server processes, each loading the index (memory grows with each)."),
     token: Optional[str] = typer.Option(None, "--token", envvar="VPR_TOKEN", help="Require 'Authorization: Bearer TOKEN' on the API (also from $VPR_TOKEN, which keeps it out of the process list)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help=AMP_HELP), backend: str = BACKEND,
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Run concurrent requests' images through the model together."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, max=4096, help="Most images per forward pass."),
     batch_window: float = typer.Option(5.0, "--batch-window-ms", min=0, max=1000, help="How long a request waits for others to share its forward pass."),
@@ -35,7 +35,7 @@ def serve_cmd(
     from vpr.serve import ServeConfig, is_loopback, serve  # FastAPI and uvicorn load only for this command
 
     config = ServeConfig(
-        index=index, device=device_of(device, amp), amp=amp, batching=batching, max_batch=max_batch,
+        index=index, device=device_of(device, amp) if backend == "torch" else "cpu", amp=amp, backend=backend, batching=batching, max_batch=max_batch,
         batch_window_ms=batch_window, max_in_flight=max_in_flight, max_body_bytes=int(max_upload_mb * 1024 * 1024),
         max_images=max_images, max_pixels=int(max_mpixels * 1_000_000), max_input_pixels=int(max_input_mpixels * 1_000_000),
         token=token, allowed_hosts=tuple(allowed_hosts),

@@ -14,6 +14,7 @@ import torch
 
 from cli.app import main
 from conftest import write_places
+from vpr.bench import BACKEND_VARIANTS as BENCH_BACKENDS
 from vpr.bench.config import BenchConfig, bench_config
 from vpr.bench.data import city_images, replicate
 from vpr.bench.reference import topk_agreement
@@ -101,13 +102,30 @@ def test_bench_runs_end_to_end_on_tiny_sizes(tmp_path):
 @pytest.mark.parametrize("args,message", [(["--images", "1"], "--images"), (["--sizes", "50"], "--sizes 50"),
                                           (["--device", "tpu"], "--device tpu"), (["--cases", "speed"], "--cases speed"),
                                           (["--head", "nohead"], "unknown head 'nohead'"),
-                                          (["--model", "resnet18", "--checkpoint", "x.pt"], "drop them with --checkpoint")])
+                                          (["--model", "resnet18", "--checkpoint", "x.pt"], "drop them with --checkpoint"),
+                                          (["--backend", "tflite_fp32"], "--backend tflite_fp32")])
 def test_bench_rejects_bad_settings_with_a_usage_error(monkeypatch, capsys, tmp_path, args, message):
     monkeypatch.setattr(sys, "argv", ["vpr", "bench", "--quick", "--out", str(tmp_path / "b.json"), *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow
+def test_the_backends_case_measures_every_variant_beside_a_plain_onnx_runtime_session(tmp_path):
+    write_places(tmp_path / "city" / "images" / "test", 12, seed=3)
+    config = BenchConfig(
+        data=tmp_path / "city", model=ModelConfig(descriptor_dim=32, input_size=SIZE), batch_size=4, workers=0,
+        extract_images=8, jpeg_size=(60, 80), forward_batches=1, cases=(), backends=BENCH_BACKENDS,
+    )
+    results = run_bench(config, lambda message: None)["backends"]
+    assert set(results["forward_only_images_per_s"]) == {"plain_onnxruntime_fp32", *BENCH_BACKENDS}
+    assert set(results["pipeline"]) == set(results["single_image_latency_ms"]) == set(BENCH_BACKENDS)
+    assert all(rate > 0 for rate in results["forward_only_images_per_s"].values())
+    fp32 = {name: results["agreement"][name]["min_cosine_to_torch_fp32"] for name in BENCH_BACKENDS if name.endswith("fp32") and name != "torch_fp32"}
+    assert all(cosine > 0.9999 for cosine in fp32.values()), fp32
+    assert all(results["agreement"][name]["min_cosine_to_torch_fp32"] > 0.95 for name in BENCH_BACKENDS if name != "torch_fp32")
 
 
 def test_cases_select_what_runs():

@@ -49,7 +49,7 @@ Progress = Callable[[int, int], None]
 LAZY = {  # heavy names, imported when first asked for
     "Match": "vpr.retrieval.results", "Position": "vpr.retrieval.results", "QueryResult": "vpr.retrieval.results",
     "ModelConfig": "vpr.models.model", "GeoImageSet": "vpr.data.datasets", "BuildReport": "vpr.retrieval.build",
-    "EvalReport": "vpr.evaluation.evaluate", "ImageTooLarge": "vpr.errors", "NotAnImage": "vpr.errors",
+    "EvalReport": "vpr.evaluation.evaluate", "ImageTooLarge": "vpr.errors", "VPRError": "vpr.errors", "NotAnImage": "vpr.errors",
     "decode_image": "vpr.data.images", "recall_at_n": "vpr.evaluation.recall", "supported_models": "vpr.models.catalog",
     "sequence_search": "vpr.retrieval.sequence", "save_matches_figure": "vpr.evaluation.viz",
     "save_positions_map": "vpr.evaluation.viz", "draw_inlier_matches": "vpr.retrieval.rerank",
@@ -57,8 +57,9 @@ LAZY = {  # heavy names, imported when first asked for
     "check_predictions_path": "vpr.evaluation.predictions", "check_descriptors_path": "vpr.evaluation.predictions",
     "positives_within": "vpr.data.ground_truth", "load_benchmark": "vpr.data.benchmarks", "Benchmark": "vpr.data.benchmarks",
     "BENCHMARKS": "vpr.data.benchmarks", "GT_KINDS": "vpr.data.benchmarks", "exact_search": "vpr.retrieval.search", "cache_dir_for": "vpr.retrieval.build",
-    "synth": "vpr.jobs", "demo": "vpr.jobs", "pairs": "vpr.jobs", "export_features": "vpr.jobs",
-    "PAIRS_FORMATS": "vpr.retrieval.exports", "FEATURE_FORMATS": "vpr.retrieval.exports", "groups": "vpr.jobs", "bench": "vpr.jobs", "BENCH_CASES": "vpr.bench",
+    "synth": "vpr.jobs", "demo": "vpr.jobs", "pairs": "vpr.jobs", "export_features": "vpr.jobs", "export_model": "vpr.jobs",
+    "BACKENDS": "vpr.deploy", "EXPORT_FORMATS": "vpr.deploy:FORMATS", "PRECISIONS": "vpr.deploy",
+    "PAIRS_FORMATS": "vpr.retrieval.exports", "FEATURE_FORMATS": "vpr.retrieval.exports", "groups": "vpr.jobs", "bench": "vpr.jobs", "BENCH_CASES": "vpr.bench", "BENCH_BACKENDS": "vpr.bench",
     "join_anyloc": "vpr.jobs", "VideoOptions": "vpr.data.video", "to_json": "vpr.fileio", "write_json": "vpr.fileio", "save_png": "vpr.fileio",
     "Reported": "vpr.distributed", "rss_bytes": "vpr.bench.measure", "peak_rss_bytes": "vpr.bench.measure",
     "reset_peak_rss": "vpr.bench.measure", "netvlad_start": "vpr.training.netvlad:initial_model",
@@ -74,8 +75,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "BENCH_CASES":
-        return import_module("vpr.bench").CASES
+    if name in ("BENCH_CASES", "BENCH_BACKENDS"):
+        return getattr(import_module("vpr.bench"), "CASES" if name == "BENCH_CASES" else "BACKEND_VARIANTS")
     if name in LAZY:
         module, _, attribute = LAZY[name].partition(":")
         return getattr(import_module(module), attribute or name)
@@ -247,24 +248,26 @@ class Index:
     every call. Not thread-safe: call it from one thread at a time (`vpr serve` runs it in one worker thread)."""
 
     def __init__(self, bundle, device: object = "auto", *, amp: bool = False, batch_size: int = 32,
-                 options: AnswerOptions = AnswerOptions()) -> None:
+                 options: AnswerOptions = AnswerOptions(), backend: str = "torch") -> None:
         self.bundle = bundle
         self.device = resolve_device(device)
-        self.amp = amp
+        self.amp, self.backend = amp, backend
         self.batch_size = whole_number(batch_size, "batch_size")
         self.options = options
         self._describer = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, device: object = "auto", amp: bool = False, batch_size: int = 32,
-             nprobe: int | None = None, ef_search: int | None = None, options: AnswerOptions = AnswerOptions()) -> "Index":
+             nprobe: int | None = None, ef_search: int | None = None, options: AnswerOptions = AnswerOptions(),
+             backend: str = "torch") -> "Index":
         """Load and validate an index directory (`vpr build-index`); `nprobe` / `ef_search` tune ivfpq / hnsw
-        search, `options` adds query expansion, sequence matching or re-ranking (`vpr.retrieval.answer`)."""
+        search, `options` adds query expansion, sequence matching or re-ranking (`vpr.retrieval.answer`),
+        `backend` runs the model on ONNX Runtime or OpenVINO (`vpr.deploy`; any backend answers any index)."""
         from vpr.retrieval.store import load_index
 
         bundle = load_index(Path(directory))
         bundle.set_search_params(nprobe=nprobe, ef_search=ef_search)
-        return cls(bundle, device, amp=amp, batch_size=batch_size, options=options)
+        return cls(bundle, device, amp=amp, batch_size=batch_size, options=options, backend=backend)
 
     def __len__(self) -> int:
         return len(self.bundle.database)
@@ -272,7 +275,8 @@ class Index:
     @property
     def extract_options(self) -> ExtractOptions:
         """How this index describes queries (its device, batch size and precision)."""
-        return ExtractOptions(batch_size=self.batch_size, num_workers=0, device=self.device, amp=self.amp)
+        return ExtractOptions(batch_size=self.batch_size, num_workers=0, device=self.device, amp=self.amp,
+                              backend=self.backend)
 
     @property
     def describer(self):
@@ -294,7 +298,7 @@ class Index:
         return {
             "index": str(self.bundle.directory), "model": manifest["model"], "dim": self.bundle.dim,
             "count": len(self), "index_kind": manifest["index_kind"], "zone": manifest.get("zone"),
-            "positions": self.bundle.database.utm is not None, "device": self.device, "amp": self.amp,
+            "positions": self.bundle.database.utm is not None, "device": self.device, "amp": self.amp, "backend": self.backend,
             "vpr_version": manifest.get("vpr_version"), "random_init": manifest.get("random_init", False),
         }
 

@@ -1,6 +1,6 @@
 """The jobs the command line runs end to end beside index, query and eval, reached through `vpr.api`: render the
 synthetic city, the demo (city -> index -> recall -> picture), CosPlace's class groups of a dataset, the speed
-benchmark, joining AnyLoc's two files, and retrieval pairs and global features for the SfM tools. Each returns what the command prints; none prints."""
+benchmark, joining AnyLoc's two files, retrieval pairs and global features for the SfM tools, and a model exported as one graph. Each returns what the command prints; none prints."""
 
 from __future__ import annotations
 
@@ -158,3 +158,42 @@ def export_features(source: Path, out: Path, *, fmt: str = "hloc", index: Path |
     written = write_global_features(out, names, descriptors, fmt)
     return {"out": str(written), "format": fmt, "images": len(names), "dim": int(descriptors.shape[1]),
             "root": str(names_root), "random_init": searcher.info()["random_init"]}
+
+
+def export_model(source: Path, out: Path, *, fmt: str = "onnx", precision: str = "fp32", pca: bool = False,
+                 calibration: Path | None = None, checkpoint_format: str | None = None) -> dict:
+    """`vpr export-model`: the model of an index directory or a checkpoint file `source` (and with `pca` the PCA
+    that turns its descriptors into the index's) as one ONNX / OpenVINO graph at `out`; int8 calibrates on
+    `calibration` (a folder or manifest), by default on up to 64 of the index's database images."""
+    from vpr.api import images, load_model
+    from vpr.data.images import load_rgb, preprocess
+    from vpr.deploy.export import CALIBRATION_IMAGES, check_export
+    from vpr.deploy.export import export_model as write_graph
+    from vpr.errors import UsageError
+    from vpr.retrieval.store import load_index
+
+    source = Path(source)
+    check_export(fmt, precision, Path(out))
+    if source.is_dir():
+        bundle = load_index(source)
+        model, pcas, pool = bundle.model, [p for p in (bundle.model_pca, bundle.pca) if p is not None], bundle.database.paths
+    elif source.is_file():
+        model, model_pca = load_model(source, fmt=checkpoint_format)
+        pcas, pool = [p for p in (model_pca,) if p is not None], None
+    else:
+        raise UsageError(f"`source` {source}: no such index folder or checkpoint file")
+    if calibration is not None:
+        pool = images(calibration).paths
+    if precision == "int8" and not pool:
+        raise UsageError(f"`precision` int8 calibrates on images and {source} is a checkpoint; give `calibration` DIR")
+
+    def calibration_inputs():
+        step = max(1, len(pool) // CALIBRATION_IMAGES)
+        rule = model.config.preprocess
+        return [preprocess(load_rgb(path), rule, str(path)) for path in list(pool)[::step][:CALIBRATION_IMAGES]]
+
+    start = time.perf_counter()
+    report = write_graph(model, Path(out), fmt=fmt, precision=precision, pcas=pcas if pca else (),
+                         calibration=calibration_inputs if pool else None)
+    return {**report, "source": str(source), "seconds": round(time.perf_counter() - start, 2),
+            "random_init": model.random_init}

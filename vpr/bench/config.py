@@ -41,6 +41,7 @@ class BenchConfig:
     threads: int | None = None
     checkpoint: Path | None = None  # a vpr checkpoint to measure instead of a random-init `model`
     cases: tuple[str, ...] = CASES
+    backends: tuple[str, ...] = ()  # the backends case's variants (vpr.bench.backends.VARIANTS); () skips it
     seed: int = 0
 
 

@@ -65,7 +65,7 @@ def run_bench(config: BenchConfig, stage: Stage | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="vpr-bench-") as tmp:
         workdir = Path(tmp)
         database, queries, results["data"] = city_images(config, workdir, stage)
-        if "extraction" in config.cases or "search" in config.cases:
+        if "extraction" in config.cases or "search" in config.cases or config.backends:
             stage(f"writing {config.extract_images} photo-size JPEGs")
             photos = photo_copies(database + queries, config.extract_images, config.jpeg_size, workdir / "photos")
         if "extraction" in config.cases:
@@ -80,6 +80,10 @@ def run_bench(config: BenchConfig, stage: Stage | None = None) -> dict:
             stage("single-image query latency")
             results["query_latency"] = query_latency_case(model, pca, searches, photos, config, max(config.index_sizes))
             del searches
+        if config.backends:
+            from vpr.bench.backends import backends_case
+
+            results["backends"] = backends_case(model, photos, database[:64], config, workdir, stage, config.backends)
         if "memory" in config.cases:
             results["build_index_memory"] = build_memory_case(model, database + queries, config, workdir, stage)
     results["memory"] = {"peak_rss_mb": peak_rss_mb(),

@@ -86,12 +86,20 @@ class Describer:
         self.model = model
         self.device = torch.device(options.device)
         self.batch_size, self.compile = options.batch_size, options.compile
+        self.dtype = amp_dtype(self.device) if options.amp else None
+        self.graph = None
+        if options.backend != "torch":  # the exported graph on ONNX Runtime or OpenVINO (vpr.deploy)
+            from vpr.deploy.backends import GraphRunner
+
+            self.graph = GraphRunner(model, options.backend, amp=options.amp)
+            return
         self.fast = inference_model(model, self.device)
         self.runner = compiled(self.fast, self.device) if options.compile else self.fast
-        self.dtype = amp_dtype(self.device) if options.amp else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Unit descriptors (float32, on the device) of a batch of model inputs already on the device."""
+        if self.graph is not None:
+            return self.graph(images)
         n = len(images)
         if self.compile and n < self.batch_size:  # keep the compiled shape: a short batch would compile again
             images = torch.cat([images, images.new_zeros((self.batch_size - n, *images.shape[1:]))])
@@ -108,10 +116,12 @@ class Describer:
         return out
 
 
-def _open_cache(model: VPRModel, cache: Path, amp: bool) -> DescriptorCache:
+def _open_cache(model: VPRModel, cache: Path, options: ExtractOptions) -> DescriptorCache:
     """The descriptor cache at `cache`, tied to the model: the weights are hashed here, once per call
-    and only when a cache is used (fp32 and autocast descriptors never mix)."""
-    fingerprint = model_fingerprint(model) + ("|amp" if amp else "")
+    and only when a cache is used (fp32, autocast and other backends' descriptors never mix)."""
+    fingerprint = model_fingerprint(model) + ("|amp" if options.amp else "")
+    if options.backend != "torch":
+        fingerprint += f"|{options.backend}"
     return DescriptorCache(cache, fingerprint, model.config.descriptor_dim)
 
 
@@ -136,7 +146,7 @@ def extract_descriptors(
     """
     describer = model if isinstance(model, Describer) else Describer(model, options)
     with output_lock(cache) if cache is not None else nullcontext():  # one writer per cache at a time
-        store = _open_cache(describer.model, cache, options.amp) if cache is not None else None
+        store = _open_cache(describer.model, cache, options) if cache is not None else None
         try:
             return _extract(describer, list(images), options, store, progress, spill, names)
         finally:

@@ -26,7 +26,8 @@ class ExtractOptions:
     (`vpr.models.inference.amp_dtype`); `compile`: torch.compile at one static batch shape (short batches
     padded, so it compiles once per call, tens of seconds); `decode_on_device`: JPEGs decoded on `device`
     (nvJPEG on CUDA) instead of PIL in the workers; `skip_bad`: unreadable images are recorded and left out
-    instead of raising.
+    instead of raising; `backend`: torch, onnxruntime or openvino (the model's exported graph), or an exported
+    .onnx / .xml file of the same model (e.g. int8; `vpr.deploy`).
     """
 
     batch_size: int = 32
@@ -36,9 +37,16 @@ class ExtractOptions:
     compile: bool = False
     decode_on_device: bool = False
     skip_bad: bool = False
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
+        from vpr.deploy import check_backend
+
         object.__setattr__(self, "device", str(self.device))
+        check_backend(self.backend)
+        if self.backend != "torch" and (self.device != "cpu" or self.compile or self.decode_on_device):
+            raise UsageError(f"`backend` {self.backend} runs on the CPU, without `compile` or `decode_on_device`; "
+                             "give device cpu or use backend torch")
         for name, value, low in (("batch_size", self.batch_size, 1), ("workers", self.num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UsageError(f"`{name}` {value!r}: must be a whole number of at least {low}")

@@ -44,7 +44,7 @@ def extract_sharded(
     describer = model if isinstance(model, Describer) else Describer(model, options)
     model = describer.model
     with ExitStack() as stack:
-        store = stack.enter_context(_shared_cache(model, cache, options.amp)) if cache is not None else None
+        store = stack.enter_context(_shared_cache(model, cache, options)) if cache is not None else None
         try:
             mine: Extraction | BaseException = _extract(describer, [paths[i] for i in block], options, store, progress, spill)
             mine.kept = block[mine.kept]
@@ -86,7 +86,7 @@ def _failure(outcomes: list[Extraction | BaseException]) -> VPRError | None:
 
 
 @contextmanager
-def _shared_cache(model: VPRModel, cache: Path, amp: bool) -> Iterator[DescriptorCache]:
+def _shared_cache(model: VPRModel, cache: Path, options: ExtractOptions) -> Iterator[DescriptorCache]:
     """The cache all ranks write parts into: rank 0 locks and opens it (claims it, drops an unusable one)
     before the others open it; on leaving, rank 0 (after every rank reported) merges all parts."""
     opened: list[DescriptorCache] = []
@@ -94,11 +94,11 @@ def _shared_cache(model: VPRModel, cache: Path, amp: bool) -> Iterator[Descripto
     @contextmanager
     def lock_and_open() -> Iterator[None]:
         with output_lock(cache):
-            opened.append(_open_cache(model, cache, amp))
+            opened.append(_open_cache(model, cache, options))
             yield
 
     with distributed.main_first(lock_and_open):
-        store = opened[0] if opened else _open_cache(model, cache, amp)
+        store = opened[0] if opened else _open_cache(model, cache, options)
         yield store
         if distributed.is_main():
             store.refresh()

@@ -74,7 +74,8 @@ def _error(status: int, detail: str, headers: dict | None = None) -> JSONRespons
 
 def create_app(config: ServeConfig, index: Index | None = None) -> FastAPI:
     """The app serving `index` (loaded from `config.index` when not given) under `config`'s limits."""
-    index = index or Index.load(config.index, device=config.device, amp=config.amp, batch_size=config.max_batch)
+    index = index or Index.load(config.index, device=config.device, amp=config.amp, batch_size=config.max_batch,
+                                backend=config.backend)
     batcher = Batcher(index_runner(index), max_batch=config.max_batch, window=config.batch_window_ms / 1000,
                       enabled=config.batching)
     thumbnails = Thumbnails(index, config.thumbnail_size)

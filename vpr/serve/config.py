@@ -19,6 +19,7 @@ class ServeConfig:
     index: Path
     device: str = "auto"
     amp: bool = False
+    backend: str = "torch"  # or onnxruntime, openvino, an exported graph file (vpr.deploy)
     batching: bool = True
     max_batch: int = 32  # images per forward pass
     batch_window_ms: float = 5.0  # how long the first request of a batch waits for others
