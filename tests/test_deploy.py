@@ -131,3 +131,18 @@ def _has(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_serve_answers_through_onnx_runtime_as_through_torch(places, places_index):
+    from fastapi.testclient import TestClient
+
+    from vpr.serve import ServeConfig, create_app
+
+    photo = load_image_set(places / "queries").paths[3]
+    ids = {}
+    for backend in ("torch", "onnxruntime"):
+        with TestClient(create_app(ServeConfig(index=places_index, device="cpu", backend=backend, allowed_hosts=("testserver",)))) as client:
+            assert client.get("/info").json()["backend"] == backend
+            body = client.post("/query", files=[("images", (photo.name, photo.read_bytes(), "image/jpeg"))]).json()
+            ids[backend] = [m["id"] for m in body["results"][0]["matches"]]
+    assert ids["onnxruntime"] == ids["torch"]
