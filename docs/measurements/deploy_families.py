@@ -98,7 +98,7 @@ def main() -> None:
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(row, flush=True)
-    api.write_json(args.out, {"images": [str(p) for p in photos], "families": rows})
+        api.write_json(args.out, {"images": [str(p) for p in photos], "families": rows})  # after each family
 
 
 if __name__ == "__main__":

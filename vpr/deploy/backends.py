@@ -86,7 +86,7 @@ class GraphRunner:
                                         providers=["CPUExecutionProvider"])
         import openvino as ov
 
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if self.amp else "f32", "PERFORMANCE_HINT": "THROUGHPUT"}
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if self.amp else "f32", "PERFORMANCE_HINT": "LATENCY"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
         core = ov.Core()

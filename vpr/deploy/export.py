@@ -3,6 +3,7 @@ preprocessing in the metadata; int8 is static quantisation calibrated on images 
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,10 +144,16 @@ def _ort_int8(source: Path, target: Path, samples: list[np.ndarray]) -> None:
             return None if item is None else {INPUT: item}
 
     prepared = target.with_name("prepared.onnx")
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser warns on the root logger for every LayerNorm weight it skips
+    try:
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    finally:
+        root.setLevel(level)
 
 
 def _openvino(source: Path, work: Path, precision: str, meta: dict, samples: list[np.ndarray] | None,

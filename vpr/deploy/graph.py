@@ -102,4 +102,16 @@ def onnx_bytes(model: VPRModel, pcas: Sequence[PCA] = (), size: tuple[int, int] 
     except Exception as exc:  # the exporter raises many kinds; the method is then not exportable as is
         raise UsageError(f"{model.config.head} on {model.config.backbone} does not export to ONNX: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
-    return buffer.getvalue()
+    graph = buffer.getvalue()
+    _check_dynamic_batch(graph, model)
+    return graph
+
+
+def _check_dynamic_batch(graph: bytes, model: VPRModel) -> None:
+    """Refuse a graph whose batch size the exporter fixed (a forward that reads the batch as a Python number)."""
+    import onnx
+
+    dims = onnx.load_from_string(graph).graph.input[0].type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value"):
+        raise UsageError(f"{model.config.head} on {model.config.backbone} exports only with a batch of "
+                         f"{dims[0].dim_value}: its forward reads the batch size as a number; it cannot be exported as is")

@@ -110,7 +110,7 @@ class EDTformer(nn.Module):
         patches, cls = features
         tokens = torch.cat([cls[:, None], patches.flatten(2).transpose(1, 2)], dim=1)  # [cls; patches] row-major
         memory = self.fc(tokens)
-        q = self.queries.expand(len(tokens), -1, -1)
+        q = self.queries.expand(tokens.shape[0], -1, -1)
         for layer in self.decoder.layers:
             q = layer(q, memory)
         out = self.row_proj(self.channel_proj(q).transpose(1, 2))  # B x out_channels x out_rows
