@@ -11,7 +11,7 @@ from typing import Callable
 
 import typer
 
-from cli import deploy_cmd, eval_cmd, groups_cmd, interop_cmds, retrieval_cmds, synth_cmds, train_cmds
+from cli import deploy_cmd, eval_cmd, groups_cmd, interop_cmds, places_cmd, retrieval_cmds, synth_cmds, train_cmds
 from cli.bench_cmd import bench_cmd
 from cli.common import safe_output_streams
 from cli.flags import as_flags, flag_table
@@ -85,7 +85,7 @@ for _name, _function in (
     ("eval", eval_cmd.eval_cmd), ("models", models_cmd), ("train", train_cmds.train_cmd),
     ("groups", groups_cmd.groups_cmd), ("demo", synth_cmds.demo_cmd), ("bench", bench_cmd), ("serve", serve_cmd),
     ("join-anyloc", join_anyloc_cmd), ("pairs", interop_cmds.pairs_cmd), ("export-features", interop_cmds.export_features_cmd),
-    ("export-model", deploy_cmd.export_model_cmd),
+    ("export-model", deploy_cmd.export_model_cmd), ("places", places_cmd.places_cmd),
 ):
     app.command(_name)(_command(_function))
 

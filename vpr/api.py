@@ -57,7 +57,7 @@ LAZY = {  # heavy names, imported when first asked for
     "check_predictions_path": "vpr.evaluation.predictions", "check_descriptors_path": "vpr.evaluation.predictions",
     "positives_within": "vpr.data.ground_truth", "load_benchmark": "vpr.data.benchmarks", "Benchmark": "vpr.data.benchmarks",
     "BENCHMARKS": "vpr.data.benchmarks", "GT_KINDS": "vpr.data.benchmarks", "exact_search": "vpr.retrieval.search", "cache_dir_for": "vpr.retrieval.build",
-    "synth": "vpr.jobs", "demo": "vpr.jobs", "pairs": "vpr.jobs", "export_features": "vpr.jobs", "export_model": "vpr.jobs",
+    "synth": "vpr.jobs", "demo": "vpr.jobs", "pairs": "vpr.jobs", "export_features": "vpr.jobs", "export_model": "vpr.jobs", "places": "vpr.jobs",
     "BACKENDS": "vpr.deploy", "EXPORT_FORMATS": "vpr.deploy:FORMATS", "PRECISIONS": "vpr.deploy",
     "PAIRS_FORMATS": "vpr.retrieval.exports", "FEATURE_FORMATS": "vpr.retrieval.exports", "groups": "vpr.jobs", "bench": "vpr.jobs", "BENCH_CASES": "vpr.bench", "BENCH_BACKENDS": "vpr.bench",
     "join_anyloc": "vpr.jobs", "VideoOptions": "vpr.data.video", "to_json": "vpr.fileio", "write_json": "vpr.fileio", "save_png": "vpr.fileio",

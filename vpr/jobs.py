@@ -1,6 +1,6 @@
 """The jobs the command line runs end to end beside index, query and eval, reached through `vpr.api`: render the
 synthetic city, the demo (city -> index -> recall -> picture), CosPlace's class groups of a dataset, the speed
-benchmark, joining AnyLoc's two files, retrieval pairs and global features for the SfM tools, and a model exported as one graph. Each returns what the command prints; none prints."""
+benchmark, joining AnyLoc's two files, retrieval pairs and global features for the SfM tools, a model exported as one graph, and places from GPS. Each returns what the command prints; none prints."""
 
 from __future__ import annotations
 
@@ -197,3 +197,23 @@ def export_model(source: Path, out: Path, *, fmt: str = "onnx", precision: str =
                          calibration=calibration_inputs if pool else None)
     return {**report, "source": str(source), "seconds": round(time.perf_counter() - start, 2),
             "random_init": model.random_init}
+
+
+def places(data: Path, out: Path, *, radius: float = 10.0, heading: float | None = None, min_images: int = 4,
+           spacing: float = 25.0, map_png: Path | None = None) -> dict:
+    """`vpr places`: group the located images of `data` (any layout vpr reads) into places for place-batch
+    training and write them as a GSV-Cities-style CSV `out` (and a map); says how many images were left out and why."""
+    from vpr.api import images
+    from vpr.training.places import PlaceParams, make_places, places_table, save_places_map, write_places
+
+    params = PlaceParams(radius=radius, heading=heading, min_images=min_images, spacing=spacing)
+    source = images(data)
+    found = make_places(source, params)
+    root = Path(data) if Path(data).is_dir() else Path(data).parent
+    write_places(out, places_table(source, found, root))
+    if map_png is not None:
+        save_places_map(source, found, map_png)
+    kept = int((found.place >= 0).sum())
+    return {"out": str(out), "places": found.count, "images": len(source), "kept": kept, "left_out": found.left_out,
+            "unlocated": len(source.left_out), "map": str(map_png) if map_png else None,
+            "params": {"radius_m": radius, "heading_deg": heading, "min_images": min_images, "spacing_m": spacing}}
