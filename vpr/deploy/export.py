@@ -4,6 +4,7 @@ preprocessing in the metadata; int8 is static quantisation calibrated on images 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from vpr.deploy import FORMATS, PRECISIONS
 from vpr.deploy.graph import INPUT, dynamic_size, example_size, metadata, onnx_bytes
 from vpr.errors import UsageError
-from vpr.fileio import atomic_file, check_replaceable_file, is_tagged_file, tag_file
+from vpr.fileio import check_replaceable_file, is_tagged_file, tagged_file
 from vpr.models.checkpoints import model_fingerprint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
@@ -72,9 +73,8 @@ def export_model(model: VPRModel, out: Path, *, fmt: str = "onnx", precision: st
             files = _openvino(source, work, precision, meta, samples, out)
         agreement = _agreement(source, files[out], samples) if samples is not None else None
         for target, path in files.items():
-            with atomic_file(target) as tmp:
-                Path(tmp).write_bytes(path.read_bytes())
-            tag_file(target, TAG)
+            with tagged_file(target, TAG) as tmp:
+                shutil.copyfile(path, tmp)
     return {"out": str(out), "files": [str(p) for p in files], "format": fmt, "precision": precision, "metadata": meta,
             "bytes": sum(p.stat().st_size for p in files), "int8_cosine_to_fp32": agreement}
 

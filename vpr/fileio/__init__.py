@@ -20,7 +20,7 @@ from vpr.fileio.dirs import (
 )
 from vpr.fileio.files import (
     FILE_TAG, FULL_BYTES, DiskFull, atomic_file, check_replaceable_file, disk_full_errors, h5_file, is_tagged_file, is_vpr_png,
-    json_safe, keeps_tags, save_png, tag_file, to_json, write_json,
+    file_sha256, json_safe, keeps_tags, save_png, tag_file, tagged_file, to_json, write_json,
 )
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "check_replaceable_file",
     "check_separate",
     "disk_full_errors",
+    "file_sha256",
     "h5_file",
     "is_tagged_file",
     "is_vpr_png",
@@ -46,6 +47,7 @@ __all__ = [
     "remove_tree",
     "save_png",
     "tag_file",
+    "tagged_file",
     "to_json",
     "write_json",
     "write_marker",

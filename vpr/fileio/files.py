@@ -243,7 +243,8 @@ def write_json(path: Path, data: object) -> None:
 FILE_TAG = "user.vpr"  # the user extended attribute that records which vpr output a plain-text file is
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's content, read in 1 MiB blocks (manifests, ownership tags)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -255,17 +256,25 @@ def tag_file(path: Path, kind: str) -> bool:
     """Record in `path`'s extended attribute `user.vpr` that vpr wrote it as `kind`, with its content's SHA-256 (a
     file edited since is no longer vpr's); False where the filesystem or platform keeps no such attributes."""
     try:
-        os.setxattr(path, FILE_TAG, f"{kind} sha256={_sha256(path)}".encode())
+        os.setxattr(path, FILE_TAG, f"{kind} sha256={file_sha256(path)}".encode())
     except (OSError, AttributeError):
         return False
     return True
+
+
+@contextmanager
+def tagged_file(path: Path, kind: str) -> Iterator[Path]:
+    """`atomic_file` whose result carries `tag_file`'s attribute for `kind`, set before it is renamed into place."""
+    with atomic_file(path) as tmp:
+        yield tmp
+        tag_file(tmp, kind)
 
 
 def is_tagged_file(path: Path, kind: str) -> bool:
     """Whether `path` carries vpr's `tag_file` attribute for `kind` and its content is still what vpr wrote."""
     try:
         tag = os.getxattr(path, FILE_TAG).decode()
-        return tag == f"{kind} sha256={_sha256(path)}"
+        return tag == f"{kind} sha256={file_sha256(path)}"
     except (OSError, AttributeError, UnicodeDecodeError):
         return False
 

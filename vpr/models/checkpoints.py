@@ -43,15 +43,6 @@ def _numpy_globals() -> list:
     return allowed
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, recorded in manifests to tie an index to its weights."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(model: VPRModel, path: Path, *, pca: PCA | None = None, extra: dict | None = None) -> Path:
     """Write `model` (and the PCA that goes with it) atomically to `path`."""
     payload = {

@@ -25,7 +25,7 @@ import numpy as np
 from vpr.errors import DependencyError, OutputError, UsageError
 from vpr.fileio import (
     MARKER, atomic_dir, atomic_file, check_replaceable_file, h5_file, is_tagged_file, keeps_tags, marker_kind, output_lock,
-    tag_file,
+    tagged_file,
 )
 
 PAIRS_FORMATS = ("hloc", "colmap", "kapture")
@@ -82,7 +82,7 @@ def write_pairs(out: str | Path, query_names: Sequence[str], db_names: Sequence[
         _check_pair_name(name, fmt, out)
     check_pairs_path(out)
     count = 0
-    with atomic_file(out) as tmp:
+    with tagged_file(out, PAIRS_TAG) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             if fmt == "kapture":
                 f.write("\n".join(KAPTURE_HEADER) + "\n")
@@ -96,7 +96,6 @@ def write_pairs(out: str | Path, query_names: Sequence[str], db_names: Sequence[
                     f.write(f"{query}, {db_names[row]}, {float(score)!r}\n" if fmt == "kapture" else f"{query} {db_names[row]}\n")
                     kept += 1
                 count += kept
-        tag_file(tmp, PAIRS_TAG)
     return count
 
 

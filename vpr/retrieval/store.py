@@ -25,8 +25,8 @@ import torch
 from vpr import __version__
 from vpr.data.datasets import GeoImageSet
 from vpr.errors import DependencyError, IndexFormatError, UsageError
-from vpr.fileio import MARKER, atomic_dir, h5_file, marker_kind
-from vpr.models.checkpoints import file_sha256, save_checkpoint
+from vpr.fileio import MARKER, atomic_dir, file_sha256, h5_file, marker_kind
+from vpr.models.checkpoints import save_checkpoint
 from vpr.models.model import VPRModel
 from vpr.models.pca import PCA
 from vpr.retrieval.search import (

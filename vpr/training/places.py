@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from vpr.data.datasets import GeoImageSet
 from vpr.data.geo import utm_to_latlon
 from vpr.errors import UsageError
-from vpr.fileio import atomic_file, check_replaceable_file, check_separate, is_tagged_file, save_png, tag_file
+from vpr.fileio import check_replaceable_file, check_separate, is_tagged_file, save_png, tagged_file
 from vpr.training.cosplace_groups import group_colour
 
 COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid", "image")
@@ -153,9 +153,8 @@ def write_places(out: Path, text: str) -> None:
     if out.suffix.lower() != ".csv":
         raise UsageError(f"`out` {out}: a places file ends in .csv; name it e.g. places.csv")
     check_replaceable_file(out, lambda p: is_tagged_file(p, TAG), "places file", "`out`")
-    with atomic_file(out) as tmp:
+    with tagged_file(out, TAG) as tmp:
         Path(tmp).write_text(text)
-    tag_file(out, TAG)
 
 
 def save_places_map(images: GeoImageSet, places: Places, out_png: Path, size: int = 1024) -> Path:
