@@ -57,30 +57,30 @@ def bench_cmd(
     console.print(f"results written to {path} ({results['seconds']:.0f} s)")
 
 
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+
+
+def parse_choices(text: str, flag: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated selection of `choices` ('all': every one), or a `UsageError` naming `flag`."""
+    wanted = _words(text)
+    if wanted == ("all",):
+        return choices
+    if not wanted or any(name not in choices for name in wanted):
+        raise UsageError(f"{flag} {text}: choose from {', '.join(choices)} or all")
+    return wanted
+
+
 def parse_backends(text: Optional[str]) -> tuple[str, ...]:
     """--backend 'all' -> every variant; 'onnxruntime_fp32,torch_fp32' -> those; None -> ()."""
-    if text is None:
-        return ()
-    wanted = tuple(part.strip().lower() for part in text.split(",") if part.strip())
-    if wanted == ("all",):
-        return api.BENCH_BACKENDS
-    unknown = [name for name in wanted if name not in api.BENCH_BACKENDS]
-    if unknown or not wanted:
-        raise UsageError(f"--backend {text}: choose from {', '.join(api.BENCH_BACKENDS)} or all")
-    return wanted
+    return () if text is None else parse_choices(text, "--backend", api.BENCH_BACKENDS)
 
 
 def parse_cases(text: str) -> tuple[str, ...]:
     """--cases 'extraction,search' -> ('extraction', 'search'); 'all' -> every case; 'none' -> none."""
-    wanted = tuple(part.strip().lower() for part in text.split(",") if part.strip())
-    if wanted == ("none",):
+    if _words(text) == ("none",):
         return ()
-    if wanted == ("all",):
-        return api.BENCH_CASES
-    unknown = [case for case in wanted if case not in api.BENCH_CASES]
-    if unknown or not wanted:
-        raise UsageError(f"--cases {text}: choose from {', '.join(api.BENCH_CASES)} or all")
-    return wanted
+    return parse_choices(text, "--cases", api.BENCH_CASES)
 
 
 def _cell(value) -> str:

@@ -24,7 +24,7 @@ VARIANTS = BACKEND_VARIANTS
 LATENCY_RUNS = 20
 
 
-def _options(name: str, files: dict[str, Path], config: BenchConfig) -> dict:
+def _options(name: str, files: dict[str, Path]) -> dict:
     """The extraction flags of a variant: its backend (an int8 file for the int8 ones) and amp for bf16."""
     engine, precision = name.rsplit("_", 1)
     backend = str(files[name]) if precision == "int8" else engine
@@ -38,20 +38,21 @@ def backends_case(model: VPRModel, photos: list[Path], calibration: list[Path], 
     height, width = example_size(model) if model.config.resize != "fixed" else model.config.input_size
     batch = torch.randint(0, 256, (config.batch_size, 3, height, width), dtype=torch.uint8)
     files: dict[str, Path] = {}
+    inputs = [preprocess(load_rgb(p), rule, str(p)) for p in calibration] if any(
+        name.endswith("int8") for name in variants) else []
     for name in variants:
         if name.endswith("int8"):
             engine = name.split("_")[0]
             stage(f"exporting and calibrating {name}")
             out = workdir / f"{name}.{'onnx' if engine == 'onnxruntime' else 'xml'}"
-            inputs = [preprocess(load_rgb(p), rule, str(p)) for p in calibration]
             export_model(model, out, fmt="onnx" if engine == "onnxruntime" else "openvino", precision="int8",
-                         calibration=lambda inputs=inputs: inputs)
+                         calibration=lambda: inputs)
             files[name] = out
     forward, pipeline, latency, descriptors = {}, {}, {}, {}
     stage("forward only: plain ONNX Runtime session (anchor)")
     forward["plain_onnxruntime_fp32"] = round(_anchor_rate(model, batch, config), 2)
     for name in variants:
-        options = _options(name, files, config)
+        options = _options(name, files)
         describer = Describer(model, ExtractOptions(batch_size=config.batch_size, device="cpu", **options))
         stage(f"forward only: {name}")
         forward[name] = round(_time_forward(lambda: describer.forward(batch), config.forward_batches, config.batch_size,
