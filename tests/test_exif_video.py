@@ -2,6 +2,7 @@
 when asked: the same image sets, indexes and answers as `@`-named files give."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,28 @@ def test_a_video_is_its_frames_at_the_rate_asked_in_order(drive):
         decoded = np.asarray(load_rgb(path), dtype=np.float32)
         errors = [np.abs(decoded - other).mean() for other in np.asarray(frames[::5], dtype=np.float32)]
         assert int(np.argmin(errors)) == i // 5 and min(errors) < 4.0
+
+
+def test_a_forked_worker_reads_frames_while_its_parent_holds_videos_open(drive, tmp_path):
+    """DataLoader workers are forked from a process that may hold decoders open: a worker opening more videos
+    than it keeps must not close the parent's (their threads stayed behind; closing one waited forever)."""
+    import multiprocessing
+    import shutil
+
+    from vpr.data.video import OPEN_VIDEOS, read_frame
+
+    root, _ = drive
+    videos = [shutil.copyfile(root / "run.mp4", tmp_path / f"v{i}.mp4") for i in range(OPEN_VIDEOS + 1)]
+    threads = len(os.listdir("/proc/self/task"))
+    for video in videos[:OPEN_VIDEOS]:
+        read_frame(video, 0.5)
+    assert len(os.listdir("/proc/self/task")) == threads  # decoding starts no FFmpeg threads to leave behind
+    worker = multiprocessing.get_context("fork").Process(target=read_frame, args=(videos[-1], 0.5))
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():
+        worker.kill()
+    assert worker.exitcode == 0
 
 
 def test_a_gps_track_locates_frames_by_the_videos_clock(drive):

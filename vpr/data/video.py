@@ -90,6 +90,7 @@ class _Reader:
 
     def __init__(self, video: Path) -> None:
         self.container, self.stream = _open(video)
+        self.stream.thread_count = 1  # no FFmpeg threads here or in `to_image` (see `read`)
         self.video = video
         self.first = None
         self.frames = None
@@ -110,7 +111,9 @@ class _Reader:
                 at = float(frame.pts * base) - self.first if frame.pts is not None else self.last
                 if at + 1e-3 >= seconds:
                     self.last = at
-                    image = frame.to_image()
+                    # one thread: DataLoader workers decode in parallel, FFmpeg's slice threads gain nothing on
+                    # one-slice frames, and a forked worker must not inherit a parent's idle FFmpeg threads
+                    image = frame.to_image(threads=1)
                     turn = getattr(frame, "rotation", 0) or 0  # a phone's portrait video is stored turned
                     return image.rotate(turn, expand=True) if turn % 360 else image
         except av.error.FFmpegError as exc:
@@ -118,16 +121,27 @@ class _Reader:
         raise ImageError(f"{self.video}: no frame at {seconds:.3f} s (the video is shorter); rebuild from the video")
 
 
-_READERS: OrderedDict[tuple[int, Path], _Reader] = OrderedDict()
+_READERS: OrderedDict[Path, _Reader] = OrderedDict()  # this process's open videos, least recently read first
+_INHERITED: list[_Reader] = []  # a forked parent's readers: never read, closed or freed here
+
+
+def _forget_parent_readers() -> None:
+    """In a forked child (a DataLoader worker), set the parent's readers aside for good: they share the parent's
+    file offsets, and closing a decoder whose threads stayed in the parent would wait for them forever."""
+    _INHERITED.extend(_READERS.values())
+    _READERS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent_readers)
 
 
 def read_frame(video: Path, seconds: float) -> Image.Image:
     """The RGB frame of `video` at `seconds`, decoded by this process's reader of it."""
-    key = (os.getpid(), Path(video))  # a forked worker opens its own: decoders are not shared across processes
-    if not Path(video).is_file():
+    video = Path(video)
+    if not video.is_file():
         raise ImageError(f"{video}: video not found; it was moved or deleted after the index was built")
-    reader = _READERS.pop(key, None) or _Reader(Path(video))
-    _READERS[key] = reader
+    reader = _READERS.pop(video, None) or _Reader(video)
+    _READERS[video] = reader
     while len(_READERS) > OPEN_VIDEOS:
         _, old = _READERS.popitem(last=False)
         old.container.close()
