@@ -21,11 +21,13 @@ from cli.common import (
 )
 from cli.group_options import ALPHA, CELL_M, CELL_N, MIN_IMAGES, SECTOR_L
 from vpr import api
-from vpr.api import AugmentParams, CosPlaceConfig, GroupParams, NetVLADConfig, TrainConfig
+from vpr.api import RECIPES, AugmentParams, CosPlaceConfig, GroupParams, NetVLADConfig, PlaceBatchConfig, TrainConfig
 from vpr.errors import UsageError
 
-CONFIGS = {"cosplace": CosPlaceConfig, "netvlad": NetVLADConfig}
-# option (the command's parameter) -> (its method, the config field it sets: "groups.M" is a GroupParams field)
+CONFIGS = {"cosplace": CosPlaceConfig, "netvlad": NetVLADConfig, **{name: PlaceBatchConfig for name in RECIPES}}
+PLACE_BATCH = tuple(RECIPES)
+# option (the command's parameter) -> (its method or methods, the config field it sets: "groups.M" is a GroupParams
+# field); a None value leaves the config's default
 METHOD_OPTIONS = {
     "dim": ("cosplace", "dim"), "classifier_lr": ("cosplace", "classifier_lr"), "groups_num": ("cosplace", "groups_num"),
     "cell_m": ("cosplace", "groups.M"), "alpha": ("cosplace", "groups.alpha"), "cell_n": ("cosplace", "groups.N"),
@@ -37,11 +39,15 @@ METHOD_OPTIONS = {
     "negatives": ("netvlad", "num_negatives"), "neg_samples": ("netvlad", "neg_samples"),
     "cache_refresh": ("netvlad", "cache_refresh"), "mining_subset": ("netvlad", "mining_subset"),
     "pos_radius": ("netvlad", "pos_radius"), "neg_radius": ("netvlad", "neg_radius"),
-    "optimizer": ("netvlad", "optimizer"), "weight_decay": ("netvlad", "weight_decay"), "lr_step": ("netvlad", "lr_step"),
+    "optimizer": (("netvlad", *PLACE_BATCH), "optimizer"), "weight_decay": (("netvlad", *PLACE_BATCH), "weight_decay"),
+    "lr_step": ("netvlad", "lr_step"),
     "lr_gamma": ("netvlad", "lr_gamma"), "init_images": ("netvlad", "init_images"),
     "init_per_image": ("netvlad", "init_per_image"), "clusters_cache": ("netvlad", "clusters_cache"),
     "pca_dim": ("netvlad", "pca_dim"),
+    **{name: (PLACE_BATCH, name) for name in ("places_per_batch", "images_per_place", "train_blocks", "train_size", "warmup",
+                                             "milestones", "gamma", "momentum", "augment", "init", "val", "reference")},
 }
+PLACE_BATCH_COMMON = ("backbone", "layer", "input_size", "epochs", "iterations_per_epoch")  # the recipe's unless given
 RECORD_CORE = ("epoch", "loss", "R@1", "R@5", "best", "seconds", "images", "images_per_second", "train_seconds")
 SIZE = f"{TrainConfig.input_size[0]}x{TrainConfig.input_size[1]}"
 
@@ -69,25 +75,42 @@ def summary_line(result) -> str:
 def method_config(ctx: typer.Context, method: str, common: dict, values: dict) -> TrainConfig:
     """The method's config from the common settings and the options `METHOD_OPTIONS` gives it; an option of
     another method given on the command line is a usage error naming it."""
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    def flag(name: str) -> str:
+        return next(p.opts[0] for p in ctx.command.params if p.name == name)
+
     own: dict = {}
-    for name, (owner, target) in METHOD_OPTIONS.items():
-        given = ctx.get_parameter_source(name)
-        if owner != method:
-            if given is not None and given.name not in ("DEFAULT", "DEFAULT_MAP"):
-                flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
-                raise UsageError(f"{flag} is a {owner} option; --method {method} does not use it (drop it)")
+    for name, (owners, target) in METHOD_OPTIONS.items():
+        owners = (owners,) if isinstance(owners, str) else owners
+        if method not in owners:
+            if given(name):
+                kinds = " / ".join(sorted({"place-batch" if o in PLACE_BATCH else o for o in owners}))
+                raise UsageError(f"{flag(name)} is a {kinds} option; --method {method} does not use it (drop it)")
+            continue
+        if values[name] is None:
             continue
         part, _, field = target.rpartition(".")
         (own.setdefault(part, {}) if part else own)[field] = values[name]
     if method == "cosplace":
         own["groups"], own["augment"] = GroupParams(**own.pop("groups")), AugmentParams(**own.pop("augment"))
+    if method in PLACE_BATCH:
+        if given("batch_size"):
+            raise UsageError(f"--batch-size: --method {method} takes --places-per-batch x --images-per-place instead")
+        common = {k: v for k, v in common.items() if k not in (*PLACE_BATCH_COMMON, "batch_size")
+                  or given("resize" if k == "input_size" else k)}
+        own["recipe"] = method
+        own["train_size"] = parse_size(own["train_size"], "--train-size") if "train_size" in own else None
+        own["milestones"] = tuple(int(m) for m in own["milestones"].split(",") if m.strip()) if "milestones" in own else None
     return CONFIGS[method](**common, **own)
 
 
 def train_cmd(
     ctx: typer.Context,
-    method: str = typer.Option(..., "--method", help=f"Training method: {', '.join(CONFIGS)} (cosplace: classification over class groups; netvlad: triplets)."),
-    dataset: Path = typer.Option(..., "--dataset", help="Dataset root: ROOT/images/SPLIT/{database,queries} (or ROOT/SPLIT/...) with `@utm_east@utm_north@...` names; cosplace reads every image under the train split."),
+    method: str = typer.Option(..., "--method", help=f"Training method: {', '.join(CONFIGS)} (cosplace: classification over class groups; netvlad: triplets; the others: place batches with multi-similarity loss, each with its reference recipe)."),
+    dataset: Path = typer.Option(..., "--dataset", help="Dataset root: ROOT/images/SPLIT/{database,queries} (or ROOT/SPLIT/...) with `@utm_east@utm_north@...` names; cosplace reads every image under the train split; place-batch methods also take a GSV-Cities root or a places CSV (vpr places)."),
     out: Path = typer.Option(..., "--out", help="Run directory (runs/NAME): config.json, last.pt, best.pt, log.jsonl, caches."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt (same options; --epochs may grow)."),
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs", min=1, max=100_000, help="Number of epochs (CosPlace's paper: 50; pytorch-NetVlad: 30)."),
@@ -125,13 +148,25 @@ def train_cmd(
     mining_subset: Optional[int] = typer.Option(NetVLADConfig.mining_subset, "--mining-subset", min=1, max=INT32_MAX, help="[netvlad] Partial mining for large databases: cache this many random database images per refresh (default: all)."),
     pos_radius: float = typer.Option(NetVLADConfig.pos_radius, "--pos-radius", callback=POSITIVE, help="[netvlad] Potential positives: database images within this many metres of the query."),
     neg_radius: float = typer.Option(NetVLADConfig.neg_radius, "--neg-radius", callback=POSITIVE, help="[netvlad] Negatives: database images farther than this many metres."),
-    optimizer: str = typer.Option(NetVLADConfig.optimizer, "--optimizer", help="[netvlad] adam or sgd (momentum 0.9, as in the paper)."),
-    weight_decay: Optional[float] = typer.Option(NetVLADConfig.weight_decay, "--weight-decay", callback=NON_NEGATIVE, help="[netvlad] Weight decay. Default: 0.001 with sgd, none with adam (as pytorch-NetVlad)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="[netvlad] adam (default) or sgd (momentum 0.9, as in the paper); [place-batch] sgd or adamw (default: the recipe's)."),
+    weight_decay: Optional[float] = typer.Option(NetVLADConfig.weight_decay, "--weight-decay", callback=NON_NEGATIVE, help="[netvlad] Weight decay. Default: 0.001 with sgd, none with adam (as pytorch-NetVlad); [place-batch] default: the recipe's."),
     lr_step: int = typer.Option(NetVLADConfig.lr_step, "--lr-step", min=1, max=INT32_MAX, help="[netvlad] Multiply the learning rate by --lr-gamma every this many epochs."),
     lr_gamma: float = typer.Option(NetVLADConfig.lr_gamma, "--lr-gamma", callback=POSITIVE, help="[netvlad] Learning-rate decay factor."),
     init_images: int = typer.Option(NetVLADConfig.init_images, "--init-images", min=1, max=INT32_MAX, help="[netvlad] Random database images whose local features are clustered to initialise NetVLAD."),
     init_per_image: int = typer.Option(NetVLADConfig.init_per_image, "--init-per-image", min=1, max=INT32_MAX, help="[netvlad] Local features sampled per image for the clustering; at most the feature map's positions (80 for ResNet18 at 240x320), with a warning."),
     clusters_cache: Optional[Path] = typer.Option(NetVLADConfig.clusters_cache, "--clusters-cache", help="[netvlad] HDF5 file of the k-means clusters, reused when it matches (default: OUT/clusters.h5)."),
+    places_per_batch: Optional[int] = typer.Option(None, "--places-per-batch", min=2, max=MAX_BATCH, help="[place-batch] Places P per batch (default: the recipe's: convap 100, mixvpr 120, salad 60, boq 160)."),
+    images_per_place: Optional[int] = typer.Option(None, "--images-per-place", min=2, max=MAX_BATCH, help="[place-batch] Images K of each place per batch; places with fewer are left out (default 4)."),
+    train_blocks: Optional[int] = typer.Option(None, "--train-blocks", min=0, max=1000, help="[place-batch] Trailing ResNet stages / ViT blocks trained, the rest frozen (default: the recipe's with --pretrained or --init, all from random init)."),
+    train_size: Optional[str] = typer.Option(None, "--train-size", help="[place-batch] Training size HEIGHTxWIDTH (default: the recipe's; salad 224x224 and boq 280x280 train smaller than they evaluate)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, max=INT32_MAX, help="[place-batch] Linear warm-up steps (default: the recipe's, at most a tenth of the run's steps)."),
+    milestones: Optional[str] = typer.Option(None, "--milestones", help="[place-batch] Steps at which the lr is multiplied by --gamma, e.g. 300,600 (default: none; --reference-schedule: the recipe's epochs)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", callback=NON_NEGATIVE, help="[place-batch] Learning-rate factor at each milestone (default: the recipe's)."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", callback=NON_NEGATIVE, help="[place-batch] SGD momentum (default 0.9)."),
+    augment: str = typer.Option(PlaceBatchConfig.augment, "--augment", help="[place-batch] randaugment (the references' RandAugment, 3 ops) or none."),
+    init: Optional[Path] = typer.Option(None, "--init", help="[place-batch] Fine-tune this file: a published model vpr loads or a vpr checkpoint (its preprocessing kept)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="[place-batch] Validation folder with database/ and queries/ (default: the dataset's --val-split)."),
+    reference: bool = typer.Option(False, "--reference-schedule", help="[place-batch] The recipe's published schedule (warm-up and epoch milestones sized for GSV-Cities) instead of one sized to this run."),
     pca_dim: int = typer.Option(NetVLADConfig.pca_dim, "--pca-dim", min=0, max=MAX_DIM, help="[netvlad] PCA-whitening dims stored in best.pt after training (0: none; capped below the number of training database images)."),
 ) -> None:
     """Train a place-recognition model; checkpoints work with `vpr build-index --checkpoint`."""

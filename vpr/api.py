@@ -63,6 +63,7 @@ LAZY = {  # heavy names, imported when first asked for
     "join_anyloc": "vpr.jobs", "VideoOptions": "vpr.data.video", "to_json": "vpr.fileio", "write_json": "vpr.fileio", "save_png": "vpr.fileio",
     "Reported": "vpr.distributed", "rss_bytes": "vpr.bench.measure", "peak_rss_bytes": "vpr.bench.measure",
     "reset_peak_rss": "vpr.bench.measure", "netvlad_start": "vpr.training.netvlad:initial_model",
+    "PlaceBatchConfig": "vpr.training.recipes", "RECIPES": "vpr.training.recipes",
 }
 __all__ = [
     "AnswerOptions", "AugmentParams", "BuildOptions", "CosPlaceConfig", "DEFAULT_RADIUS", "DEFAULT_TOP_K", "Expansion",
@@ -192,8 +193,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[str,
         from vpr.training.cosplace import train_cosplace as trainer
     elif isinstance(config, NetVLADConfig):
         from vpr.training.netvlad import train_netvlad as trainer
+    elif isinstance(config, import_module("vpr.training.recipes").PlaceBatchConfig):
+        from vpr.training.place_batch import train_place_batch as trainer
     else:
-        raise UsageError(f"config: a {type(config).__name__}, not a method's TrainConfig (CosPlaceConfig, NetVLADConfig)")
+        raise UsageError(f"config: a {type(config).__name__}, not a method's TrainConfig (CosPlace, NetVLAD, PlaceBatch)")
     return trainer(config, resume=resume, progress=progress, on_epoch=on_epoch)
 
 

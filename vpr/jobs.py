@@ -209,8 +209,7 @@ def places(data: Path, out: Path, *, radius: float = 10.0, heading: float | None
     params = PlaceParams(radius=radius, heading=heading, min_images=min_images, spacing=spacing)
     source = images(data)
     found = make_places(source, params)
-    root = Path(data) if Path(data).is_dir() else Path(data).parent
-    write_places(out, places_table(source, found, root))
+    write_places(out, places_table(source, found, Path(out).resolve().parent))  # image paths relative to the CSV
     if map_png is not None:
         save_places_map(source, found, map_png)
     kept = int((found.place >= 0).sum())

@@ -2,6 +2,7 @@
 
 - GeM (Radenovic et al. 2018) and L2 normalisation live in `vpr.models.layers`, shared with the
   published methods' modules.
+- GeM alone (gsv-cities' `GeMPool` aggregator): g_c = (mean_hw max(x_c,hw, eps)^p)^(1/p), then L2; D = C.
 - CosPlace (Berton et al. 2022): L2 -> GeM -> Linear -> L2.
 - NetVLAD (Arandjelovic et al. 2016): V(k) = sum_i a_k(x_i) (x_i - c_k), with the soft-assignment
   a_k(x_i) = softmax_k(w_k . x_i + b_k), intra-normalised per cluster, flattened, L2-normalised.
@@ -102,7 +103,21 @@ def _patchnorm_config(config) -> dict:
     return {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
 
+class GeMHead(nn.Module):
+    """GeM pooling then L2: the C-dimensional descriptor of gsv-cities' GeM baseline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gem = GeM()
+        self.norm = L2Norm(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.gem(x))
+
+
 HEADS = (
+    Head("gem", "GeM -> L2", "C (the backbone's channels)", lambda config: GeMHead(),
+         descriptor_dim=lambda config: config.channels, cnn_only=True),
     Head("cosplace", "L2 -> GeM -> Linear -> L2", "any D (Linear C -> D)",
          lambda config: CosPlaceHead(config.channels, config.descriptor_dim), cnn_only=True),
     Head("netvlad", "soft-assignment to K centroids, residual sums, intra-norm, L2", "K x C (64 x 512 = 32768 for VGG16)",

@@ -27,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from vpr import distributed
-from vpr.data.datasets import GeoImageSet, load_split
+from vpr.data.datasets import GeoImageSet, load_folder, load_split
 from vpr.data.ground_truth import positives_within
 from vpr.errors import ImageError, UsageError
 from vpr.evaluation.recall import recall_at_n
@@ -69,6 +69,19 @@ def validate(
         _, predictions = torch_search(db, q, max(ns), device=str(options.device))
         found = recall_at_n(predictions, positives, ns)
     return distributed.broadcast_object(found)
+
+
+def validation_sets(cfg: TrainConfig) -> tuple[GeoImageSet, GeoImageSet]:
+    """The labelled (database, queries) validated on: the config's `val` folder (database/ and queries/, or a
+    dataset root's `val_split`) when it has one, else the dataset's `val_split`."""
+    val = getattr(cfg, "val", None)
+    root = Path(val or cfg.dataset)
+    if (root / "database").is_dir() and (root / "queries").is_dir():
+        return load_folder(root / "database"), load_folder(root / "queries")
+    if val is None and (root.is_file() or (root / "Dataframes").is_dir()):
+        raise UsageError(f"`dataset` {root}: has no {cfg.val_split} split to validate on; give `val` (a folder of "
+                         "database/ and queries/ with positions)")
+    return load_split(root, cfg.val_split)
 
 
 def is_better(recalls: dict[str, float], best: dict | None) -> bool:
@@ -231,7 +244,7 @@ def train(
     main = distributed.is_main()
     with distributed.main_first(run.locked):  # one job per run folder; under torchrun rank 0 holds the lock
         rank0_first(lambda: run.check(cfg.to_dict(), resume, inputs), others=False)  # rank 0 holds the lock file
-        val_db, val_q = load_split(Path(cfg.dataset), cfg.val_split)
+        val_db, val_q = validation_sets(cfg)
         for images in (val_db, val_q):
             images.require_labels("validation")
         method = method_type(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -114,7 +115,8 @@ def make_places(images: GeoImageSet, params: PlaceParams = PlaceParams()) -> Pla
 
 
 def places_table(images: GeoImageSet, places: Places, root: Path) -> str:
-    """The GSV-Cities-style CSV of the kept images, ordered by place."""
+    """The GSV-Cities-style CSV of the kept images, ordered by place; each image's path relative to `root` (the
+    CSV's folder) when it lies under it, else absolute."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
@@ -130,6 +132,7 @@ def places_table(images: GeoImageSet, places: Places, root: Path) -> str:
         named = path.name.startswith("@") and len(fields) > 14  # the `@` format: pano id 7, timestamp YYYYMM 13
         if named and year == "" and len(fields[13]) >= 6 and fields[13][:6].isdigit():
             year, month = int(fields[13][:4]), int(fields[13][4:6])
+        path = Path(os.path.abspath(path))
         image = path.relative_to(root).as_posix() if root in path.parents else str(path)
         writer.writerow([p, year, month, "" if heading == "" else f"{heading:g}", path.parent.name,
                          lat if lat == "" else f"{lat:.7f}", lon if lon == "" else f"{lon:.7f}",
