@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import test_cosplace
 import test_netvlad_training
+import test_place_batch
 from test_cosplace import tiny_config as cosplace_config
 from test_cosplace import weights as cosplace_weights
 from test_netvlad_training import tiny_config as netvlad_config
@@ -36,6 +37,7 @@ from vpr import distributed
 from vpr.models.checkpoints import load_payload
 from vpr.training.cosplace import train_cosplace
 from vpr.training.netvlad import train_netvlad
+from vpr.training.place_batch import train_place_batch
 
 TOLERANCE = 1e-5
 COSPLACE_TOLERANCE = 2.5e-3
@@ -135,6 +137,22 @@ def test_netvlad_two_ranks_equal_one_process(netvlad_city, tmp_path, monkeypatch
     assert log["loss"] == pytest.approx(single.records[0]["loss"], abs=1e-5)
     recalls = {key: value for key, value in single.records[0].items() if key.startswith("R@")}
     assert recalls and {key: log[key] for key in recalls} == recalls  # validation shared by the ranks
+
+
+@pytest.mark.slow
+def test_place_batch_two_ranks_mine_the_global_batch_as_one_process(tmp_path, monkeypatch):
+    """Conv-AP place batches (4 places x 2 images, RandAugment on, SGD): each rank describes half of every batch, the
+    descriptors are gathered before the miner, so 2 ranks train what 1 process trains, step for step."""
+    photos = test_place_batch.write_photos(tmp_path / "photos")
+    config = lambda out: test_place_batch.tiny(photos, tmp_path / out, optimizer="sgd", lr=1e-2, epochs=1)  # noqa: E731
+    monkeypatch.setattr(_BatchNorm, "train", lambda self, mode=True: nn.Module.train(self, False))
+    single = train_place_batch(config("single"))
+    run_ranks([(train_place_batch, config("ddp"), False)])
+    assert max_difference(load_payload(tmp_path / "ddp" / "last.pt")["state_dict"],
+                          load_payload(single.last)["state_dict"]) <= TOLERANCE
+    log = json.loads((tmp_path / "ddp" / "log.jsonl").read_text())
+    assert log["loss"] == pytest.approx(single.records[0]["loss"], abs=1e-5)
+    assert log["mined_share"] == single.records[0]["mined_share"] and log["steps"] == 3
 
 
 @pytest.mark.slow

@@ -135,8 +135,11 @@ def test_schedules_follow_the_references_and_size_themselves_to_small_runs():
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
+    return write_photos(tmp_path_factory.mktemp("photos"))
+
+
+def write_photos(root: Path) -> Path:
     """A photo folder: 10 places 100 m apart, 4 images each (within 3 m), and a val split with one query per place."""
-    root = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(0)
     for i in range(10):
         image = place_image(rng, SIZE)

@@ -141,7 +141,7 @@ def test_init_per_image_beyond_the_feature_map_warns(tmp_path, caplog):
 
 @pytest.mark.parametrize(("method", "option", "owner"), [
     ("netvlad", ["--crop-scale", "0.5"], "cosplace"), ("netvlad", ["--dim", "64"], "cosplace"),
-    ("cosplace", ["--clusters", "8"], "netvlad"), ("cosplace", ["--weight-decay", "0"], "netvlad"),
+    ("cosplace", ["--clusters", "8"], "netvlad"), ("cosplace", ["--weight-decay", "0"], "netvlad / place-batch"),
 ])
 def test_cli_refuses_an_option_of_the_other_method(monkeypatch, capsys, tmp_path, method, option, owner):
     out = tmp_path / "run"

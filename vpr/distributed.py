@@ -146,23 +146,32 @@ def _wire() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def all_gather_rows(rows: np.ndarray) -> np.ndarray:
-    """Every rank's `rows` (n_r x d float32; n_r may differ, even be 0) stacked in rank order, on every rank:
-    one padded tensor all-gather, so nothing is pickled (`rows` itself outside torchrun)."""
+def all_gather_blocks(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor` (n_r x ...; n_r may differ, even be 0) in rank order, on every rank and on its device:
+    one padded all-gather, so nothing is pickled (`[tensor]` outside torchrun). No gradient flows through it."""
     if not dist.is_initialized():
-        return rows
+        return [tensor]
     wire = _wire()
     try:
         counts = [torch.zeros(1, dtype=torch.int64, device=wire) for _ in range(world_size())]
-        dist.all_gather(counts, torch.tensor([len(rows)], dtype=torch.int64, device=wire))
+        dist.all_gather(counts, torch.tensor([len(tensor)], dtype=torch.int64, device=wire))
         sizes = [int(c.item()) for c in counts]
-        padded = torch.zeros((max(sizes), rows.shape[1]), dtype=torch.float32, device=wire)
-        padded[:len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=wire)
+        padded[:len(tensor)] = tensor.detach().to(wire)
         blocks = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(blocks, padded)
     except RuntimeError as exc:
         raise _lost_rank(exc) from exc
-    return torch.cat([block[:n] for block, n in zip(blocks, sizes)]).cpu().numpy()
+    return [block[:n].to(tensor.device) for block, n in zip(blocks, sizes)]
+
+
+def all_gather_rows(rows: np.ndarray) -> np.ndarray:
+    """Every rank's `rows` (n_r x d float32; n_r may differ, even be 0) stacked in rank order, on every rank
+    (`rows` itself outside torchrun)."""
+    if not dist.is_initialized():
+        return rows
+    blocks = all_gather_blocks(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
+    return torch.cat(blocks).cpu().numpy()
 
 
 def gather_rows(rows, counts: list[int] | None, out) -> None:

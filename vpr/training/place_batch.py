@@ -29,7 +29,7 @@ from vpr.data.images import normalize_batch
 from vpr.data.loading import ImageFiles
 from vpr.errors import UsageError
 from vpr.models.model import VPRModel, build_model
-from vpr.training.loop import Method, Phase, TrainProgress, TrainResult, first_error, train
+from vpr.training.loop import Method, Phase, TrainProgress, TrainResult, first_error, global_share, parallel, train
 from vpr.training.place_data import epoch_batches, load_places
 from vpr.training.recipes import PlaceBatchConfig, Schedule
 from vpr.training.run import RunDir
@@ -109,8 +109,6 @@ class PlaceBatchMethod(Method):
     cfg: PlaceBatchConfig
 
     def load(self) -> None:
-        if distributed.world_size() > 1:
-            raise UsageError("place-batch training runs in one process; start it without torchrun")
         self.places = load_places(self.cfg.dataset, self.cfg.images_per_place)
         count = len(self.places.places)
         if count < 2:
@@ -126,6 +124,7 @@ class PlaceBatchMethod(Method):
         self.frozen = freeze_blocks(self.model, cfg.train_blocks)
         self.model.to(torch.device(cfg.device)).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.net = parallel(self.model, cfg)
         self.optimizer = optimiser(self.params, cfg)
         self.loss_fn, self.miner = multi_similarity()
         self.augment = augmenter(cfg.augment)
@@ -139,37 +138,56 @@ class PlaceBatchMethod(Method):
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.get_state(), "step": self.step}
 
+    def augmented(self, images: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """RandAugment of each image, drawn from (seed, step, row in the step's batch): the same on any number of
+        ranks and after a resume."""
+        if self.augment is None:
+            return images
+        out = []
+        for image, row in zip(images, rows.tolist()):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.cfg.seed * 1_000_003 + self.step) * 65_537 + row)
+                out.append(self.augment(image))
+        return torch.stack(out)
+
     def batch_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The multi-similarity loss of one batch, and the share of its pairs the miner kept."""
-        if self.augment is not None:
-            images = torch.stack([self.augment(image) for image in images])
+        """The multi-similarity loss of the step's whole batch (every rank's descriptors gathered before the
+        miner, this rank's keeping their gradient), and the share of its pairs the miner kept."""
         batch = normalize_batch(images, self.model.config.mean, self.model.config.std)
         with self.precision.autocast():
-            descriptors = self.model(batch).float()
+            local = self.net(batch).float()
+        blocks = distributed.all_gather_blocks(local)
+        blocks[distributed.rank()] = local
+        descriptors = torch.cat(blocks)
         pairs = self.miner(descriptors, labels)
         loss = self.loss_fn(descriptors, labels, pairs)
         n = len(labels)
         return loss, (len(pairs[0]) + len(pairs[2])) / max(n * (n - 1), 1)
 
     def train_epoch(self, epoch: int, phase: Phase) -> dict:
+        """One pass over the places (at most `iterations_per_epoch` batches); each rank describes its share of
+        every batch."""
         cfg, device = self.cfg, torch.device(self.cfg.device)
         batches = epoch_batches(self.places, cfg.places_per_batch, cfg.images_per_place, self.sampler)
         batches = batches[:self.steps_per_epoch]
         order = np.concatenate(batches)
         bounds = np.cumsum([0] + [len(b) for b in batches])
-        dataset = ImageFiles([self.places.paths[i] for i in order], tuple(cfg.train_size))
-        steps = [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        loader = DataLoader(dataset, batch_sampler=steps, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        shares = [global_share(len(b)) for b in batches]
+        steps = [list(range(lo + share.start, lo + share.stop)) for lo, share in zip(bounds[:-1], shares)]
+        loader = DataLoader(ImageFiles([self.places.paths[i] for i in order], tuple(cfg.train_size)),
+                            batch_sampler=steps, num_workers=cfg.workers, pin_memory=device.type == "cuda")
         progress = phase("places")
         losses, mined, start = [], [], time.perf_counter()
         self.model.train()
         for step, (images, positions, errors, _) in enumerate(loader):
             first_error(list(errors))
-            labels = torch.from_numpy(self.places.labels[order[positions.numpy()]])
+            lo, hi = bounds[step], bounds[step + 1]
+            labels = torch.from_numpy(self.places.labels[order[lo:hi]]).to(device)
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.lr * self.schedule.factor(self.step)
-            loss, share = self.batch_loss(images.to(device), labels.to(device))
-            self.precision.step(loss, [self.optimizer])
+            images = self.augmented(images, positions.numpy() - lo)
+            loss, share = self.batch_loss(images.to(device), labels)
+            self.precision.step(loss * distributed.world_size(), [self.optimizer])  # DDP averages: the full gradient
             self.step += 1
             losses.append(float(loss.detach()))
             mined.append(share)
