@@ -205,3 +205,33 @@ def test_bad_training_data_are_one_line_errors(photos, tmp_path, monkeypatch, ca
     code, _, err = run_cli(monkeypatch, capsys, "train", "--method", "cosplace", "--dataset", photos, "--out", tmp_path / "r",
                            "--places-per-batch", 8)
     assert code == 2 and "--places-per-batch is a place-batch option" in err
+
+
+def test_init_from_a_published_salad_file_validates_first_as_its_own_index(photos, tmp_path, monkeypatch, capsys):
+    """A SALAD-layout file (ViT-S/14, random weights that make every layer matter) fine-tuned with a vanishing lr:
+    the run's first validation is exactly the recall of the file's own index on the same split."""
+    from test_published_salad import dinov2_state, salad_state
+
+    gen = torch.Generator().manual_seed(0)
+    state = {f"backbone.model.{k}": v for k, v in dinov2_state(gen).items()} | salad_state(gen, 384, 4, 8, 5, 16)
+    published = tmp_path / "dino_salad.ckpt"
+    torch.save(state, published)
+    val, rng = tmp_path / "val", np.random.default_rng(3)
+    for i in range(30):  # 30 places, each query a heavily noised view of its place
+        image = place_image(rng, (42, 56))
+        for kind, picture in (("database", image), ("queries", perturb(image, rng, noise=110.0))):
+            (val / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture).save(val / kind / format_at_name(550000.0 + 100.0 * i, 4180000.0, 10, "S"))
+    config = tiny(photos, tmp_path / "run", recipe="salad", init=str(published), train_blocks=1, train_size=(56, 56),
+                  input_size=None, head_options=None, lr=1e-30, epochs=1, warmup=0, val=str(val))
+    result = train_place_batch(config)
+    assert result.extras["frozen_blocks"] == 12  # the patch embedding and 11 of 12 blocks
+    code, _, err = run_cli(monkeypatch, capsys, "build-index", val / "database", "--checkpoint", published,
+                           "--out", tmp_path / "index")
+    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "eval", val / "queries", "--index", tmp_path / "index", "--json")
+    assert code == 0, err
+    recall = json.loads(out)["recall"]
+    first = result.records[0]
+    assert (first["R@1"], first["R@5"]) == pytest.approx((recall["R@1"], recall["R@5"]), abs=0.005)  # eval prints 2 decimals
+    assert 0 < recall["R@1"] < 100  # a split that tells models apart

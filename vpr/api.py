@@ -63,7 +63,7 @@ LAZY = {  # heavy names, imported when first asked for
     "join_anyloc": "vpr.jobs", "VideoOptions": "vpr.data.video", "to_json": "vpr.fileio", "write_json": "vpr.fileio", "save_png": "vpr.fileio",
     "Reported": "vpr.distributed", "rss_bytes": "vpr.bench.measure", "peak_rss_bytes": "vpr.bench.measure",
     "reset_peak_rss": "vpr.bench.measure", "netvlad_start": "vpr.training.netvlad:initial_model",
-    "PlaceBatchConfig": "vpr.training.recipes", "RECIPES": "vpr.training.recipes",
+    "PlaceBatchConfig": "vpr.training.recipes", "RECIPES": "vpr.training.recipes", "train": "vpr.jobs",
 }
 __all__ = [
     "AnswerOptions", "AugmentParams", "BuildOptions", "CosPlaceConfig", "DEFAULT_RADIUS", "DEFAULT_TOP_K", "Expansion",
@@ -71,7 +71,7 @@ __all__ = [
     "SequenceOptions", "TrainConfig", "VIDEO_EXTENSIONS", "build_index", "check_index", "describe", "images", "index_descriptors", "load_model",
     "new_model", "query_images", "recall", "save_frames", "save_model",
     "bf16_is_slow", "distributed_run", "extract_options", "resolve_device",
-    "speed_range", "split", "train", *LAZY,
+    "speed_range", "split", *LAZY,
 ]
 
 
@@ -184,20 +184,6 @@ def describe(model: VPRModel, images_: Sequence[ImageInput], options: ExtractOpt
     from vpr.retrieval.extract import extract_descriptors
 
     return extract_descriptors(model, list(images_), options, progress=progress).descriptors
-
-
-def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[str, int, int], None] | None = None,
-          on_epoch: Callable[[dict], None] | None = None):
-    """Train (or `resume`) the method `config` describes, in `config.out`; returns the run's `TrainResult`."""
-    if isinstance(config, CosPlaceConfig):
-        from vpr.training.cosplace import train_cosplace as trainer
-    elif isinstance(config, NetVLADConfig):
-        from vpr.training.netvlad import train_netvlad as trainer
-    elif isinstance(config, import_module("vpr.training.recipes").PlaceBatchConfig):
-        from vpr.training.place_batch import train_place_batch as trainer
-    else:
-        raise UsageError(f"config: a {type(config).__name__}, not a method's TrainConfig (CosPlace, NetVLAD, PlaceBatch)")
-    return trainer(config, resume=resume, progress=progress, on_epoch=on_epoch)
 
 
 def save_model(model: VPRModel, path: str | os.PathLike, *, pca: PCA | None = None) -> Path:

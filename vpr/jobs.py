@@ -1,6 +1,7 @@
 """The jobs the command line runs end to end beside index, query and eval, reached through `vpr.api`: render the
 synthetic city, the demo (city -> index -> recall -> picture), CosPlace's class groups of a dataset, the speed
-benchmark, joining AnyLoc's two files, retrieval pairs and global features for the SfM tools, a model exported as one graph, and places from GPS. Each returns what the command prints; none prints."""
+benchmark, joining AnyLoc's two files, retrieval pairs and global features for the SfM tools, a model exported as one graph, places from GPS, and
+training (each method's trainer). Each returns what the command prints; none prints."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vpr.training.config import GroupParams
+from vpr.training.config import GroupParams, TrainConfig
 
 PhaseProgress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -216,3 +217,21 @@ def places(data: Path, out: Path, *, radius: float = 10.0, heading: float | None
     return {"out": str(out), "places": found.count, "images": len(source), "kept": kept, "left_out": found.left_out,
             "unlocated": len(source.left_out), "map": str(map_png) if map_png else None,
             "params": {"radius_m": radius, "heading_deg": heading, "min_images": min_images, "spacing_m": spacing}}
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: Callable[[str, int, int], None] | None = None,
+          on_epoch: Callable[[dict], None] | None = None):
+    """Train (or `resume`) the method `config` describes, in `config.out`; returns the run's `TrainResult`."""
+    from vpr.errors import UsageError
+    from vpr.training.config import CosPlaceConfig, NetVLADConfig
+    from vpr.training.recipes import PlaceBatchConfig
+
+    if isinstance(config, CosPlaceConfig):
+        from vpr.training.cosplace import train_cosplace as trainer
+    elif isinstance(config, NetVLADConfig):
+        from vpr.training.netvlad import train_netvlad as trainer
+    elif isinstance(config, PlaceBatchConfig):
+        from vpr.training.place_batch import train_place_batch as trainer
+    else:
+        raise UsageError(f"config: a {type(config).__name__}, not a method's TrainConfig (CosPlace, NetVLAD, PlaceBatch)")
+    return trainer(config, resume=resume, progress=progress, on_epoch=on_epoch)

@@ -58,8 +58,8 @@ RECIPES = {
                   milestones=(5, 10, 15, 25), gamma=0.3),
     "salad": Recipe("salad", "dinov2_vitb14", 4, (224, 224), (322, 322), 60, 4, 4, "adamw", 6e-5, 9.5e-9, 0, 4,
                     decay_steps=4000, end_factor=0.2),
-    "boq": Recipe("boq", "dinov2_vitb14", 4, (280, 280), (322, 322), 160, 4, 2, "adamw", 2e-4, 0.0, 0, 40,
-                  milestones=(10, 20, 30), gamma=0.1, warmup_epochs=10),
+    "boq": Recipe("boq", "dinov2_vitb14", 4, (224, 224), (322, 322), 128, 4, 2, "adamw", 1e-4, 1e-4, 0, 40,
+                  milestones=(10, 20), gamma=0.1, warmup_epochs=10, head_options={"proj_channels": 512, "row_dim": 16}),
 }
 
 
