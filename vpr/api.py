@@ -64,6 +64,7 @@ LAZY = {  # heavy names, imported when first asked for
     "Reported": "vpr.distributed", "rss_bytes": "vpr.bench.measure", "peak_rss_bytes": "vpr.bench.measure",
     "reset_peak_rss": "vpr.bench.measure", "netvlad_start": "vpr.training.netvlad:initial_model",
     "PlaceBatchConfig": "vpr.training.recipes", "RECIPES": "vpr.training.recipes", "train": "vpr.jobs",
+    "freeze_blocks": "vpr.training.place_batch", "multi_similarity": "vpr.training.place_batch",
 }
 __all__ = [
     "AnswerOptions", "AugmentParams", "BuildOptions", "CosPlaceConfig", "DEFAULT_RADIUS", "DEFAULT_TOP_K", "Expansion",

@@ -26,16 +26,14 @@ def one_step(recipe: str, backbone: str, size: int, places: int, per_place: int,
     import torch
 
     from vpr import api
-    from vpr.models.model import build_model
-    from vpr.training.place_batch import freeze_blocks, multi_similarity, optimiser
 
     config = api.PlaceBatchConfig(dataset=".", out="o", recipe=recipe, backbone=backbone, train_blocks=train_blocks,
                                   input_size=(size, size)).resolved()
-    model = build_model(config.model_config(), seed=0)
-    frozen = freeze_blocks(model, train_blocks)
+    model, _ = api.new_model(config.model_config())
+    frozen = api.freeze_blocks(model, train_blocks)
     model.train()
-    opt = optimiser([p for p in model.parameters() if p.requires_grad], config)
-    loss_fn, miner = multi_similarity()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn, miner = api.multi_similarity()
     images = torch.randn(places * per_place, 3, size, size)
     labels = torch.arange(places).repeat_interleave(per_place)
     base = api.rss_bytes()
