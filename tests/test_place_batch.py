@@ -202,6 +202,13 @@ def test_bad_training_data_are_one_line_errors(photos, tmp_path, monkeypatch, ca
     code, _, err = run_cli(monkeypatch, capsys, "train", "--method", "convap", "--dataset", photos, "--out", tmp_path / "r",
                            "--images-per-place", 5, "--val", photos / "images/val")
     assert code != 0 and "no place has 5 images" in err and len(err.strip().splitlines()) == 1
+    unlocated = tmp_path / "plain/images/train/database"
+    unlocated.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(place_image(np.random.default_rng(i), SIZE)).save(unlocated / f"IMG_{i}.jpg")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--method", "gem", "--dataset", tmp_path / "plain", "--out",
+                           tmp_path / "r", "--val", photos / "images/val")
+    assert code != 0 and "making places" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
     code, _, err = run_cli(monkeypatch, capsys, "train", "--method", "cosplace", "--dataset", photos, "--out", tmp_path / "r",
                            "--places-per-batch", 8)
     assert code == 2 and "--places-per-batch is a place-batch option" in err
@@ -235,3 +242,10 @@ def test_init_from_a_published_salad_file_validates_first_as_its_own_index(photo
     first = result.records[0]
     assert (first["R@1"], first["R@5"]) == pytest.approx((recall["R@1"], recall["R@5"]), abs=0.005)  # eval prints 2 decimals
     assert 0 < recall["R@1"] < 100  # a split that tells models apart
+
+
+def test_a_budget_of_steps_ends_in_the_middle_of_an_epoch(photos, tmp_path):
+    result = train_place_batch(tiny(photos, tmp_path / "run", epochs=None, steps=4))  # 3 batches per epoch
+    assert [r["steps"] for r in result.records] == [3, 1] and load_payload(result.last)["extra"]["training"]["step"] == 4
+    with pytest.raises(UsageError, match="give one budget, not both"):
+        tiny(photos, tmp_path / "other", epochs=2, steps=4).resolved()

@@ -191,6 +191,7 @@ class Method:
         self.cfg = cfg
         self.precision = Precision(cfg)
         self.model: VPRModel
+        self.epochs = cfg.epochs  # how many the run trains; `load` may decide it from the data (a budget of steps)
 
     def load(self) -> None:
         """Read and check the training data; runs before the run folder is written, so errors leave nothing."""
@@ -266,9 +267,9 @@ def train(
             method.start(run, None, None, phases(progress))
         method.model.random_init = False  # trained from here on: its checkpoints are not marked as random weights
         records: list[dict] = []
-        for epoch in range(first, cfg.epochs):
+        for epoch in range(first, method.epochs):
             tic = time.perf_counter()
-            phase = phases(progress, f"epoch {epoch + 1}/{cfg.epochs} ")
+            phase = phases(progress, f"epoch {epoch + 1}/{method.epochs} ")
             record = {"epoch": epoch + 1, **method.train_epoch(epoch, phase)}
             refuse_divergence(method.model, record, epoch + 1, run, epoch)
             found = validate(method.model, val_db, val_q, cfg.extract_options(), progress=phase("validating"))
@@ -289,7 +290,7 @@ def train(
             records.append(record)
             if on_epoch:
                 on_epoch(record)
-        extras = method.finish(run, max(first, cfg.epochs), phases(progress))
+        extras = method.finish(run, max(first, method.epochs), phases(progress))
         distributed.barrier()
         best = best or {"epoch": 0, "recalls": {}}
         return TrainResult(run.root, run.last, run.best, best["epoch"], best["recalls"], records,

@@ -116,6 +116,8 @@ class PlaceBatchMethod(Method):
         self.steps_per_epoch = -(-count // self.cfg.places_per_batch)
         if self.cfg.iterations_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, self.cfg.iterations_per_epoch)
+        if self.cfg.steps is not None:
+            self.epochs = -(-self.cfg.steps // self.steps_per_epoch)
         self.schedule: Schedule = self.cfg.schedule(self.steps_per_epoch)
 
     def start(self, run: RunDir, model: VPRModel | None, state: dict | None, phase: Phase) -> None:
@@ -170,6 +172,8 @@ class PlaceBatchMethod(Method):
         cfg, device = self.cfg, torch.device(self.cfg.device)
         batches = epoch_batches(self.places, cfg.places_per_batch, cfg.images_per_place, self.sampler)
         batches = batches[:self.steps_per_epoch]
+        if self.cfg.steps is not None:  # the budget's last epoch stops part-way
+            batches = batches[:max(self.cfg.steps - epoch * self.steps_per_epoch, 0)]
         order = np.concatenate(batches)
         bounds = np.cumsum([0] + [len(b) for b in batches])
         shares = [global_share(len(b)) for b in batches]

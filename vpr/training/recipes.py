@@ -113,6 +113,7 @@ class PlaceBatchConfig(TrainConfig):
     gamma: float | None = None
     augment: str = "randaugment"
     epochs: int | None = None
+    steps: int | None = None  # a budget of optimiser steps instead of `epochs` (the last epoch stops part-way)
     iterations_per_epoch: int | None = None
     init: str | None = None
     val: str | None = None
@@ -134,6 +135,8 @@ class PlaceBatchConfig(TrainConfig):
 
     def resolved(self) -> "PlaceBatchConfig":
         plan = self.plan
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError(f"`steps` {self.steps} and `epochs` {self.epochs}: give one budget, not both")
         own = {name: getattr(plan, name) if getattr(self, name) is None else getattr(self, name)
                for name in ("backbone", "layer", "places_per_batch", "images_per_place", "optimizer",
                             "weight_decay", "momentum", "gamma", "epochs", "head_options")}
@@ -158,6 +161,8 @@ class PlaceBatchConfig(TrainConfig):
         if done.images_per_place < 2 or done.places_per_batch < 2:
             raise UsageError(f"`places_per_batch` {done.places_per_batch} x `images_per_place` {done.images_per_place}: "
                              "a batch needs at least 2 places of at least 2 images (positives and negatives)")
+        if done.steps is not None and done.steps < 1:
+            raise UsageError(f"`steps` {done.steps}: must be at least 1")
         if done.train_blocks is not None and done.train_blocks < 0:
             raise UsageError(f"`train_blocks` {done.train_blocks}: must be 0 (the aggregator alone) or more")
         if min(done.weight_decay, done.momentum, done.gamma) < 0 or (done.warmup is not None and done.warmup < 0):
@@ -168,7 +173,7 @@ class PlaceBatchConfig(TrainConfig):
     def schedule(self, steps_per_epoch: int) -> Schedule:
         """The run's schedule: the reference's (`reference`), else warm-up sized to the run's steps and no epoch
         milestones; explicit `warmup` and `milestones` always win."""
-        plan, total = self.plan, self.epochs * steps_per_epoch
+        plan, total = self.plan, self.steps or self.epochs * steps_per_epoch
         reference_warmup = plan.warmup or plan.warmup_epochs * steps_per_epoch
         if self.reference:
             warmup = reference_warmup

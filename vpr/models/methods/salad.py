@@ -64,17 +64,17 @@ META_CHANNELS = 8  # channels for building SALAD on the meta device only to list
 class SALAD(nn.Module):
     """SALAD aggregator: (patch map B x C x h x w, CLS B x C) -> B x (token_dim + num_clusters * cluster_dim),
     L2-normalised (the equations are in the module docstring). Keys as the authors': the index-1 slots of
-    `cluster_features` and `score` are the training-time dropout."""
+    `cluster_features` and `score` are the authors' training-time dropout (p = 0.3; identity in eval mode)."""
 
     def __init__(self, channels: int = 768, num_clusters: int = 64, cluster_dim: int = 128, token_dim: int = 256,
-                 mlp_dim: int = 512) -> None:
+                 mlp_dim: int = 512, dropout: float = 0.3) -> None:
         super().__init__()
         self.num_clusters, self.cluster_dim, self.token_dim = num_clusters, cluster_dim, token_dim
         self.token_features = nn.Sequential(nn.Linear(channels, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, token_dim))
         self.cluster_features = nn.Sequential(
-            nn.Conv2d(channels, mlp_dim, 1), nn.Identity(), nn.ReLU(), nn.Conv2d(mlp_dim, cluster_dim, 1))
+            nn.Conv2d(channels, mlp_dim, 1), nn.Dropout(dropout), nn.ReLU(), nn.Conv2d(mlp_dim, cluster_dim, 1))
         self.score = nn.Sequential(
-            nn.Conv2d(channels, mlp_dim, 1), nn.Identity(), nn.ReLU(), nn.Conv2d(mlp_dim, num_clusters, 1))
+            nn.Conv2d(channels, mlp_dim, 1), nn.Dropout(dropout), nn.ReLU(), nn.Conv2d(mlp_dim, num_clusters, 1))
         self.dust_bin = nn.Parameter(torch.tensor(1.0))
 
     @property
