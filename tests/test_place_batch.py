@@ -249,3 +249,8 @@ def test_a_budget_of_steps_ends_in_the_middle_of_an_epoch(photos, tmp_path):
     assert [r["steps"] for r in result.records] == [3, 1] and load_payload(result.last)["extra"]["training"]["step"] == 4
     with pytest.raises(UsageError, match="give one budget, not both"):
         tiny(photos, tmp_path / "other", epochs=2, steps=4).resolved()
+
+
+def test_mixvpr_trains_at_input_sizes_that_are_not_multiples_of_its_stride():
+    model = build_model(ModelConfig.for_backbone("resnet18", head="mixvpr", layer=3, input_size=(40, 56)))  # 2.5 x 3.5 cells
+    assert model(torch.randn(2, 3, 40, 56)).shape == (2, model.config.descriptor_dim)

@@ -27,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from vpr import distributed
-from vpr.data.datasets import GeoImageSet, load_folder, load_split
+from vpr.data.datasets import GeoImageSet, find_split, load_folder, load_split
 from vpr.data.ground_truth import positives_within
 from vpr.errors import ImageError, UsageError
 from vpr.evaluation.recall import recall_at_n
@@ -78,6 +78,9 @@ def validation_sets(cfg: TrainConfig) -> tuple[GeoImageSet, GeoImageSet]:
     root = Path(val or cfg.dataset)
     if (root / "database").is_dir() and (root / "queries").is_dir():
         return load_folder(root / "database"), load_folder(root / "queries")
+    if val is not None and find_split(root, cfg.val_split) is None:
+        raise UsageError(f"`val` {root}: needs database/ and queries/ with positions (or a dataset root with a "
+                         f"{cfg.val_split} split)")
     if val is None and (root.is_file() or (root / "Dataframes").is_dir()):
         raise UsageError(f"`dataset` {root}: has no {cfg.val_split} split to validate on; give `val` (a folder of "
                          "database/ and queries/ with positions)")

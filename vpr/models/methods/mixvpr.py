@@ -100,7 +100,9 @@ def _options(config) -> dict:
     defaults = {**DEFAULTS, "in_h": None, "in_w": None}
     if "in_h" not in config.head_options or "in_w" not in config.head_options:
         stride = backbone_stride(config)
-        defaults.update(in_h=config.input_size[0] // stride, in_w=config.input_size[1] // stride)
+        rounding = (lambda side: -(-side // stride)) if config.backbone.startswith("resnet") else (lambda side: side // stride)
+        defaults.update(in_h=rounding(config.input_size[0]), in_w=rounding(config.input_size[1]))  # ResNet's padded
+        # strided convs round up (120 px -> 8 cells at stride 16), VGG's pooling and ViT's whole patches down
     return merged_options(config, defaults, "mixvpr")
 
 
