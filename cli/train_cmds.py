@@ -158,7 +158,7 @@ def train_cmd(
     clusters_cache: Optional[Path] = typer.Option(NetVLADConfig.clusters_cache, "--clusters-cache", help="[netvlad] HDF5 file of the k-means clusters, reused when it matches (default: OUT/clusters.h5)."),
     places_per_batch: Optional[int] = typer.Option(None, "--places-per-batch", min=2, max=MAX_BATCH, help="[place-batch] Places P per batch (default: the recipe's: convap and gem 100, mixvpr 120, salad 60, boq 128)."),
     images_per_place: Optional[int] = typer.Option(None, "--images-per-place", min=2, max=MAX_BATCH, help="[place-batch] Images K of each place per batch; places with fewer are left out (default 4)."),
-    train_blocks: Optional[int] = typer.Option(None, "--train-blocks", min=0, max=1000, help="[place-batch] Trailing ResNet stages / ViT blocks trained, the rest frozen (default: the recipe's with --pretrained or --init, all from random init)."),
+    train_blocks: Optional[int] = typer.Option(None, "--train-blocks", min=0, max=1000, help="[place-batch] Trailing ResNet stages / ViT blocks trained, the rest frozen (default: the recipe's; the CNN recipes freeze only with --pretrained or --init, as gsv-cities does)."),
     train_size: Optional[str] = typer.Option(None, "--train-size", help="[place-batch] Training size HEIGHTxWIDTH (default: the recipe's; salad and boq train at 224x224 and evaluate at 322x322)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, max=INT32_MAX, help="[place-batch] A budget of optimiser steps instead of --epochs (the last epoch stops part-way)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0, max=INT32_MAX, help="[place-batch] Linear warm-up steps (default: the recipe's, at most a tenth of the run's steps)."),

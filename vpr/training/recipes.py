@@ -47,6 +47,7 @@ class Recipe:
     end_factor: float = 1.0
     warmup_epochs: int = 0
     head_options: dict = field(default_factory=dict)
+    freeze_always: bool = False  # the reference freezes even a randomly initialised backbone (its DINOv2 wrapper)
 
 
 RECIPES = {
@@ -57,9 +58,10 @@ RECIPES = {
     "gem": Recipe("gem", "resnet50", 4, (320, 320), (320, 320), 100, 4, 2, "adamw", 2e-4, 0.0, 600, 30,
                   milestones=(5, 10, 15, 25), gamma=0.3),
     "salad": Recipe("salad", "dinov2_vitb14", 4, (224, 224), (322, 322), 60, 4, 4, "adamw", 6e-5, 9.5e-9, 0, 4,
-                    decay_steps=4000, end_factor=0.2),
+                    decay_steps=4000, end_factor=0.2, freeze_always=True),
     "boq": Recipe("boq", "dinov2_vitb14", 4, (224, 224), (322, 322), 128, 4, 2, "adamw", 1e-4, 1e-4, 0, 40,
-                  milestones=(10, 20), gamma=0.1, warmup_epochs=10, head_options={"proj_channels": 512, "row_dim": 16}),
+                  milestones=(10, 20), gamma=0.1, warmup_epochs=10, head_options={"proj_channels": 512, "row_dim": 16},
+                  freeze_always=True),
 }
 
 
@@ -104,7 +106,7 @@ class PlaceBatchConfig(TrainConfig):
     train_size: tuple[int, int] | None = None
     places_per_batch: int | None = None
     images_per_place: int | None = None
-    train_blocks: int | None = None  # None: the recipe's with `pretrained` or `init`, every layer from random init
+    train_blocks: int | None = None  # None: the recipe's (CNN recipes: only with `pretrained` or `init`, as gsv-cities)
     optimizer: str | None = None
     weight_decay: float | None = None
     momentum: float | None = None
@@ -144,7 +146,7 @@ class PlaceBatchConfig(TrainConfig):
                                                 else plan.eval_size)
         own["train_size"] = self.train_size or (self.input_size if self.input_size and plan.train_size == plan.eval_size
                                                 else plan.train_size)
-        started = self.pretrained is not None or self.init is not None
+        started = self.pretrained is not None or self.init is not None or plan.freeze_always
         own["train_blocks"] = self.train_blocks if self.train_blocks is not None else (plan.train_blocks if started else None)
         own["val"] = str(Path(self.val).resolve()) if self.val else None
         own["init"] = str(Path(self.init).resolve()) if self.init else None
