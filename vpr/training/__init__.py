@@ -1,1 +1,1 @@
-"""Training: CosPlace (class groups + CosFace) and NetVLAD (clusters + weakly supervised triplets)."""
+"""Training: CosPlace (class groups + CosFace), NetVLAD (clusters + weakly supervised triplets) and the place-batch recipes (Conv-AP, MixVPR, GeM, SALAD, BoQ: P places x K images, multi-similarity loss), all in one loop."""
