@@ -109,10 +109,24 @@ class DinoV2(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, dim))  # DINOv2's masked-modelling token: unused, kept so files load strictly
         mlp = dict(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU) if swiglu else {}
         self.blocks = nn.ModuleList(
-            Block(dim, heads, qkv_bias=True, init_values=1e-5, norm_layer=partial(nn.LayerNorm, eps=1e-6), **mlp)
+            Block(dim, heads, qkv_bias=True, init_values=1.0, norm_layer=partial(nn.LayerNorm, eps=1e-6), **mlp)
             for _ in range(self.depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6) if final_norm and facet == "token" else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """DINOv2's own random init, as its hub builders make an untrained model (dinov2 `vision_transformer.py`
+        `init_weights`, `init_weights_vit_timm`; `hub/backbones.py` layer scale 1.0): position embeddings
+        trunc-normal(0.02), CLS normal(1e-6), every Linear trunc-normal(0.02) with zero bias. A layer scale of 1e-5
+        would leave the blocks of a model trained from scratch almost without gradient."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[CLS; patch embeddings] + position embeddings (N x (1 + h*w) x C): what the blocks take."""
