@@ -70,7 +70,7 @@ def gsv_image_name(row: dict[str, str], place: int) -> str:
 NEEDED = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
 
 
-def _small_places(labels: np.ndarray, min_images: int) -> np.ndarray:
+def _in_large_places(labels: np.ndarray, min_images: int) -> np.ndarray:
     """Which images belong to places of at least `min_images` images."""
     ids, counts = np.unique(labels, return_counts=True)
     return np.isin(labels, ids[counts >= min_images])
@@ -80,7 +80,7 @@ def _place_set(paths: list[Path], labels: list[int], cities: list[int], source: 
                left_out: dict[str, int]) -> PlaceSet:
     """The places of at least `min_images` images, the others counted in `left_out`."""
     labels_ = np.asarray(labels, dtype=np.int64)
-    keep = _small_places(labels_, min_images)
+    keep = _in_large_places(labels_, min_images)
     if (~keep).any():
         left_out = {**left_out, f"in a place of fewer than {min_images} images": int((~keep).sum())}
     if not keep.any():
